@@ -1,0 +1,3 @@
+from moestream.main import main
+
+main()

@@ -1,0 +1,190 @@
+"""The ``moestream`` command line: one click group; each command calls the library function of the
+same name with the same arguments. Only this module prints; errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from moestream.layouts.errors import MoestreamError
+
+
+def one_line_errors(fn):
+    """Turn user-facing errors (and OS errors) into ``error: ...`` on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except MoestreamError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="moestream")
+def cli(verbose: int) -> None:
+    """moestream: run Mixture-of-Experts models larger than RAM by streaming experts from SSD."""
+    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Pack folder to create.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16"]), default="4", show_default=True,
+              help="Expert bits (16: unquantized passthrough).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "clip"]), default=None,
+              help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search). Default: clip at 2/3 bits.")
+@click.option("--resident-bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
+              help="Bits of non-expert weights (default: as --bits; router always >= 8).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Float type of scales/biases and unquantized tensors (default: the source's).")
+@click.option("--alignment", type=int, default=16384, show_default=True, help="Expert block alignment in bytes.")
+@click.option("--revision", default=None, help="Hub revision when SOURCE is a hub id.")
+@click.option("--keep-mtp", is_flag=True, help="Store the multi-token-prediction head (resident).")
+@click.option("-j", "--jobs", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUTPUT.")
+@click.option("--force", is_flag=True, help="Replace an existing pack at OUTPUT.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, bytes per token); write nothing.")
+@one_line_errors
+def convert(source, output, bits, group_size, method, resident_bits, dtype, alignment, revision, keep_mtp, jobs,
+            resume, force, dry_run):
+    """Convert a Hugging Face checkpoint (folder or hub id) into a pack."""
+    from moestream.convert import convert as run
+
+    res = run(source, output, bits=int(bits), group_size=int(group_size), method=method,
+              resident_bits=int(resident_bits) if resident_bits else None, dtype=dtype, alignment=alignment,
+              revision=revision, keep_mtp=keep_mtp, jobs=jobs, resume=resume, force=force, dry_run=dry_run,
+              progress=sys.stderr.isatty())
+    if dry_run:
+        s = res.summary()
+        click.echo(f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
+                   f"{s['bits']}-bit g{s['group_size']} ({s['method']}), residents {s['resident_bits']}-bit")
+        click.echo(f"  expert block {_human(s['expert_block_bytes'])}, stride {_human(s['expert_stride'])} "
+                   f"(alignment {_human(s['alignment'])})")
+        click.echo(f"  expert files {_human(s['expert_files_bytes'])}, resident {_human(s['resident_bytes'])}, "
+                   f"source read {_human(s['source_bytes'])}")
+        click.echo(f"  bytes read per token at top-{s['top_k']}: {_human(s['bytes_per_token'])}")
+        click.echo(f"  files: {len(s['files'])} ({s['files'][0]} ... {s['files'][-1]}); "
+                   f"dropped tensors: {s['dropped_tensors']}")
+        return
+    click.echo(f"wrote {output}: {len(res.experts)} expert files, {_human(res.resident_bytes())} resident, "
+               f"{_human(res.expert_bytes_per_token())} read per token at top-{res.top_k}")
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line_errors
+def inspect(pack, as_json):
+    """Print a pack's layout: files, stride, alignment, bytes per expert and per token."""
+    from moestream.layouts import open_pack
+
+    with open_pack(pack) as p:
+        m = p.manifest
+        x0 = m.experts[0] if m.experts else None
+        info = {
+            "format": m.format, "version": m.version, "model_type": m.model_type, "synthetic": m.synthetic,
+            "alignment": m.alignment, "num_experts": m.num_experts, "top_k": m.top_k,
+            "moe_layers": len(m.experts), "quantization": m.quantization,
+            "expert_block_bytes": x0.block_bytes if x0 else 0, "stride": x0.stride if x0 else 0,
+            "stride_mod_alignment": (x0.stride % m.alignment) if x0 else 0,
+            "expert_bytes_per_token": m.expert_bytes_per_token(),
+            "resident_bytes": m.resident_bytes(),
+            "expert_files": [{"file": x.file, "layer": x.layer, "offset": x.offset, "stride": x.stride,
+                              "size": x.file_size} for x in m.experts],
+            "resident_files": [{"file": f.file, "size": f.size} for f in m.resident_files],
+            "components": [{"name": c.name, "offset": c.offset, "nbytes": c.nbytes, "shape": c.shape,
+                            "dtype": c.dtype} for c in (x0.components if x0 else [])],
+            "total_bytes": p.total_bytes(), "source": {k: v for k, v in m.source.items() if k != "files"},
+        }
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    q = m.quantization["experts"]
+    click.echo(f"{pack}: {m.format} v{m.version}, {m.model_type}{' (synthetic)' if m.synthetic else ''}")
+    click.echo(f"  experts: {info['moe_layers']} layers x {m.num_experts}, top-{m.top_k}, {q['bits']}-bit "
+               f"g{q['group_size']} {q['method']}, scales {q['scale_dtype']}")
+    click.echo(f"  block {_human(info['expert_block_bytes'])} ({info['expert_block_bytes']} B), stride "
+               f"{info['stride']} B, alignment {m.alignment} B (stride % alignment = {info['stride_mod_alignment']})")
+    click.echo(f"  read per token at top-{m.top_k}: {_human(info['expert_bytes_per_token'])}; "
+               f"resident {_human(info['resident_bytes'])}; total {_human(info['total_bytes'])}")
+    click.echo("  block components:")
+    for c in info["components"]:
+        click.echo(f"    {c['name']:<20} +{c['offset']:<10} {c['nbytes']:>10} B  {c['dtype']}{c['shape']}")
+    click.echo(f"  files: {len(m.experts)} expert ({m.experts[0].file} ...), {len(m.resident_files)} resident")
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@one_line_errors
+def verify(pack):
+    """Check every expert block's and resident file's checksum; non-zero exit at the first bad one."""
+    from tqdm import tqdm
+
+    from moestream.layouts import open_pack
+
+    with open_pack(pack) as p:
+        with tqdm(total=p.total_bytes(), unit="B", unit_scale=True, desc="verify",
+                  disable=not sys.stderr.isatty()) as bar:
+            p.verify(bar.update)
+        n = sum(x.num_experts for x in p.manifest.experts)
+    click.echo(f"{pack}: OK ({n} expert blocks, {len(p.manifest.resident_files)} resident files)")
+
+
+@cli.command()
+@click.argument("packs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@click.option("--metric", type=click.Choice(["rel_rmse", "rmse", "snr_db", "max_abs"]), default="rel_rmse",
+              show_default=True)
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG of per-layer error.")
+@one_line_errors
+def report(packs, as_json, metric, plot):
+    """Quantization error per layer and tensor kind; several packs side by side (e.g. 2-bit vs 4-bit)."""
+    from moestream.quant.report import format_comparison, label, load_report, plot_comparison
+
+    reps = []
+    for p in packs:
+        r = load_report(p)
+        reps.append((f"{p.name} ({label(r, p.name)})", r))
+    if as_json:
+        click.echo(json.dumps({name: {k: r[k] for k in ("meta", "per_layer", "per_kind")} for name, r in reps},
+                              indent=1))
+    else:
+        click.echo(format_comparison(reps, metric))
+    if plot:
+        plot_comparison(reps, plot)
+        click.echo(f"wrote {plot}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Model families: what a checkpoint of a given ``model_type`` holds and how it maps to a pack.
+
+A family adapter answers, for one architecture: which layers are MoE layers, where each expert's
+gate/up/down weights live in the checkpoint (fused 3-D, stacked 3-D or per-expert 2-D), which
+tensors are dropped, how source names map to the names mlx-lm's model expects after its
+``sanitize``, and which value transforms that sanitize applies. The expected resident tensors come
+from mlx-lm's own model definition, built lazily (no weights materialise), so a name or shape the
+runtime would not accept is caught at conversion time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .source import ConvertError
+
+# Expert projections, in pack order.
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertSource:
+    """Where one layer's experts are in the checkpoint.
+
+    ``layout`` is ``fused`` (``gate_up`` [E, 2I, H] gate rows first, ``down`` [E, H, I]), ``stacked``
+    (``gate``/``up``/``down`` 3-D, one per projection) or ``per_expert`` (names formatted with ``e``).
+    """
+
+    layout: str
+    names: dict[str, str]
+    num_experts: int
+
+    def consumed(self) -> list[str]:
+        if self.layout != "per_expert":
+            return list(self.names.values())
+        return [n.format(e=e) for e in range(self.num_experts) for n in self.names.values()]
+
+
+class MlxLmFamily:
+    """Base adapter for families that mlx-lm implements; subclasses fill in the class attributes."""
+
+    model_type: str = ""
+    # Source tensors that are not part of the language model (vision tower, MTP head, buffers).
+    drop_patterns: tuple[str, ...] = (r"^model\.visual\.", r"^vision_tower\.", r"rotary_emb\.inv_freq$")
+    mtp_pattern = r"^mtp\."
+    # Resident tensors kept at 8 bits whatever the default: the router decides which experts to read.
+    router_suffixes: tuple[str, ...] = ("mlp.gate.weight",)
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.text_config = config.get("text_config", config)
+        module = importlib.import_module(f"mlx_lm.models.{self.model_type}")
+        try:
+            self.model = module.Model(module.ModelArgs.from_dict(config))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConvertError(f"config.json: cannot build a {self.model_type} model from it ({e})") from None
+        from mlx.utils import tree_flatten
+
+        params = dict(tree_flatten(self.model.parameters()))
+        self.expert_params = {k: tuple(v.shape) for k, v in params.items() if ".switch_mlp." in k}
+        self.resident_params = {k: (tuple(v.shape), v.dtype) for k, v in params.items() if ".switch_mlp." not in k}
+        # Modules mlx-lm would quantize (Linear, Embedding): their ``.weight`` is quantizable.
+        self.quantizable = {f"{name}.weight" for name, m in self.model.named_modules()
+                            if hasattr(m, "to_quantized") and ".switch_mlp" not in name}
+
+    # -- config ----------------------------------------------------------------------------------
+    def cfg(self, key: str, default=None):
+        return self.text_config.get(key, default)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.cfg("num_experts"))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.cfg("num_experts_per_tok"))
+
+    def moe_layers(self) -> list[int]:
+        pat = re.compile(r"\.layers\.(\d+)\.mlp\.switch_mlp\.gate_proj\.weight$")
+        return sorted(int(m.group(1)) for k in self.expert_params if (m := pat.search(k)))
+
+    def layer_prefix(self, layer: int) -> str:
+        for k in self.expert_params:
+            if f".layers.{layer}.mlp.switch_mlp." in k:
+                return k.split(".mlp.switch_mlp.")[0]
+        raise KeyError(layer)
+
+    def expert_shape(self, layer: int) -> tuple[int, int]:
+        """(intermediate, hidden) of the layer's experts, from mlx-lm's model."""
+        e, i, h = self.expert_params[f"{self.layer_prefix(layer)}.mlp.switch_mlp.gate_proj.weight"]
+        return i, h
+
+    # -- names -----------------------------------------------------------------------------------
+    def dropped(self, src: str, keep_mtp: bool) -> bool:
+        if any(re.search(p, src) for p in self.drop_patterns):
+            return True
+        if not keep_mtp and re.search(self.mtp_pattern, src):
+            return True
+        return src == "lm_head.weight" and bool(self.cfg("tie_word_embeddings", False))
+
+    def target_name(self, src: str) -> str:
+        """Source name -> mlx-lm name (the prefix rules of mlx-lm's sanitize)."""
+        raise NotImplementedError
+
+    def expert_source(self, layer: int, by_target: dict[str, str]) -> ExpertSource:
+        """Find layer ``layer``'s experts among the source tensors (``by_target``: target -> source)."""
+        pre = self.layer_prefix(layer) + ".mlp"
+        n = self.num_experts
+        fused = {"gate_up": f"{pre}.experts.gate_up_proj", "down": f"{pre}.experts.down_proj"}
+        stacked = {p: f"{pre}.switch_mlp.{p}.weight" for p in PROJECTIONS}
+        per = {p: f"{pre}.experts.{{e}}.{p}.weight" for p in PROJECTIONS}
+        if all(t in by_target for t in fused.values()):
+            return ExpertSource("fused", {k: by_target[t] for k, t in fused.items()}, n)
+        if all(t in by_target for t in stacked.values()):
+            return ExpertSource("stacked", {k: by_target[t] for k, t in stacked.items()}, n)
+        if any(p.format(e=0) in by_target for p in per.values()):
+            missing = [p.format(e=e) for e in range(n) for p in per.values() if p.format(e=e) not in by_target]
+            if missing:
+                raise ConvertError(f"checkpoint: missing expert tensor {self.source_name_hint(missing[0])} "
+                                   f"(layer {layer}; {len(missing)} expert tensors missing)")
+            # Store the source-name pattern: source names differ from targets only by prefix.
+            src0 = {p: by_target[t.format(e=0)] for p, t in per.items()}
+            return ExpertSource("per_expert", {p: s.replace(".experts.0.", ".experts.{e}.") for p, s in src0.items()}, n)
+        raise ConvertError(f"checkpoint: no experts found for layer {layer} "
+                           f"(looked for {self.source_name_hint(fused['gate_up'])} and per-expert weights)")
+
+    def source_name_hint(self, target: str) -> str:
+        return target
+
+    # -- values ----------------------------------------------------------------------------------
+    def transform(self, target: str, value: np.ndarray, hf_layout: bool) -> np.ndarray:
+        """Value changes mlx-lm's sanitize applies (float32 in, float32 out)."""
+        return value
+
+    def resident_override(self, target: str) -> int | None:
+        """Bits forced for a resident tensor (the router), or None for the pack's default."""
+        return 8 if target.endswith(self.router_suffixes) else None
+
+
+_FAMILIES: dict[str, type[MlxLmFamily]] = {}
+
+
+def register(cls: type[MlxLmFamily]) -> type[MlxLmFamily]:
+    _FAMILIES[cls.model_type] = cls
+    return cls
+
+
+def family_for(config: dict, where: str = "config.json") -> MlxLmFamily:
+    """The adapter for a checkpoint's ``model_type``, or a one-line error listing supported ones."""
+    from . import qwen3_5_moe  # noqa: F401  (registers itself)
+
+    mt = config.get("model_type")
+    if mt not in _FAMILIES:
+        raise ConvertError(f"{where}: model_type {mt!r} is not supported "
+                           f"(supported: {', '.join(sorted(_FAMILIES))})")
+    tc = config.get("text_config", config)
+    missing = [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if not tc.get(k)]
+    if missing:
+        raise ConvertError(f"{where}: not a Mixture-of-Experts config (missing {', '.join(missing)})")
+    return _FAMILIES[mt](config)
+
+
+def supported_families() -> list[str]:
+    from . import qwen3_5_moe  # noqa: F401
+
+    return sorted(_FAMILIES)

@@ -1,0 +1,187 @@
+"""Source checkpoints: resolve a local folder or hub id, index every tensor, read bounded slices.
+
+A Hugging Face checkpoint is ``config.json`` plus one or more safetensors shards (with
+``model.safetensors.index.json`` when sharded). :class:`SourceCheckpoint` reads every shard's header
+up front (so a truncated shard or a tensor the index promises but no shard holds fails before any
+output is written) and then serves float32 slices: one expert's rows of a fused tensor, or one 2-D
+tensor, never a whole fused tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from moestream.layouts import SafetensorsReader, TensorInfo
+from moestream.layouts.errors import MoestreamError
+from moestream.quant.dtypes import decode_to_f32, dequantize_fp8_blocks
+
+log = logging.getLogger(__name__)
+
+# Files a conversion needs from a hub repo (weights, config, tokenizer, chat template, license).
+ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "LICENSE*"]
+# Copied into the pack next to the weights.
+EXTRA_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "LICENSE"]
+FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "bfloat16"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConvertError(MoestreamError):
+    """The source checkpoint or the conversion options are unusable."""
+
+
+def resolve_source(source: str, revision: str | None = None) -> tuple[Path, dict]:
+    """A local folder, or a hub id fetched with ``snapshot_download`` (only the needed files).
+
+    Returns:
+        the folder, and the provenance to record in the manifest.
+    """
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConvertError(f"{p}: not a folder (expected a Hugging Face checkpoint folder)")
+        return p, {"kind": "local", "path": str(p.resolve())}
+    if not HUB_ID.match(source):
+        raise ConvertError(f"{source}: no such folder, and not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    log.info("downloading %s (revision %s)", source, revision or "main")
+    try:
+        folder = snapshot_download(source, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ConvertError(f"{source}: cannot download from the hub ({str(e).splitlines()[0]})") from None
+    folder = Path(folder)
+    return folder, {"kind": "hub", "repo_id": source, "revision": revision or "main",
+                    "commit": folder.name, "path": str(folder)}
+
+
+@dataclass
+class SourceCheckpoint:
+    """Every tensor of a checkpoint folder, by name, with bounded float32 reads.
+
+    Example:
+        >>> src = SourceCheckpoint.open(Path("Qwen3.5-35B-A3B"))
+        >>> gate_up = src.read_rows_f32("model.language_model.layers.0.mlp.experts.gate_up_proj", 5, 6)
+    """
+
+    folder: Path
+    config: dict
+    readers: dict[str, SafetensorsReader] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)  # tensor name -> shard file name
+
+    @classmethod
+    def open(cls, folder: Path) -> "SourceCheckpoint":
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise ConvertError(f"{cfg_path}: missing (not a Hugging Face checkpoint folder)")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConvertError(f"{cfg_path}: not valid JSON ({e})") from None
+        src = cls(folder, config)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (KeyError, TypeError, json.JSONDecodeError) as e:
+                raise ConvertError(f"{index}: malformed index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+        else:
+            weight_map, shards = None, sorted(p.name for p in folder.glob("*.safetensors"))
+        if not shards:
+            raise ConvertError(f"{folder}: no *.safetensors files")
+        for name in shards:
+            if not (folder / name).is_file():
+                raise ConvertError(f"{folder / name}: missing shard (listed in {index.name})")
+            r = src.readers[name] = SafetensorsReader(folder / name)
+            for t in r.tensors:
+                if t in src.where:
+                    raise ConvertError(f"{folder / name}: tensor {t} also in {src.where[t]}")
+                src.where[t] = name
+        if weight_map is not None:
+            for t, f in weight_map.items():
+                if src.where.get(t) != f:
+                    raise ConvertError(f"{folder / f}: tensor {t} listed in {index.name} but not in that shard")
+        return src
+
+    # -- lookups ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.readers[self.where[name]].tensors[name]
+
+    def file_of(self, name: str) -> Path:
+        return self.folder / self.where[name]
+
+    def float_dtype(self) -> str:
+        """The checkpoint's float type (bf16 for fp8 releases): the dtype of scales and biases."""
+        counts: dict[str, int] = {}
+        for r in self.readers.values():
+            for t in r.tensors.values():
+                if t.dtype in FLOAT_DTYPES and not t.name.endswith("weight_scale_inv"):
+                    counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+        if not counts:
+            raise ConvertError(f"{self.folder}: no floating-point tensors")
+        return FLOAT_DTYPES[max(counts, key=counts.get)]
+
+    # -- reads -----------------------------------------------------------------------------------
+    def read_rows_f32(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of tensor ``name`` as float32 (fp8 dequantized with its block scales)."""
+        info = self.info(name)
+        if info.dtype not in FLOAT_DTYPES:
+            raise ConvertError(f"{self.file_of(name)}: tensor {name} has dtype {info.dtype}, expected a float type")
+        raw = self.readers[self.where[name]].read_rows(name, start, stop)
+        if info.dtype != "F8_E4M3":
+            return decode_to_f32(raw, info.dtype, raw.shape)
+        scale_name = name + "_scale_inv" if name.endswith(".weight") else name + ".weight_scale_inv"
+        if scale_name not in self.where:
+            raise ConvertError(f"{self.file_of(name)}: fp8 tensor {name} has no {scale_name}")
+        if len(info.shape) != 2:
+            raise ConvertError(f"{self.file_of(name)}: fp8 tensor {name} is not 2-D")
+        block = 128
+        if start % block:
+            raise ConvertError(f"{self.file_of(name)}: fp8 tensor {name}: row slice not block aligned")
+        s_info = self.info(scale_name)
+        scale = decode_to_f32(self.readers[self.where[scale_name]].read(scale_name), s_info.dtype, s_info.shape)
+        rows_blocks = -(-info.shape[0] // block)
+        if scale.shape != (rows_blocks, -(-info.shape[1] // block)):
+            raise ConvertError(f"{self.file_of(scale_name)}: {scale_name} has shape {list(scale.shape)}, "
+                               f"expected {[rows_blocks, -(-info.shape[1] // block)]} for 128x128 blocks")
+        scale = scale[start // block: -(-stop // block)]
+        return dequantize_fp8_blocks(raw, scale, (block, block))
+
+    def read_f32(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        return self.read_rows_f32(name, 0, info.shape[0]) if info.shape else \
+            decode_to_f32(self.readers[self.where[name]].read(name), info.dtype, ())
+
+    # -- provenance ------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, dict]:
+        """Size and header hash of every shard (cheap; the header fixes names, shapes and offsets),
+        plus the hub blob id (the LFS sha256) when the file lives in the hub cache."""
+        out = {}
+        for name, r in sorted(self.readers.items()):
+            entry = {"size": r.size, "header_xxh3": xxhash.xxh3_64_hexdigest(r.header_bytes)}
+            p = self.folder / name
+            if p.is_symlink():
+                entry["blob"] = Path(os.readlink(p)).name
+            out[name] = entry
+        return out
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()

@@ -1,0 +1,128 @@
+"""Producing output bytes: one expert block, one resident safetensors file.
+
+Both read float32 from the source in bounded pieces (one expert; a few million parameters of a
+resident tensor), quantize or store them, and collect error statistics for the report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moestream.layouts import SafetensorsWriter
+from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
+
+from .family import MlxLmFamily
+from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
+from .source import SourceCheckpoint
+
+CHUNK_PARAMS = 8 << 20  # resident tensors are processed this many parameters at a time
+ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def store_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> storage array of ``dtype`` (bf16 as raw uint16 bits, rounded as MLX rounds)."""
+    if dtype == "bfloat16":
+        return f32_to_bf16(x)
+    return np.ascontiguousarray(x, dtype=np.float16 if dtype == "float16" else np.float32)
+
+
+def passthrough_stats(w: np.ndarray, stored: np.ndarray, dtype: str) -> ErrorStats:
+    """Error of storing ``w`` as ``dtype`` (zero when the source already was that dtype)."""
+    from moestream.quant import bf16_to_f32
+
+    back = bf16_to_f32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
+    err = (back.astype(np.float64) - w)
+    w64 = w.astype(np.float64)
+    return ErrorStats(count=w.size, sum_w=float(w64.sum()), sum_w2=float((w64 * w64).sum()),
+                      sum_err2=float((err * err).sum()), max_abs_err=float(np.abs(err).max(initial=0.0)))
+
+
+def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, np.ndarray]:
+    """Expert ``e``'s float32 gate [I, H], up [I, H] and down [H, I], read as one slice each."""
+    s = x.source
+    if s.layout == "fused":
+        gu = src.read_rows_f32(s.names["gate_up"], e, e + 1)[0]
+        return {"gate_proj": gu[:x.intermediate], "up_proj": gu[x.intermediate:],
+                "down_proj": src.read_rows_f32(s.names["down"], e, e + 1)[0]}
+    if s.layout == "stacked":
+        return {p: src.read_rows_f32(n, e, e + 1)[0] for p, n in s.names.items()}
+    return {p: src.read_f32(n.format(e=e)) for p, n in s.names.items()}
+
+
+def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, method: str,
+                 dtype: str) -> tuple[np.ndarray, dict[str, ErrorStats]]:
+    """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats."""
+    block = np.zeros(x.block_bytes, np.uint8)
+    comps = {c.name: c for c in x.components}
+    stats = {}
+    for proj, w in read_expert(src, x, e).items():
+        w = np.ascontiguousarray(w)
+        if bits >= 16:
+            arrays = {"weight": store_float(w, dtype)}
+            stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
+        else:
+            g = x.group_down if proj == "down_proj" else x.group_gate_up
+            wq, sc, bi, stats[proj] = quantize_with_error(w, bits, g, dtype, method)
+            arrays = {"weight": wq, "scales": sc, "biases": bi}
+        for part, arr in arrays.items():
+            c = comps[f"{proj}.{part}"]
+            block[c.offset:c.offset + c.nbytes] = arr.reshape(-1).view(np.uint8)
+    return block, stats
+
+
+def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentFilePlan, path, method: str,
+                        hf_layout: bool, progress=None) -> dict[str, ErrorStats]:
+    """Write one resident safetensors file, tensor by tensor in row chunks. Returns error stats."""
+    w = SafetensorsWriter(path, metadata={"format": "mlx", "producer": "moestream"})
+    for t in f.tensors:
+        base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+        if t.bits >= 16:
+            w.declare(t.target, ST_DTYPE[t.dtype], t.shape)
+        else:
+            rows, cols = int(np.prod(t.shape[:-1])), t.shape[-1]
+            w.declare(f"{base}.weight", "U32", (*t.shape[:-1], cols * t.bits // 32))
+            for part in ("scales", "biases"):
+                w.declare(f"{base}.{part}", ST_DTYPE[t.dtype], (*t.shape[:-1], cols // t.group_size))
+    stats: dict[str, ErrorStats] = {}
+    try:
+        w.begin()
+        for t in f.tensors:
+            stats[t.target] = _write_tensor(src, family, w, t, method, hf_layout, progress)
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
+    return {k: v for k, v in stats.items() if v is not None}
+
+
+def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress):
+    info = src.info(t.source)
+    rows = info.shape[0] if info.shape else 1
+    per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
+    step = max(1, CHUNK_PARAMS // per_row)
+    if info.dtype == "F8_E4M3":
+        step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
+    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+    total = ErrorStats()
+    side: dict[str, list[np.ndarray]] = {"scales": [], "biases": []}
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
+        x = family.transform(t.target, x, hf_layout)
+        if t.bits >= 16:
+            stored = store_float(x, t.dtype)
+            total.merge(passthrough_stats(x, stored, t.dtype))
+            w.write(t.target, stored)
+        else:
+            x2 = np.ascontiguousarray(x.reshape(-1, t.shape[-1]))
+            wq, sc, bi, st = quantize_with_error(x2, t.bits, t.group_size, t.dtype, method)
+            total.merge(st)
+            w.write(f"{base}.weight", wq)
+            side["scales"].append(sc)
+            side["biases"].append(bi)
+        if progress:
+            progress(info.nbytes * (r1 - r0) // max(rows, 1))
+    for part in ("scales", "biases"):
+        for arr in side[part]:
+            w.write(f"{base}.{part}", arr)
+    return total if total.count else None

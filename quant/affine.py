@@ -1,0 +1,505 @@
+"""Affine group quantization in MLX's layout, by numba kernels.
+
+A weight matrix [rows, cols] is cut into groups of ``group_size`` consecutive values along each
+row; every group stores unsigned ``bits``-bit codes q and one (scale, bias) pair, and
+dequantizes as ``q * scale + bias``. Codes are packed LSB-first into one little-endian
+bitstream per row, which for 2/4/8 bits is MLX's uint32 words and for 3 bits MLX's 3-byte
+packs of 8 values; scales and biases are stored in float32, float16 or bfloat16. The output can
+therefore be handed to ``mx.quantized_matmul`` / ``mx.gather_qmm`` unchanged.
+
+Two ways to choose (scale, bias) per group:
+
+- ``"rtn"``: MLX's own round-to-nearest rule (``mlx/backend/cpu/quantized.cpp``), reproduced
+  operation for operation in float32, so the bytes equal ``mx.quantize`` on the CPU.
+- ``"clip"``: a per-group search for the lowest squared error: a grid of shrunken [min, max]
+  ranges, then a few alternating least-squares refits of (scale, bias) given the codes. Every
+  candidate is scored with scale and bias rounded to the storage dtype, as they will be used.
+  MLX's rtn choice is one of the candidates, so a group never gets worse than rtn.
+
+The kernels also accumulate error statistics (see ``errors.ErrorStats``) in the same pass.
+They are single-threaded, release the GIL and allocate nothing per group, so a converter can
+run one per thread on different tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numba import njit
+
+from .dtypes import bf16_to_f32
+from .errors import ErrorStats
+
+__all__ = [
+    "SCALE_DTYPES",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "METHODS",
+    "dequantize",
+    "quantize",
+    "quantize_with_error",
+]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "clip")
+# Storage dtype name -> code the kernels branch on.
+SCALE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+# "clip" search: range shrink factors tried (symmetric about the group's midpoint and towards
+# each end), then alternating least-squares refits of (scale, bias) from the best candidate.
+_CLIP_GRID = np.linspace(1.0, 0.5, 16).astype(np.float32)
+_CLIP_REFITS = 3
+
+
+# --------------------------------------------------------------------------- scalar helpers
+
+@njit(inline="always")
+def _round_bf16(x):
+    """float32 -> the float32 value of the nearest bfloat16 (ties to even), MLX's NaN rule."""
+    if x != x:
+        return np.float32(np.nan)
+    u = np.uint64(np.float32(x).view(np.uint32))
+    u = (u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1))) & np.uint64(0xFFFF0000)
+    return np.uint32(u).view(np.float32)
+
+
+@njit(inline="always")
+def _round_f16(x):
+    """float32 -> the float32 value of the nearest float16 (ties to even, overflow to inf)."""
+    ax = abs(np.float32(x))
+    if ax != ax:
+        return np.float32(np.nan)
+    if ax >= np.float32(65520.0):
+        r = np.float32(np.inf)
+    elif ax < np.float32(6.103515625e-05):
+        # Subnormal float16: a fixed quantum of 2**-24; the scalings by powers of 2 are exact.
+        r = np.rint(ax * np.float32(16777216.0)) * np.float32(5.960464477539063e-08)
+    else:
+        u = np.uint64(np.float32(ax).view(np.uint32))
+        u = (u + np.uint64(0xFFF) + ((u >> np.uint64(13)) & np.uint64(1))) & np.uint64(0xFFFFE000)
+        r = np.uint32(u).view(np.float32)
+    return r if x >= np.float32(0.0) else -r
+
+
+@njit(inline="always")
+def _round_to(x, sdt):
+    if sdt == 2:
+        return _round_bf16(x)
+    if sdt == 1:
+        return _round_f16(x)
+    return np.float32(x)
+
+
+@njit(inline="always")
+def _pack_group(codes, group_size, bits, wq, row, word0):
+    """Append one group's codes to the row's LSB-first bitstream (groups end on word edges)."""
+    acc = np.uint64(0)
+    nb = np.uint64(0)
+    ubits = np.uint64(bits)
+    widx = word0
+    for j in range(group_size):
+        acc |= np.uint64(codes[j]) << nb
+        nb += ubits
+        if nb >= np.uint64(32):
+            wq[row, widx] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+            widx += 1
+            acc >>= np.uint64(32)
+            nb -= np.uint64(32)
+
+
+@njit(inline="always")
+def _codes_and_error(w, row, off, group_size, scale, bias, s_r, b_r, n_bins, codes):
+    """Codes from (scale, bias) as MLX computes them; error sums from the stored (s_r, b_r).
+
+    Returns (sum w, sum w^2, sum err^2, max |err|) of the group, in float64.
+    """
+    zero = np.float32(0.0)
+    gw = 0.0
+    gw2 = 0.0
+    ge2 = 0.0
+    gmax = 0.0
+    for j in range(group_size):
+        x = w[row, off + j]
+        q = np.rint((x - bias) / scale)
+        q = min(max(q, zero), n_bins)
+        codes[j] = np.uint8(q)
+        d = np.float64((q * s_r + b_r) - x)
+        xd = np.float64(x)
+        gw += xd
+        gw2 += xd * xd
+        ge2 += d * d
+        ad = abs(d)
+        if ad > gmax:
+            gmax = ad
+    return gw, gw2, ge2, gmax
+
+
+@njit(inline="always")
+def _mlx_scale_bias(w, row, off, group_size, n_bins):
+    """MLX's CPU rule for one group (quantized.cpp), every step in float32."""
+    eps = np.float32(1e-7)
+    w_min = np.float32(np.inf)
+    w_max = -w_min
+    for j in range(group_size):
+        x = w[row, off + j]
+        w_max = x if w_max < x else w_max  # std::max / std::min argument order
+        w_min = x if x < w_min else w_min
+    mask = abs(w_min) > abs(w_max)
+    scale = (w_max - w_min) / n_bins
+    scale = eps if scale < eps else scale
+    scale = scale if mask else -scale
+    edge = w_min if mask else w_max
+    q0 = np.rint(edge / scale)
+    bias = np.float32(0.0)
+    if q0 != np.float32(0.0):
+        scale = edge / q0
+        bias = edge
+    return scale, bias, w_min, w_max
+
+
+# --------------------------------------------------------------------------- kernels
+
+@njit(nogil=True, cache=True)
+def _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases):
+    rows, cols = w.shape
+    n_groups = cols // group_size
+    n_bins = np.float32((1 << bits) - 1)
+    words = group_size * bits // 32
+    codes = np.empty(group_size, dtype=np.uint8)
+    sw = 0.0
+    sw2 = 0.0
+    se2 = 0.0
+    smax = 0.0
+    for r in range(rows):
+        for g in range(n_groups):
+            off = g * group_size
+            scale, bias, _, _ = _mlx_scale_bias(w, r, off, group_size, n_bins)
+            s_r = _round_to(scale, sdt)
+            b_r = _round_to(bias, sdt)
+            gw, gw2, ge2, gmax = _codes_and_error(
+                w, r, off, group_size, scale, bias, s_r, b_r, n_bins, codes)
+            _pack_group(codes, group_size, bits, wq, r, g * words)
+            scales[r, g] = s_r
+            biases[r, g] = b_r
+            sw += gw
+            sw2 += gw2
+            se2 += ge2
+            if gmax > smax:
+                smax = gmax
+    return sw, sw2, se2, smax
+
+
+@njit(inline="always")
+def _sse(w, row, off, group_size, s, b, n_bins):
+    """Squared error of the group under (s, b), s > 0, codes rounded to nearest and clamped."""
+    zero = np.float32(0.0)
+    inv = np.float32(1.0) / s
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    # Four independent sums so the adds do not wait on one another (group_size % 4 == 0).
+    for j in range(0, group_size, 4):
+        x0 = w[row, off + j]
+        x1 = w[row, off + j + 1]
+        x2 = w[row, off + j + 2]
+        x3 = w[row, off + j + 3]
+        d0 = min(max(np.rint((x0 - b) * inv), zero), n_bins) * s + b - x0
+        d1 = min(max(np.rint((x1 - b) * inv), zero), n_bins) * s + b - x1
+        d2 = min(max(np.rint((x2 - b) * inv), zero), n_bins) * s + b - x2
+        d3 = min(max(np.rint((x3 - b) * inv), zero), n_bins) * s + b - x3
+        a0 += d0 * d0
+        a1 += d1 * d1
+        a2 += d2 * d2
+        a3 += d3 * d3
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(inline="always")
+def _refit(w, row, off, group_size, s, b, n_bins):
+    """Least-squares (scale, bias) for the codes that (s, b) assigns; (0, 0) if degenerate."""
+    zero = np.float32(0.0)
+    inv = np.float32(1.0) / s
+    sq = 0.0
+    sqq = 0.0
+    sx = 0.0
+    sqx = 0.0
+    for j in range(group_size):
+        x = w[row, off + j]
+        q = np.float64(min(max(np.rint((x - b) * inv), zero), n_bins))
+        xd = np.float64(x)
+        sq += q
+        sqq += q * q
+        sx += xd
+        sqx += q * xd
+    n = np.float64(group_size)
+    det = n * sqq - sq * sq
+    if det <= 0.0:
+        return np.float32(0.0), np.float32(0.0)
+    ns = (n * sqx - sq * sx) / det
+    nb = (sx - ns * sq) / n
+    return np.float32(ns), np.float32(nb)
+
+
+@njit(nogil=True, cache=True)
+def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
+    rows, cols = w.shape
+    n_groups = cols // group_size
+    n_bins = np.float32((1 << bits) - 1)
+    words = group_size * bits // 32
+    codes = np.empty(group_size, dtype=np.uint8)
+    half = np.float32(0.5)
+    sw = 0.0
+    sw2 = 0.0
+    se2 = 0.0
+    smax = 0.0
+    for r in range(rows):
+        for g in range(n_groups):
+            off = g * group_size
+            m_scale, m_bias, lo, hi = _mlx_scale_bias(w, r, off, group_size, n_bins)
+            # Candidate 0: exactly what rtn would store (never lose to rtn).
+            best_s = _round_to(m_scale, sdt)
+            best_b = _round_to(m_bias, sdt)
+            if best_s > np.float32(0.0):
+                best_e = _sse(w, r, off, group_size, best_s, best_b, n_bins)
+            else:
+                best_e = np.float32(np.inf)
+            mid = (lo + hi) * half
+            rad = (hi - lo) * half
+            for k in range(grid.shape[0]):
+                f = grid[k]
+                span = (hi - lo) * f
+                # Shrink about the midpoint, and pinned to each end (asymmetric outliers).
+                for v in range(3):
+                    if v == 0:
+                        c_lo = mid - rad * f
+                    elif v == 1:
+                        c_lo = lo
+                    else:
+                        c_lo = hi - span
+                    if v > 0 and k == 0:
+                        continue  # f == 1 gives the same range three times
+                    s = _round_to(span / n_bins, sdt)
+                    b = _round_to(c_lo, sdt)
+                    if not s > np.float32(0.0):
+                        continue
+                    e = _sse(w, r, off, group_size, s, b, n_bins)
+                    if e < best_e:
+                        best_e = e
+                        best_s = s
+                        best_b = b
+            for _ in range(refits):
+                if not best_s > np.float32(0.0):
+                    break
+                ns, nb = _refit(w, r, off, group_size, best_s, best_b, n_bins)
+                ns = _round_to(ns, sdt)
+                nb = _round_to(nb, sdt)
+                if not ns > np.float32(0.0):
+                    break
+                e = _sse(w, r, off, group_size, ns, nb, n_bins)
+                if not e < best_e:
+                    break
+                best_e = e
+                best_s = ns
+                best_b = nb
+            if best_s > np.float32(0.0):
+                # Codes from the stored values themselves: rint((x - b_r) / s_r).
+                gw, gw2, ge2, gmax = _codes_and_error(
+                    w, r, off, group_size, best_s, best_b, best_s, best_b, n_bins, codes)
+            else:
+                # Degenerate group (constant, or a scale that underflows the dtype): defer to
+                # MLX's rule, which copes with a non-positive scale.
+                gw, gw2, ge2, gmax = _codes_and_error(
+                    w, r, off, group_size, m_scale, m_bias, best_s, best_b, n_bins, codes)
+            _pack_group(codes, group_size, bits, wq, r, g * words)
+            scales[r, g] = best_s
+            biases[r, g] = best_b
+            sw += gw
+            sw2 += gw2
+            se2 += ge2
+            if gmax > smax:
+                smax = gmax
+    return sw, sw2, se2, smax
+
+
+@njit(nogil=True, cache=True)
+def _dequant_kernel(wq, scales, biases, bits, group_size, out):
+    rows, cols = out.shape
+    n_groups = cols // group_size
+    words = group_size * bits // 32
+    mask = np.uint64((1 << bits) - 1)
+    ubits = np.uint64(bits)
+    for r in range(rows):
+        for g in range(n_groups):
+            s = scales[r, g]
+            b = biases[r, g]
+            acc = np.uint64(0)
+            nb = np.uint64(0)
+            widx = g * words
+            for j in range(group_size):
+                if nb < ubits:
+                    acc |= np.uint64(wq[r, widx]) << nb
+                    widx += 1
+                    nb += np.uint64(32)
+                q = np.float32(acc & mask)
+                acc >>= ubits
+                nb -= ubits
+                out[r, g * group_size + j] = q * s + b
+
+
+# --------------------------------------------------------------------------- public API
+
+def _check(w: np.ndarray, bits: int, group_size: int, scale_dtype: str, method: str) -> np.ndarray:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [rows, cols], got shape {w.shape}")
+    if w.shape[1] % group_size:
+        raise ValueError(
+            f"weight of shape {w.shape}: cols {w.shape[1]} is not a multiple of "
+            f"group_size {group_size}")
+    if w.dtype != np.float32 or not w.flags.c_contiguous:
+        log.debug("copying %s %s weight to C-contiguous float32", w.shape, w.dtype)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+    return w
+
+
+def _to_storage(x: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """Kernels hand back float32 values already rounded to the dtype: convert exactly."""
+    if scale_dtype == "float32":
+        return x
+    if scale_dtype == "float16":
+        return x.astype(np.float16)
+    return (x.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def _from_storage(x: np.ndarray, scale_dtype: str) -> np.ndarray:
+    if scale_dtype == "bfloat16":
+        x = np.asarray(x)
+        if x.dtype != np.uint16:
+            raise TypeError(f"bfloat16 scales/biases must be uint16 bits, got {x.dtype}")
+        return bf16_to_f32(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def quantize_with_error(
+    w: np.ndarray,
+    bits: int,
+    group_size: int,
+    scale_dtype: str = "bfloat16",
+    method: str = "rtn",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ErrorStats]:
+    """Quantize like ``quantize`` and also return the error of the dequantized result.
+
+    The error is measured in the same pass, with scales and biases as stored (rounded to
+    ``scale_dtype``) and the dequantized value computed in float32 as ``q * scale + bias``.
+
+    Args:
+        w: [rows, cols] float32 weights (other dtypes/layouts are copied to that first).
+        bits: code width, one of SUPPORTED_BITS.
+        group_size: values per (scale, bias) pair along a row, one of SUPPORTED_GROUP_SIZES.
+        scale_dtype: "float32", "float16" or "bfloat16".
+        method: "rtn" (byte-identical to MLX) or "clip" (lower-error search).
+
+    Returns:
+        (wq, scales, biases, stats): wq uint32 [rows, cols*bits//32]; scales and biases
+        [rows, cols//group_size] as float32, float16, or uint16 bfloat16 bits; ErrorStats.
+    """
+    w = _check(w, bits, group_size, scale_dtype, method)
+    rows, cols = w.shape
+    wq = np.empty((rows, cols * bits // 32), dtype=np.uint32)
+    scales = np.empty((rows, cols // group_size), dtype=np.float32)
+    biases = np.empty_like(scales)
+    sdt = SCALE_DTYPES[scale_dtype]
+    if method == "rtn":
+        sw, sw2, se2, smax = _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases)
+    else:
+        sw, sw2, se2, smax = _clip_kernel(
+            w, bits, group_size, sdt, wq, scales, biases, _CLIP_GRID, _CLIP_REFITS)
+    stats = ErrorStats(count=w.size, sum_w=sw, sum_w2=sw2, sum_err2=se2, max_abs_err=smax)
+    return wq, _to_storage(scales, scale_dtype), _to_storage(biases, scale_dtype), stats
+
+
+def quantize(
+    w: np.ndarray,
+    bits: int,
+    group_size: int,
+    scale_dtype: str = "bfloat16",
+    method: str = "rtn",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine group quantization in MLX's layout.
+
+    With method "rtn" and ``w`` exactly representable in ``scale_dtype``, the result is
+    byte-identical to ``mx.quantize(mx.array(w).astype(scale_dtype), group_size, bits)`` on
+    MLX's CPU backend.
+
+    Args:
+        w: [rows, cols] float32 weights; cols must be a multiple of group_size.
+        bits: code width, one of SUPPORTED_BITS.
+        group_size: one of SUPPORTED_GROUP_SIZES.
+        scale_dtype: "float32", "float16" or "bfloat16".
+        method: "rtn" or "clip".
+
+    Returns:
+        (wq, scales, biases): wq uint32 [rows, cols*bits//32] (the LSB-first bitstream of each
+        row); scales and biases [rows, cols//group_size] as float32, float16, or uint16
+        bfloat16 bits.
+
+    Example:
+        >>> wq, s, b = quantize(np.ones((2, 64), np.float32), 4, 64)
+        >>> wq.shape, s.shape, s.dtype
+        ((2, 8), (2, 1), dtype('uint16'))
+    """
+    wq, scales, biases, _ = quantize_with_error(w, bits, group_size, scale_dtype, method)
+    return wq, scales, biases
+
+
+def dequantize(
+    wq: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    bits: int,
+    group_size: int,
+    scale_dtype: str = "bfloat16",
+) -> np.ndarray:
+    """Inverse of ``quantize``: q * scale + bias in float32.
+
+    Args:
+        wq: uint32 [rows, cols*bits//32] packed codes.
+        scales: [rows, cols//group_size] in ``scale_dtype`` (uint16 bits for bfloat16).
+        biases: like scales.
+        bits: code width.
+        group_size: values per group.
+        scale_dtype: "float32", "float16" or "bfloat16".
+
+    Returns:
+        float32 [rows, cols]; equals ``mx.dequantize`` given the same scales as float32.
+    """
+    if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"unsupported bits={bits} / group_size={group_size}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {scale_dtype!r}")
+    wq = np.ascontiguousarray(wq, dtype=np.uint32)
+    s = _from_storage(scales, scale_dtype)
+    b = _from_storage(biases, scale_dtype)
+    rows = wq.shape[0]
+    cols = s.shape[1] * group_size
+    if wq.ndim != 2 or wq.shape[1] * 32 != cols * bits or s.shape != (rows, cols // group_size) \
+            or b.shape != s.shape:
+        raise ValueError(
+            f"inconsistent shapes: wq {wq.shape}, scales {s.shape}, biases {b.shape} "
+            f"for bits={bits}, group_size={group_size}")
+    out = np.empty((rows, cols), dtype=np.float32)
+    _dequant_kernel(wq, s, b, bits, group_size, out)
+    return out

@@ -1,0 +1,1 @@
+"""Runtime: loads a pack on MLX and streams routed experts from disk (see the streaming-runtime issue)."""
