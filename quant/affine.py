@@ -49,10 +49,12 @@ METHODS = ("rtn", "clip")
 # Storage dtype name -> code the kernels branch on.
 SCALE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
-# "clip" search: range shrink factors tried (symmetric about the group's midpoint and towards
-# each end), then alternating least-squares refits of (scale, bias) from the best candidate.
-_CLIP_GRID = np.linspace(1.0, 0.5, 16).astype(np.float32)
-_CLIP_REFITS = 3
+# "clip" search: each end of the group's [min, max] range moves inwards by one of these
+# fractions of rtn's step (max - min) / (2**bits - 1), all pairs tried; the best pair is then
+# refined by up to _CLIP_REFITS alternating least-squares refits. Measured on trained experts:
+# about one step of shrink is where the gains stop, for every bit width.
+_CLIP_GRID = np.linspace(0.0, 1.0, 8).astype(np.float32)
+_CLIP_REFITS = 4
 
 
 # --------------------------------------------------------------------------- scalar helpers
@@ -194,55 +196,33 @@ def _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases):
 
 
 @njit(inline="always")
-def _sse(w, row, off, group_size, s, b, n_bins):
-    """Squared error of the group under (s, b), s > 0, codes rounded to nearest and clamped."""
+def _refit_pass(w, row, off, group_size, s, b, n_bins, sdt):
+    """One pass under (s, b), s > 0: the squared error, and the least-squares (scale, bias)
+    for the codes that (s, b) assigns, rounded to the storage dtype ((0, 0) if degenerate)."""
     zero = np.float32(0.0)
     inv = np.float32(1.0) / s
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
-    # Four independent sums so the adds do not wait on one another (group_size % 4 == 0).
-    for j in range(0, group_size, 4):
-        x0 = w[row, off + j]
-        x1 = w[row, off + j + 1]
-        x2 = w[row, off + j + 2]
-        x3 = w[row, off + j + 3]
-        d0 = min(max(np.rint((x0 - b) * inv), zero), n_bins) * s + b - x0
-        d1 = min(max(np.rint((x1 - b) * inv), zero), n_bins) * s + b - x1
-        d2 = min(max(np.rint((x2 - b) * inv), zero), n_bins) * s + b - x2
-        d3 = min(max(np.rint((x3 - b) * inv), zero), n_bins) * s + b - x3
-        a0 += d0 * d0
-        a1 += d1 * d1
-        a2 += d2 * d2
-        a3 += d3 * d3
-    return (a0 + a1) + (a2 + a3)
-
-
-@njit(inline="always")
-def _refit(w, row, off, group_size, s, b, n_bins):
-    """Least-squares (scale, bias) for the codes that (s, b) assigns; (0, 0) if degenerate."""
-    zero = np.float32(0.0)
-    inv = np.float32(1.0) / s
-    sq = 0.0
-    sqq = 0.0
-    sx = 0.0
-    sqx = 0.0
+    e = np.float32(0.0)
+    # Codes are small integers, so their float32 sums are exact (128 * 255**2 < 2**24).
+    sq = np.float32(0.0)
+    sqq = np.float32(0.0)
+    sx = np.float32(0.0)
+    sqx = np.float32(0.0)
     for j in range(group_size):
         x = w[row, off + j]
-        q = np.float64(min(max(np.rint((x - b) * inv), zero), n_bins))
-        xd = np.float64(x)
+        q = min(max(np.rint((x - b) * inv), zero), n_bins)
+        d = q * s + b - x
+        e += d * d
         sq += q
         sqq += q * q
-        sx += xd
-        sqx += q * xd
+        sx += x
+        sqx += q * x
     n = np.float64(group_size)
-    det = n * sqq - sq * sq
+    det = n * np.float64(sqq) - np.float64(sq) * np.float64(sq)
     if det <= 0.0:
-        return np.float32(0.0), np.float32(0.0)
-    ns = (n * sqx - sq * sx) / det
-    nb = (sx - ns * sq) / n
-    return np.float32(ns), np.float32(nb)
+        return e, np.float32(0.0), np.float32(0.0)
+    ns = (n * np.float64(sqx) - np.float64(sq) * np.float64(sx)) / det
+    nb = (np.float64(sx) - ns * np.float64(sq)) / n
+    return e, _round_to(np.float32(ns), sdt), _round_to(np.float32(nb), sdt)
 
 
 @njit(nogil=True, cache=True)
@@ -251,8 +231,16 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
     n_groups = cols // group_size
     n_bins = np.float32((1 << bits) - 1)
     words = group_size * bits // 32
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    inf = np.float32(np.inf)
     codes = np.empty(group_size, dtype=np.uint8)
-    half = np.float32(0.5)
+    # Candidate table, reused by every group: slot 0 is rtn's choice, then the grid's pairs.
+    n_cand = 1 + grid.shape[0] * grid.shape[0]
+    c_s = np.empty(n_cand, dtype=np.float32)
+    c_b = np.empty(n_cand, dtype=np.float32)
+    c_inv = np.empty(n_cand, dtype=np.float32)
+    c_err = np.empty(n_cand, dtype=np.float32)
     sw = 0.0
     sw2 = 0.0
     se2 = 0.0
@@ -261,58 +249,56 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
         for g in range(n_groups):
             off = g * group_size
             m_scale, m_bias, lo, hi = _mlx_scale_bias(w, r, off, group_size, n_bins)
-            # Candidate 0: exactly what rtn would store (never lose to rtn).
-            best_s = _round_to(m_scale, sdt)
-            best_b = _round_to(m_bias, sdt)
-            if best_s > np.float32(0.0):
-                best_e = _sse(w, r, off, group_size, best_s, best_b, n_bins)
-            else:
-                best_e = np.float32(np.inf)
-            mid = (lo + hi) * half
-            rad = (hi - lo) * half
-            for k in range(grid.shape[0]):
-                f = grid[k]
-                span = (hi - lo) * f
-                # Shrink about the midpoint, and pinned to each end (asymmetric outliers).
-                for v in range(3):
-                    if v == 0:
-                        c_lo = mid - rad * f
-                    elif v == 1:
-                        c_lo = lo
-                    else:
-                        c_lo = hi - span
-                    if v > 0 and k == 0:
-                        continue  # f == 1 gives the same range three times
-                    s = _round_to(span / n_bins, sdt)
-                    b = _round_to(c_lo, sdt)
-                    if not s > np.float32(0.0):
-                        continue
-                    e = _sse(w, r, off, group_size, s, b, n_bins)
-                    if e < best_e:
-                        best_e = e
-                        best_s = s
-                        best_b = b
-            for _ in range(refits):
-                if not best_s > np.float32(0.0):
-                    break
-                ns, nb = _refit(w, r, off, group_size, best_s, best_b, n_bins)
-                ns = _round_to(ns, sdt)
-                nb = _round_to(nb, sdt)
-                if not ns > np.float32(0.0):
-                    break
-                e = _sse(w, r, off, group_size, ns, nb, n_bins)
-                if not e < best_e:
-                    break
-                best_e = e
-                best_s = ns
-                best_b = nb
-            if best_s > np.float32(0.0):
+            step = (hi - lo) / n_bins
+            c_s[0] = _round_to(m_scale, sdt)
+            c_b[0] = _round_to(m_bias, sdt)
+            k = 1
+            for a in range(grid.shape[0]):
+                c_lo = lo + step * grid[a]
+                for c in range(grid.shape[0]):
+                    c_s[k] = _round_to((hi - step * grid[c] - c_lo) / n_bins, sdt)
+                    c_b[k] = _round_to(c_lo, sdt)
+                    k += 1
+            for k in range(n_cand):
+                ok = c_s[k] > zero
+                c_inv[k] = one / c_s[k] if ok else zero
+                c_err[k] = zero if ok else inf
+            # Score all candidates together: the inner loop runs across candidates with no
+            # loop-carried sum, so it vectorizes without reassociating float adds.
+            for j in range(group_size):
+                x = w[r, off + j]
+                for k in range(n_cand):
+                    q = min(max(np.rint((x - c_b[k]) * c_inv[k]), zero), n_bins)
+                    d = q * c_s[k] + c_b[k] - x
+                    c_err[k] += d * d
+            best = 0
+            for k in range(1, n_cand):
+                if c_err[k] < c_err[best]:
+                    best = k
+            best_s = c_s[best]
+            best_b = c_b[best]
+            if best_s > zero and refits > 0:
+                # Alternate: codes given (scale, bias), then least-squares (scale, bias) given
+                # the codes; keep going while the stored-dtype error drops.
+                best_e, ns, nb = _refit_pass(w, r, off, group_size, best_s, best_b, n_bins, sdt)
+                for _ in range(refits):
+                    if not ns > zero:
+                        break
+                    e, ns2, nb2 = _refit_pass(w, r, off, group_size, ns, nb, n_bins, sdt)
+                    if not e < best_e:
+                        break
+                    best_e = e
+                    best_s = ns
+                    best_b = nb
+                    ns = ns2
+                    nb = nb2
+            if best_s > zero:
                 # Codes from the stored values themselves: rint((x - b_r) / s_r).
                 gw, gw2, ge2, gmax = _codes_and_error(
                     w, r, off, group_size, best_s, best_b, best_s, best_b, n_bins, codes)
             else:
-                # Degenerate group (constant, or a scale that underflows the dtype): defer to
-                # MLX's rule, which copes with a non-positive scale.
+                # Degenerate group (constant, or a scale that underflows the dtype): only rtn's
+                # candidate is left, with MLX's codes (its rule copes with a non-positive scale).
                 gw, gw2, ge2, gmax = _codes_and_error(
                     w, r, off, group_size, m_scale, m_bias, best_s, best_b, n_bins, codes)
             _pack_group(codes, group_size, bits, wq, r, g * words)

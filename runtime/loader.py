@@ -1,0 +1,125 @@
+"""Load a pack into mlx-lm's own model, with every expert resident (no streaming).
+
+This is the reference the streaming runtime is compared against, and the "fully resident" baseline
+of the benchmarks. It is also the end-to-end check of the pack contract: resident tensors load
+strictly by name into mlx-lm's model, and expert blocks are stacked into ``switch_mlp``'s
+``QuantizedSwitchLinear`` arrays byte for byte, so any layout mistake shows up as an exception or
+as wrong logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from moestream.layouts import Pack, open_pack
+
+log = logging.getLogger(__name__)
+
+MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32, "uint32": mx.uint32}
+
+
+def build_model(pack: Pack) -> nn.Module:
+    """mlx-lm's model for the pack's config, quantized as the manifest says (weights not loaded)."""
+    m = pack.manifest
+    config = json.loads((pack.root / "config.json").read_text())
+    module = importlib.import_module(f"mlx_lm.models.{m.model_type}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    q = m.quantization["experts"]
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if ".switch_mlp." in path:
+            return {"bits": q["bits"], "group_size": q["group_size"]} if q["bits"] < 16 else False
+        t = m.resident_tensors.get(f"{path}.weight")
+        if t is None or t.bits >= 16:
+            return False
+        return {"bits": t.bits, "group_size": t.group_size}
+
+    nn.quantize(model, class_predicate=predicate)
+    if q["bits"] < 16 and any(c.group_size != q["group_size"] for x in m.experts for c in x.components):
+        _fix_expert_groups(model, pack)
+    return model
+
+
+def _fix_expert_groups(model: nn.Module, pack: Pack) -> None:
+    """Layers whose experts fell back to group size 32 get their switch layers' group size set."""
+    for x in pack.manifest.experts:
+        mlp = _layer_mlp(model, x.layer)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            getattr(mlp.switch_mlp, proj).group_size = x.component(f"{proj}.weight").group_size
+
+
+def _layer_mlp(model: nn.Module, layer: int) -> nn.Module:
+    return model.layers[layer].mlp
+
+
+def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
+    """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component)."""
+    x = pack.manifest.expert_layer(layer)
+    stacks = {c.name: np.empty((x.num_experts, *c.shape), _np(c.dtype)) for c in x.components}
+    block = np.empty(x.block_bytes, np.uint8)
+    for e in range(x.num_experts):
+        for name, arr in pack.expert_arrays(layer, e, pack.read_expert(layer, e, block)).items():
+            stacks[name][e] = arr
+    return {name: _to_mx(a, c.dtype) for (name, a), c in zip(stacks.items(), x.components)}
+
+
+def _np(dtype: str):
+    return {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+
+
+def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
+    if dtype == "bfloat16":
+        return mx.array(a).view(mx.bfloat16)
+    return mx.array(a)
+
+
+def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.Module, Pack]:
+    """Build mlx-lm's model from a pack with all weights in memory.
+
+    Args:
+        path: the pack folder.
+        dtype: cast float parameters (not codes) to this dtype, e.g. "float32" for CPU compute.
+
+    Returns:
+        (model, pack). The model's weights were loaded with ``strict=True``.
+    """
+    pack = open_pack(path)
+    model = build_model(pack)
+    weights: list[tuple[str, mx.array]] = []
+    for f in pack.manifest.resident_files:
+        weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
+    prefix = _switch_prefix(model)
+    for x in pack.manifest.experts:
+        for name, arr in expert_weights(pack, x.layer).items():
+            weights.append((f"{prefix}.layers.{x.layer}.mlp.switch_mlp.{name}", arr))
+    model.load_weights(weights, strict=True)
+    if dtype:
+        target = MX_DTYPE[dtype]
+        model.update(_cast_floats(model.parameters(), target))
+    mx.eval(model.parameters())
+    model.eval()
+    return model, pack
+
+
+def _switch_prefix(model: nn.Module) -> str:
+    from mlx.utils import tree_flatten
+
+    for k, _ in tree_flatten(model.parameters()):
+        if ".layers.0." in k:
+            return k.split(".layers.0.")[0]
+    raise ValueError("model has no layers")
+
+
+def _cast_floats(params, dtype):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, params)
