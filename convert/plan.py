@@ -164,10 +164,10 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
 
     dropped, by_target = [], {}
     for name in sorted(src.names):
-        if name.endswith("weight_scale_inv"):
-            continue  # consumed with its fp8 weight
         if family.dropped(name, o.keep_mtp):
             dropped.append(name)
+        elif name.endswith("weight_scale_inv"):
+            continue  # consumed with its fp8 weight
         else:
             by_target[family.target_name(name)] = name
     consumed: set[str] = set()

@@ -129,8 +129,9 @@ def _codes_and_error(w, row, off, group_size, scale, bias, s_r, b_r, n_bins, cod
         q = np.rint((x - bias) / scale)
         q = min(max(q, zero), n_bins)
         codes[j] = np.uint8(q)
-        d = np.float64((q * s_r + b_r) - x)
+        # The dequantized value is float32 (as MLX computes it); its error is taken exactly.
         xd = np.float64(x)
+        d = np.float64(q * s_r + b_r) - xd
         gw += xd
         gw2 += xd * xd
         ge2 += d * d

@@ -1,0 +1,130 @@
+"""A tiny random Qwen3.5-MoE checkpoint in the hub's own BF16 layout, made without torch.
+
+Used by ``moestream demo`` (a fresh machine has no model to convert) and by the benchmark that
+needs a checkpoint bigger than a real test fixture. Tensor names and shapes are derived from
+mlx-lm's model definition and mapped back to the hub's layout: ``model.language_model.*``, fused
+``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj`` [E, H, I], RMSNorm weights stored
+offset from 1, conv1d as [C, 1, K], plus a ``model.visual`` and an ``mtp`` tensor that a converter
+must drop. Tensors are written one at a time, so a checkpoint far larger than RAM can be made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from moestream.layouts import SafetensorsWriter
+from moestream.quant import f32_to_bf16
+
+log = logging.getLogger(__name__)
+
+TINY_TEXT_CONFIG = {
+    "model_type": "qwen3_5_moe_text", "hidden_size": 256, "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    "full_attention_interval": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "num_experts": 32, "num_experts_per_tok": 4,
+    "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "vocab_size": 1024,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+    "attn_output_gate": True, "hidden_act": "silu", "dtype": "bfloat16",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+}
+
+
+def tiny_config(**text_overrides) -> dict:
+    """A hub-style ``config.json`` dict (``qwen3_5_moe`` with a ``text_config``)."""
+    tc = {**TINY_TEXT_CONFIG, **text_overrides}
+    n = tc["num_hidden_layers"]
+    if "layer_types" not in text_overrides:
+        k = tc["full_attention_interval"]
+        tc["layer_types"] = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
+    return {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+            "text_config": tc, "tie_word_embeddings": tc["tie_word_embeddings"]}
+
+
+def hub_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """Hub tensor names and shapes for ``config``, from mlx-lm's model definition."""
+    from moestream.convert.family import family_for
+
+    fam = family_for(config)
+    out: dict[str, tuple[int, ...]] = {}
+    for target, (shape, _) in fam.resident_params.items():
+        name = target.replace("language_model.model", "model.language_model", 1)
+        name = "lm_head.weight" if name == "language_model.lm_head.weight" else name
+        if "conv1d.weight" in name:
+            shape = (shape[0], 1, shape[1])
+        out[name] = tuple(shape)
+    for layer in fam.moe_layers():
+        i, h = fam.expert_shape(layer)
+        pre = f"model.language_model.layers.{layer}.mlp.experts"
+        out[f"{pre}.gate_up_proj"] = (fam.num_experts, 2 * i, h)
+        out[f"{pre}.down_proj"] = (fam.num_experts, h, i)
+    out["model.visual.patch_embed.proj.weight"] = (64, 3 * 2 * 16 * 16)
+    out["mtp.fc.weight"] = (fam.args.hidden_size, 2 * fam.args.hidden_size)
+    return out
+
+
+def _values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("A_log"):
+        return np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+    if name.endswith("dt_bias"):
+        return np.ones(shape, np.float32)
+    if len(shape) == 1:  # norms: stored offset from 1 (or plain for the gated norm), near their init
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32) + (1.0 if "linear_attn.norm" in name else 0.0)
+    fan_in = shape[-1] if "conv1d" not in name else shape[-1]
+    return (rng.standard_normal(shape, dtype=np.float32) * (1.0 / np.sqrt(fan_in)))
+
+
+def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: int = 0,
+                          max_shard_bytes: int = 1 << 30) -> Path:
+    """Write a random checkpoint in the hub's BF16 layout (sharded, with an index).
+
+    Args:
+        folder: where to write (created).
+        config: hub-style config dict (default :func:`tiny_config`).
+        seed: random seed.
+        max_shard_bytes: start a new shard past this size.
+
+    Returns:
+        the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config or tiny_config()
+    rng = np.random.default_rng(seed)
+    shapes = hub_tensors(config)
+    shards, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nbytes
+    shards.append(cur)
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = SafetensorsWriter(folder / fname, metadata={"format": "pt"})
+        for name in names:
+            w.declare(name, "BF16", shapes[name])
+            weight_map[name] = fname
+        w.begin()
+        for name in names:
+            shape = shapes[name]
+            if len(shape) == 3 and ".experts." in name:  # one expert at a time: bounded memory
+                for e in range(shape[0]):
+                    w.write(name, f32_to_bf16(_values(name, shape[1:], rng)))
+            else:
+                w.write(name, f32_to_bf16(_values(name, shape, rng)))
+        w.finish()
+    total = sum(2 * int(np.prod(s)) for s in shapes.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    log.info("wrote %s: %d tensors, %.1f MB", folder, len(shapes), total / 1e6)
+    return folder
