@@ -115,6 +115,11 @@ class MlxLmFamily:
         per = {p: f"{pre}.experts.{{e}}.{p}.weight" for p in PROJECTIONS}
         if all(t in by_target for t in fused.values()):
             return ExpertSource("fused", {k: by_target[t] for k, t in fused.items()}, n)
+        for group in (fused, stacked):
+            have = [t for t in group.values() if t in by_target]
+            if have and len(have) < len(group):
+                gone = next(t for t in group.values() if t not in by_target)
+                raise ConvertError(f"checkpoint: missing expert tensor {self.source_name_hint(gone)} (layer {layer})")
         if all(t in by_target for t in stacked.values()):
             return ExpertSource("stacked", {k: by_target[t] for k, t in stacked.items()}, n)
         if any(p.format(e=0) in by_target for p in per.values()):

@@ -17,7 +17,7 @@ from moestream.layouts import Component, expert_block_layout, round_up
 from moestream.layouts.expert_file import HEADER
 
 from .family import ExpertSource, MlxLmFamily
-from .source import ConvertError, SourceCheckpoint
+from .source import FLOAT_DTYPES, ConvertError, SourceCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,10 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
     def consume(name: str) -> None:
         if name in consumed:
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
+        dtype = src.info(name).dtype
+        if dtype not in FLOAT_DTYPES:
+            raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
+                               f"expected one of {', '.join(FLOAT_DTYPES)}")
         consumed.add(name)
         scale = name + "_scale_inv"
         if scale in src.where:

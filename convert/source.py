@@ -114,6 +114,9 @@ class SourceCheckpoint:
             for t, f in weight_map.items():
                 if src.where.get(t) != f:
                     raise ConvertError(f"{folder / f}: tensor {t} listed in {index.name} but not in that shard")
+            for t, f in src.where.items():
+                if t not in weight_map:
+                    raise ConvertError(f"{folder / f}: tensor {t} is not listed in {index.name}")
         return src
 
     # -- lookups ---------------------------------------------------------------------------------

@@ -197,8 +197,14 @@ def _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases):
 
 
 @njit(inline="always")
+def _usable(s):
+    """A scale the search can divide by: non-zero and finite (either sign works)."""
+    return s != np.float32(0.0) and abs(s) < np.float32(np.inf)
+
+
+@njit(inline="always")
 def _refit_pass(w, row, off, group_size, s, b, n_bins, sdt):
-    """One pass under (s, b), s > 0: the squared error, and the least-squares (scale, bias)
+    """One pass under (s, b), s != 0: the squared error, and the least-squares (scale, bias)
     for the codes that (s, b) assigns, rounded to the storage dtype ((0, 0) if degenerate)."""
     zero = np.float32(0.0)
     inv = np.float32(1.0) / s
@@ -236,8 +242,11 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
     one = np.float32(1.0)
     inf = np.float32(np.inf)
     codes = np.empty(group_size, dtype=np.uint8)
-    # Candidate table, reused by every group: slot 0 is rtn's choice, then the grid's pairs.
-    n_cand = 1 + grid.shape[0] * grid.shape[0]
+    # Candidate table, reused by every group: slot 0 is rtn's choice, then the grid's pairs,
+    # each once anchored at the low end (scale > 0) and once at the high end (scale < 0, as
+    # MLX itself does): which end the bias holds exactly matters once it is rounded.
+    n_grid = grid.shape[0] * grid.shape[0]
+    n_cand = 1 + n_grid
     c_s = np.empty(n_cand, dtype=np.float32)
     c_b = np.empty(n_cand, dtype=np.float32)
     c_inv = np.empty(n_cand, dtype=np.float32)
@@ -254,14 +263,20 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
             c_s[0] = _round_to(m_scale, sdt)
             c_b[0] = _round_to(m_bias, sdt)
             k = 1
+            low_anchor = abs(lo) > abs(hi)
             for a in range(grid.shape[0]):
                 c_lo = lo + step * grid[a]
                 for c in range(grid.shape[0]):
-                    c_s[k] = _round_to((hi - step * grid[c] - c_lo) / n_bins, sdt)
-                    c_b[k] = _round_to(c_lo, sdt)
+                    c_hi = hi - step * grid[c]
+                    if low_anchor:
+                        c_s[k] = _round_to((c_hi - c_lo) / n_bins, sdt)
+                        c_b[k] = _round_to(c_lo, sdt)
+                    else:
+                        c_s[k] = _round_to((c_lo - c_hi) / n_bins, sdt)
+                        c_b[k] = _round_to(c_hi, sdt)
                     k += 1
             for k in range(n_cand):
-                ok = c_s[k] > zero
+                ok = _usable(c_s[k])
                 c_inv[k] = one / c_s[k] if ok else zero
                 c_err[k] = zero if ok else inf
             # Score all candidates together: the inner loop runs across candidates with no
@@ -278,12 +293,12 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
                     best = k
             best_s = c_s[best]
             best_b = c_b[best]
-            if best_s > zero and refits > 0:
+            if _usable(best_s) and refits > 0:
                 # Alternate: codes given (scale, bias), then least-squares (scale, bias) given
                 # the codes; keep going while the stored-dtype error drops.
                 best_e, ns, nb = _refit_pass(w, r, off, group_size, best_s, best_b, n_bins, sdt)
                 for _ in range(refits):
-                    if not ns > zero:
+                    if not _usable(ns):
                         break
                     e, ns2, nb2 = _refit_pass(w, r, off, group_size, ns, nb, n_bins, sdt)
                     if not e < best_e:
@@ -293,13 +308,13 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
                     best_b = nb
                     ns = ns2
                     nb = nb2
-            if best_s > zero:
+            if _usable(best_s):
                 # Codes from the stored values themselves: rint((x - b_r) / s_r).
                 gw, gw2, ge2, gmax = _codes_and_error(
                     w, r, off, group_size, best_s, best_b, best_s, best_b, n_bins, codes)
             else:
-                # Degenerate group (constant, or a scale that underflows the dtype): only rtn's
-                # candidate is left, with MLX's codes (its rule copes with a non-positive scale).
+                # Degenerate group (a scale that underflows the dtype): keep rtn's choice,
+                # with MLX's codes.
                 gw, gw2, ge2, gmax = _codes_and_error(
                     w, r, off, group_size, m_scale, m_bias, best_s, best_b, n_bins, codes)
             _pack_group(codes, group_size, bits, wq, r, g * words)
