@@ -182,6 +182,29 @@ def report(packs, as_json, metric, plot):
         click.echo(f"wrote {plot}")
 
 
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Where the tiny checkpoint and its packs go.")
+@one_line_errors
+def demo(workdir):
+    """Build a tiny Qwen3.5-MoE checkpoint, convert it at 4 and 2 bits, verify, compare with the source."""
+    from moestream.demo import run_demo
+    from moestream.quant.report import format_comparison, label, load_report
+
+    click.echo(f"demo: building a tiny random Qwen3.5-MoE checkpoint in {workdir}/checkpoint ...")
+    res = run_demo(workdir)
+    for p in res["packs"]:
+        click.echo(f"  {p['bits']}-bit ({p['method']}) {p['pack']}: verified; stride {p['stride']} B, "
+                   f"{_human(p['bytes_per_token'])} of experts per token; vs unquantized source in float32: "
+                   f"mean KL {p['kl_mean']:.4f}, p99 KL {p['kl_p99']:.3f}, top-1 agreement {p['top1']:.1%}")
+    reps = [(f"{Path(p['pack']).name}", load_report(p["pack"])) for p in res["packs"]]
+    click.echo("")
+    click.echo(format_comparison(reps))
+    click.echo("")
+    click.echo(f"next: moestream inspect {res['packs'][0]['pack']}   |   moestream report "
+               + " ".join(p["pack"] for p in res["packs"]) + " --plot error.png")
+
+
 def main() -> None:
     cli()
 

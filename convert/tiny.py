@@ -21,6 +21,7 @@ from moestream.quant import f32_to_bf16
 
 log = logging.getLogger(__name__)
 
+INIT_STD = 0.02
 TINY_TEXT_CONFIG = {
     "model_type": "qwen3_5_moe_text", "hidden_size": 256, "num_hidden_layers": 4,
     "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
@@ -75,8 +76,9 @@ def _values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
         return np.ones(shape, np.float32)
     if len(shape) == 1:  # norms: stored offset from 1 (or plain for the gated norm), near their init
         return (0.02 * rng.standard_normal(shape)).astype(np.float32) + (1.0 if "linear_attn.norm" in name else 0.0)
-    fan_in = shape[-1] if "conv1d" not in name else shape[-1]
-    return (rng.standard_normal(shape, dtype=np.float32) * (1.0 / np.sqrt(fan_in)))
+    # Hugging Face's initializer_range: keeps a random model's logits from being chaotic, so
+    # quantization error shows as a modest KL rather than as noise.
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(INIT_STD)
 
 
 def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: int = 0,

@@ -242,11 +242,10 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
     one = np.float32(1.0)
     inf = np.float32(np.inf)
     codes = np.empty(group_size, dtype=np.uint8)
-    # Candidate table, reused by every group: slot 0 is rtn's choice, then the grid's pairs,
-    # each once anchored at the low end (scale > 0) and once at the high end (scale < 0, as
-    # MLX itself does): which end the bias holds exactly matters once it is rounded.
-    n_grid = grid.shape[0] * grid.shape[0]
-    n_cand = 1 + n_grid
+    # Candidate table, reused by every group: slot 0 is rtn's choice, then the grid's pairs.
+    # Like MLX, the bias sits on the end of larger magnitude (scale < 0 when that is the top):
+    # that end is the one held exactly once the bias is rounded.
+    n_cand = 1 + grid.shape[0] * grid.shape[0]
     c_s = np.empty(n_cand, dtype=np.float32)
     c_b = np.empty(n_cand, dtype=np.float32)
     c_inv = np.empty(n_cand, dtype=np.float32)
