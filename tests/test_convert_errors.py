@@ -281,3 +281,27 @@ def test_hub_id_source(src, tmp_path, monkeypatch):
     assert src_meta["kind"] == "hub" and src_meta["repo_id"] == "Qwen/Qwen3.5-Tiny" and src_meta["commit"] == "abc123"
     code, out = run("convert", "not a repo id!", "-o", tmp_path / "o2")
     assert code != 0 and "no such folder, and not a hub id" in out
+
+
+def test_keep_mtp_stores_the_head(tmp_path):
+    checkpoints = pytest.importorskip("checkpoints")
+    from moestream.layouts import SafetensorsReader
+
+    folder = checkpoints.save_hub_fused(tmp_path / "hub", mtp=True)
+    code, out = run("convert", folder, "-o", tmp_path / "drop")
+    assert code == 0 and not any(k.startswith("mtp.") for k in open_pack(tmp_path / "drop").manifest.resident_tensors)
+    code, out = run("convert", folder, "-o", tmp_path / "keep", "--keep-mtp")
+    assert code == 0, out
+    m = open_pack(tmp_path / "keep").manifest
+    mtp = {k: t for k, t in m.resident_tensors.items() if k.startswith("mtp.")}
+    assert mtp and all(t.file == "resident/mtp.safetensors" for t in mtp.values())
+    with SafetensorsReader(tmp_path / "keep" / "resident" / "mtp.safetensors") as r:
+        assert any(k.endswith(".scales") for k in r.tensors)  # its linears are quantized like the rest
+
+
+def test_dimension_not_divisible_by_32_fails_naming_it(tmp_path):
+    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(**{**SMALL, "moe_intermediate_size": 48}))
+    code, out = run("convert", src, "-o", tmp_path / "out")
+    assert_clean_failure(code, out, "layer 0 experts down_proj (intermediate 48): not divisible by group size 64 or 32",
+                         tmp_path / "out")
+    assert run("convert", src, "-o", tmp_path / "out16", "--bits", "16")[0] == 0  # unquantized needs no groups
