@@ -55,37 +55,17 @@ def test_truncated_shard(src, tmp_path):
     assert _digest(src) == before
 
 
-def test_wrong_dtype(src, tmp_path):
-    from moestream.layouts import SafetensorsReader, SafetensorsWriter
-
-    # Rewrite the shard holding layer 0's norm with that tensor stored as int32.
-    name = "model.language_model.layers.0.input_layernorm.weight"
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shard = src / index["weight_map"][name]
-    with SafetensorsReader(shard) as r:
-        tensors = {k: (r.tensors[k].dtype, r.read(k)) for k in r.tensors}
-    w = SafetensorsWriter(shard)
-    for k, (dt, v) in tensors.items():
-        w.declare(k, "I32" if k == name else dt, v.shape)
-    w.begin()
-    for k, (dt, v) in tensors.items():
-        w.write(k, v.astype("int32") if k == name else v)
-    w.finish()
-    before = _digest(src)
-    code, out = run("convert", src, "-o", tmp_path / "out")
-    assert_clean_failure(code, out, f"{shard.name}: tensor {name} has dtype I32", tmp_path / "out")
-    assert _digest(src) == before
-
-
-def _rewrite_without(src: Path, name: str) -> None:
-    """Remove tensor ``name`` from its shard and from the index."""
+def _rewrite_shard(src: Path, name: str, as_int32: bool = False) -> Path:
+    """Remove tensor ``name`` from its shard and the index, or (``as_int32``) store it as int32."""
     from moestream.layouts import SafetensorsReader, SafetensorsWriter
 
     index_path = src / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    shard = src / index["weight_map"].pop(name)
+    shard = src / (index["weight_map"][name] if as_int32 else index["weight_map"].pop(name))
     with SafetensorsReader(shard) as r:
-        tensors = {k: (r.tensors[k].dtype, r.read(k)) for k in r.tensors if k != name}
+        tensors = {k: (r.tensors[k].dtype, r.read(k)) for k in r.tensors if as_int32 or k != name}
+    if as_int32:
+        tensors[name] = ("I32", tensors[name][1].astype("int32"))
     w = SafetensorsWriter(shard)
     for k, (dt, v) in tensors.items():
         w.declare(k, dt, v.shape)
@@ -94,11 +74,21 @@ def _rewrite_without(src: Path, name: str) -> None:
         w.write(k, v)
     w.finish()
     index_path.write_text(json.dumps(index))
+    return shard
+
+
+def test_wrong_dtype(src, tmp_path):
+    name = "model.language_model.layers.0.input_layernorm.weight"
+    shard = _rewrite_shard(src, name, as_int32=True)
+    before = _digest(src)
+    code, out = run("convert", src, "-o", tmp_path / "out")
+    assert_clean_failure(code, out, f"{shard.name}: tensor {name} has dtype I32", tmp_path / "out")
+    assert _digest(src) == before
 
 
 def test_missing_expert(src, tmp_path):
     name = "model.language_model.layers.1.mlp.experts.down_proj"
-    _rewrite_without(src, name)
+    _rewrite_shard(src, name)
     code, out = run("convert", src, "-o", tmp_path / "out")
     assert_clean_failure(code, out, f"missing expert tensor {name} (layer 1)", tmp_path / "out")
 
@@ -116,7 +106,7 @@ def test_index_and_shards_disagree(src, tmp_path):
 
 def test_missing_resident_tensor(src, tmp_path):
     name = "model.language_model.layers.0.linear_attn.A_log"
-    _rewrite_without(src, name)
+    _rewrite_shard(src, name)
     code, out = run("convert", src, "-o", tmp_path / "out")
     assert_clean_failure(code, out, f"missing tensor {name}", tmp_path / "out")
 
