@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32, "uint32": mx.uint32}
 
 
-def build_model(pack: Pack) -> nn.Module:
-    """mlx-lm's model for the pack's config, quantized as the manifest says (weights not loaded)."""
+def build_model(pack: Pack, experts: bool = True) -> nn.Module:
+    """mlx-lm's model for the pack's config, quantized as the manifest says (weights not loaded).
+
+    Args:
+        experts: also quantize ``switch_mlp`` (False when it is about to be replaced by a streamed one).
+    """
     m = pack.manifest
     config = json.loads((pack.root / "config.json").read_text())
     module = importlib.import_module(f"mlx_lm.models.{m.model_type}")
@@ -37,14 +41,14 @@ def build_model(pack: Pack) -> nn.Module:
         if not hasattr(module, "to_quantized"):
             return False
         if ".switch_mlp." in path:
-            return {"bits": q["bits"], "group_size": q["group_size"]} if q["bits"] < 16 else False
+            return {"bits": q["bits"], "group_size": q["group_size"]} if q["bits"] < 16 and experts else False
         t = m.resident_tensors.get(f"{path}.weight")
         if t is None or t.bits >= 16:
             return False
         return {"bits": t.bits, "group_size": t.group_size}
 
     nn.quantize(model, class_predicate=predicate)
-    if q["bits"] < 16 and any(c.group_size != q["group_size"] for x in m.experts for c in x.components):
+    if experts and q["bits"] < 16 and any(c.group_size != q["group_size"] for x in m.experts for c in x.components):
         _fix_expert_groups(model, pack)
     return model
 
@@ -97,20 +101,20 @@ def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.
     weights: list[tuple[str, mx.array]] = []
     for f in pack.manifest.resident_files:
         weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
-    prefix = _switch_prefix(model)
+    prefix = switch_prefix(model)
     for x in pack.manifest.experts:
         for name, arr in expert_weights(pack, x.layer).items():
             weights.append((f"{prefix}.layers.{x.layer}.mlp.switch_mlp.{name}", arr))
     model.load_weights(weights, strict=True)
     if dtype:
         target = MX_DTYPE[dtype]
-        model.update(_cast_floats(model.parameters(), target))
+        model.update(cast_floats(model.parameters(), target))
     mx.eval(model.parameters())
     model.eval()
     return model, pack
 
 
-def _switch_prefix(model: nn.Module) -> str:
+def switch_prefix(model: nn.Module) -> str:
     from mlx.utils import tree_flatten
 
     for k, _ in tree_flatten(model.parameters()):
@@ -119,7 +123,7 @@ def _switch_prefix(model: nn.Module) -> str:
     raise ValueError("model has no layers")
 
 
-def _cast_floats(params, dtype):
+def cast_floats(params, dtype):
     from mlx.utils import tree_map
 
     return tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, params)

@@ -1,0 +1,240 @@
+"""The expert store: routed experts from a pack's layer files into the arrays the kernels read.
+
+Each expert is one ``preadv`` of exactly ``stride`` bytes at its aligned offset, scattered straight
+into per-component *slabs*: MLX arrays shaped ``[slots, ...]`` per component (codes, scales,
+biases), so ``gather_qmm`` computes from the bytes where they landed, with no copy. A read's iovecs
+are the slot's component views plus a sink for padding. Reads of one layer are issued together from a
+thread pool (``os.preadv`` releases the GIL).
+
+Cache policies (``--cache``):
+
+- ``os``: plain reads; the OS page cache keeps what it can (what Flash-MoE found best on macOS).
+- ``none``: after each read the range is dropped from the page cache (``POSIX_FADV_DONTNEED``), so
+  every read goes to the device: cold streaming.
+- ``lru:SIZE``: an in-process cache of SIZE bytes (shared equally by the MoE layers) on top of
+  uncached reads: what a machine with that much RAM for experts would see.
+
+A slab slot is rewritten only after any lazy computation that reads it has been evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from moestream.layouts import ExpertLayer, Pack, PackError
+
+log = logging.getLogger(__name__)
+
+MX_STORAGE = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+NP_STORAGE = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class StoreStats:
+    """I/O counters; ``reads`` is the number of expert reads issued (one per missed expert)."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    hits: int = 0
+    misses: int = 0
+    log: list[tuple[int, int, int]] | None = None  # (layer, offset, length) of every read, when tracing
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def reset(self) -> None:
+        self.reads = self.bytes_read = self.hits = self.misses = 0
+        if self.log is not None:
+            self.log.clear()
+
+
+def parse_cache(spec: str) -> tuple[str, int]:
+    """``os`` | ``none`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix) -> (policy, bytes)."""
+    if spec in ("os", "none"):
+        return spec, 0
+    m = re.fullmatch(r"lru:(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", spec)
+    if not m:
+        raise PackError(f"--cache {spec}: expected os, none or lru:SIZE (e.g. lru:8G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return "lru", int(float(m.group(1)) * mult)
+
+
+class Slab:
+    """``capacity`` expert slots of one block layout, as one MLX array per component."""
+
+    def __init__(self, x: ExpertLayer, capacity: int):
+        self.capacity = capacity
+        self.arrays: dict[str, mx.array] = {}
+        views: dict[str, memoryview] = {}
+        for c in x.components:
+            # Built from numpy so the storage is real (not a broadcast constant) and writable.
+            a = mx.array(np.zeros((capacity, *c.shape), NP_STORAGE[c.dtype]))
+            if c.dtype == "bfloat16":
+                a = a.view(mx.bfloat16)
+            mx.eval(a)
+            self.arrays[c.name] = a
+            views[c.name] = memoryview(a).cast("B")
+        self.sink = bytearray(x.stride)  # padding between and after components
+        sink = memoryview(self.sink)
+        self.iovecs: list[list[memoryview]] = []
+        for s in range(capacity):
+            vecs, pos = [], 0
+            for c in sorted(x.components, key=lambda c: c.offset):
+                if c.offset > pos:
+                    vecs.append(sink[: c.offset - pos])
+                vecs.append(views[c.name][s * c.nbytes:(s + 1) * c.nbytes])
+                pos = c.offset + c.nbytes
+            if x.stride > pos:
+                vecs.append(sink[: x.stride - pos])
+            self.iovecs.append(vecs)
+        self.pending: list[mx.array] = []  # lazy outputs that still read this slab
+
+    def settle(self) -> None:
+        """Evaluate every pending computation that reads this slab, so its slots may be rewritten."""
+        if self.pending:
+            mx.eval(*self.pending)
+            self.pending.clear()
+
+
+@dataclass
+class _LayerCache:
+    slab: Slab
+    slots: OrderedDict = field(default_factory=OrderedDict)  # expert -> slot, in LRU order
+
+
+class ExpertStore:
+    """Reads routed experts of a pack into slabs.
+
+    Args:
+        pack: an opened pack.
+        cache: ``os``, ``none`` or ``lru:SIZE``.
+        threads: reader threads (reads of one layer are in flight together).
+        max_slots: experts held at once per slab in ``os``/``none`` mode (a larger union is processed
+            in groups); default max(2 x top-k, 32), at most the expert count.
+        trace: record (layer, offset, length) of every read in ``stats.log``.
+    """
+
+    def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
+                 trace: bool = False):
+        self.pack = pack
+        self.policy, self.cache_bytes = parse_cache(cache)
+        self.stats = StoreStats(log=[] if trace else None)
+        self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")
+        self._fds = {x.layer: self._open(x) for x in pack.manifest.experts}
+        self._layers = {x.layer: x for x in pack.manifest.experts}
+        self._lock = threading.Lock()
+        m = pack.manifest
+        n = m.num_experts
+        if self.policy == "lru":
+            per_layer = self.cache_bytes // max(1, len(m.experts))
+            self._lru = {x.layer: _LayerCache(Slab(x, max(1, min(n, per_layer // x.stride)))) for x in m.experts}
+            if any(c.slab.capacity < m.top_k for c in self._lru.values()):
+                log.warning("lru cache of %d bytes holds fewer than top-k experts per layer", self.cache_bytes)
+        else:
+            cap = min(n, max_slots or max(2 * m.top_k, 32))
+            # Two slab sets per block layout, alternated between calls (double buffering).
+            self._shared: dict[tuple, list[Slab]] = {}
+            self._turn: dict[tuple, int] = {}
+            for x in m.experts:
+                key = _geometry(x)
+                if key not in self._shared:
+                    self._shared[key] = [Slab(x, cap), Slab(x, cap)]
+                    self._turn[key] = 0
+
+    def _open(self, x: ExpertLayer) -> int:
+        try:
+            return os.open(self.pack.root / x.file, os.O_RDONLY)
+        except OSError as e:
+            raise PackError(f"{x.file} (layer {x.layer}): cannot open ({e.strerror})") from None
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _read(self, layer: int, expert: int, slab: Slab, slot: int) -> None:
+        x = self._layers[layer]
+        off = x.offset + expert * x.stride
+        got = os.preadv(self._fds[layer], slab.iovecs[slot], off)
+        if got != x.stride:
+            raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.stride} bytes)")
+        if self.policy == "none":
+            os.posix_fadvise(self._fds[layer], off, x.stride, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += x.stride
+            if self.stats.log is not None:
+                self.stats.log.append((layer, off, x.stride))
+
+    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab) -> None:
+        for f in [self._pool.submit(self._read, layer, e, slab, s) for e, s in todo]:
+            f.result()  # re-raises a short read or I/O error
+
+    # -- the interface the streamed MoE layer uses -------------------------------------------------
+    def fetch(self, layer: int, experts: np.ndarray) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
+        """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
+
+        Yields one group at a time (more than one only when the experts outnumber a slab's slots):
+        its experts sit in the given slots of its slab. Before asking for the next group the caller
+        appends the lazy outputs that read the slab to ``slab.pending``.
+        """
+        if self.policy == "lru":
+            yield from self._fetch_lru(layer, experts)
+            return
+        x = self._layers[layer]
+        key = _geometry(x)
+        cap = self._shared[key][0].capacity
+        for g0 in range(0, len(experts), cap):
+            part = experts[g0:g0 + cap]
+            t = self._turn[key]
+            self._turn[key] = 1 - t
+            slab = self._shared[key][t]
+            slab.settle()
+            slots = np.arange(len(part))
+            self._read_all(layer, list(zip(part.tolist(), slots.tolist())), slab)
+            self.stats.misses += len(part)
+            yield slab, part, slots
+
+    def _fetch_lru(self, layer: int, experts: np.ndarray):
+        lc = self._lru[layer]
+        cap = lc.slab.capacity
+        for g0 in range(0, len(experts), cap):
+            part = experts[g0:g0 + cap].tolist()
+            want = set(part)
+            todo, slots = [], []
+            free = [s for s in range(cap) if s not in set(lc.slots.values())]
+            for e in part:
+                if e in lc.slots:
+                    lc.slots.move_to_end(e)
+                    self.stats.hits += 1
+                else:
+                    if not free:  # evict the least recently used expert not needed by this group
+                        victim = next(v for v in lc.slots if v not in want)
+                        free.append(lc.slots.pop(victim))
+                    slot = free.pop()
+                    lc.slots[e] = slot
+                    todo.append((e, slot))
+                    self.stats.misses += 1
+                slots.append(lc.slots[e])
+            if todo:
+                lc.slab.settle()
+                self._read_all(layer, todo, lc.slab)
+            yield lc.slab, np.array(part), np.array(slots)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _geometry(x: ExpertLayer) -> tuple:
+    return (x.stride, tuple((c.name, c.offset, c.dtype, tuple(c.shape)) for c in x.components))

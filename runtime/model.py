@@ -1,0 +1,103 @@
+"""Loading a pack for generation: mlx-lm's model with resident weights, streamed experts.
+
+:func:`load` builds the model from the pack's config through mlx-lm, quantizes the resident modules
+as the manifest says, loads the resident safetensors strictly by name, and replaces every MoE
+layer's ``switch_mlp`` with a :class:`~moestream.runtime.streamed.StreamedSwitchGLU` over one shared
+:class:`~moestream.runtime.expert_store.ExpertStore`. On the CPU (Linux) float parameters are cast
+to float32: MLX's CPU kernels are fastest, or only work, in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moestream.layouts import Pack, PackError, open_pack
+
+from .expert_store import ExpertStore
+from .loader import build_model, cast_floats, switch_prefix
+from .streamed import StreamedSwitchGLU
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What :func:`load` returns: the model, its tokenizer, the pack and the expert store."""
+
+    model: nn.Module
+    tokenizer: object
+    pack: Pack
+    store: ExpertStore
+
+    def close(self) -> None:
+        self.store.close()
+        self.pack.close()
+
+
+def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> the layer's sparse MoE block (the module holding ``switch_mlp``)."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "switch_mlp"):
+            out[i] = mlp
+    return out
+
+
+def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
+         threads: int | None = None, tokenizer: bool = True, trace: bool = False) -> Runtime:
+    """Open a pack for streamed execution.
+
+    Args:
+        path: the pack folder.
+        cache: ``os``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.expert_store`).
+        experts_per_token: override the model's top-k.
+        dtype: float dtype of compute; default float32 on the CPU, the pack's own on a GPU.
+        threads: reader threads.
+        tokenizer: also load the tokenizer (mlx-lm's wrapper) from the pack.
+        trace: record every read (for I/O accounting tests).
+
+    Example:
+        >>> rt = load("packs/qwen-4bit", cache="lru:8G")
+        >>> for r in generate(rt, "Hello"): print(r.text, end="")
+    """
+    pack = open_pack(path)
+    try:
+        model = build_model(pack, experts=False)
+        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace)
+        if dtype is None and mx.default_device() == mx.cpu:
+            dtype = "float32"
+        cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
+        blocks = moe_blocks(model)
+        missing = set(blocks) - {x.layer for x in pack.manifest.experts}
+        if missing:
+            raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
+        for i, mlp in blocks.items():
+            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt)
+            if experts_per_token:
+                if not 1 <= experts_per_token <= pack.manifest.num_experts:
+                    raise PackError(f"--experts-per-token {experts_per_token}: must be in "
+                                    f"[1, {pack.manifest.num_experts}]")
+                mlp.top_k = experts_per_token
+        weights = []
+        for f in pack.manifest.resident_files:
+            weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
+        model.load_weights(weights, strict=True)
+        if cdt is not None:
+            model.update(cast_floats(model.parameters(), cdt))
+        mx.eval(model.parameters())
+        model.eval()
+        tok = None
+        if tokenizer and (pack.root / "tokenizer.json").exists() or (pack.root / "tokenizer_config.json").exists():
+            from mlx_lm.utils import load_tokenizer
+
+            tok = load_tokenizer(pack.root) if tokenizer else None
+        return Runtime(model, tok, pack, store)
+    except BaseException:
+        pack.close()
+        raise

@@ -1,0 +1,81 @@
+"""The streamed MoE layer: mlx-lm's ``switch_mlp`` seam, fed from the expert store.
+
+mlx-lm's sparse MoE block computes the router, then calls ``switch_mlp(x, inds)`` and weights the
+result by the router scores. :class:`StreamedSwitchGLU` takes that call: it reads the union of the
+routed experts (one read each, all in flight together), maps expert ids to slab slots, and runs
+mlx-lm's own ``SwitchGLU`` (quantized switch linears, the same kernels as a fully resident model)
+with the slab arrays as its weights. Everything else in the model is mlx-lm's code.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+
+from moestream.layouts import ExpertLayer
+
+from .expert_store import ExpertStore
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class _Hidden:
+    """Holds a module outside MLX's parameter tree (its weights are swapped in per call)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def _switch_glu(x: ExpertLayer) -> SwitchGLU:
+    """An mlx-lm SwitchGLU whose linears match the pack's block layout (weights set per call)."""
+    i, h = x.component("gate_proj.weight").shape[0], x.component("down_proj.weight").shape[0]
+    glu = SwitchGLU(h, i, 1)
+    for p in PROJS:
+        c = x.component(f"{p}.weight")
+        if c.bits < 16:
+            din = c.shape[1] * 32 // c.bits
+            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], 1, bias=False, group_size=c.group_size,
+                                                  bits=c.bits))
+        else:
+            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], 1, bias=False))
+    return glu
+
+
+class StreamedSwitchGLU(nn.Module):
+    """Drop-in for ``mlp.switch_mlp``: ``(x [..., H], inds [..., k]) -> [..., k, H]``."""
+
+    def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None):
+        super().__init__()
+        self._store, self._layer = store, layer
+        x = store.pack.manifest.expert_layer(layer)
+        self._glu = _Hidden(_switch_glu(x))
+        self._quantized = x.component("gate_proj.weight").bits < 16
+        self._dtype = compute_dtype
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        inds = np.array(indices)  # the router's choice: a sync point, as in any streaming design
+        experts = np.unique(inds)
+        glu = self._glu.module
+        out = None
+        for slab, part, slots in self._store.fetch(self._layer, experts):
+            lookup = np.zeros(int(experts.max()) + 1, np.int32)
+            lookup[part] = slots
+            mine = np.isin(inds, part)
+            local = mx.array(np.where(mine, lookup[inds], 0).astype(np.uint32))
+            for p in PROJS:
+                lin = getattr(glu, p)
+                if self._quantized:
+                    lin.weight = slab.arrays[f"{p}.weight"]
+                    lin.scales = slab.arrays[f"{p}.scales"]
+                    lin.biases = slab.arrays[f"{p}.biases"]
+                else:  # unquantized packs: CPU gather_mm takes float32 only
+                    w = slab.arrays[f"{p}.weight"]
+                    lin.weight = w.astype(self._dtype) if self._dtype is not None else w
+            y = glu(x, local)
+            if not mine.all():
+                y = y * mx.array(mine)[..., None].astype(y.dtype)
+            slab.pending.append(y)
+            out = y if out is None else out + y
+        return out
