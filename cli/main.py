@@ -59,7 +59,7 @@ def _human(n: float) -> str:
               help="Expert bits (16: unquantized passthrough).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--method", type=click.Choice(["rtn", "clip"]), default=None,
-              help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search). Default: clip at 2/3 bits.")
+              help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search). Default: rtn at 4 bits, clip otherwise.")
 @click.option("--resident-bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
               help="Bits of non-expert weights (default: as --bits; router always >= 8).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,

@@ -31,14 +31,15 @@ class Options:
 
     bits: int = 4
     group_size: int = 64
-    method: str | None = None  # None: clip at 2 and 3 bits, rtn otherwise
+    method: str | None = None  # None: clip at 2, 3 and 8 bits; rtn (MLX's own bytes, fastest) at 4
     resident_bits: int | None = None  # None: as the experts
     dtype: str | None = None  # float type of scales/biases/unquantized tensors; None: the source's
     alignment: int = 16384
     keep_mtp: bool = False
 
     def resolved_method(self) -> str:
-        return self.method or ("clip" if self.bits in (2, 3) else "rtn")
+        # At 8 bits clip cuts the trained fixture's mean KL from 0.0070 to 0.0043 (all tensors 8-bit).
+        return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
 
 
 @dataclass

@@ -39,6 +39,32 @@ class Runtime:
         self.pack.close()
 
 
+def load_tokenizer(root: Path):
+    """mlx-lm's tokenizer wrapper for the pack, faithful to the pack's ``tokenizer.json``.
+
+    transformers 5 picks the tokenizer class from ``model_type`` (Qwen3_5Tokenizer, which rebuilds
+    the pre-tokenizer from its own regex) even when ``tokenizer_config.json`` names the generic
+    ``PreTrainedTokenizerFast``; for such checkpoints the backend is reset to ``tokenizer.json`` as
+    written, which is what the model was trained with.
+    """
+    import json
+
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    if not (root / "tokenizer.json").exists() and not (root / "tokenizer_config.json").exists():
+        raise PackError(f"{root}: no tokenizer files in the pack")
+    wrapper = mlx_load_tokenizer(root)
+    cfg = root / "tokenizer_config.json"
+    declared = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.exists() else None
+    inner = wrapper._tokenizer
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and type(inner).__name__ != declared \
+            and (root / "tokenizer.json").exists() and hasattr(inner, "_tokenizer"):
+        from tokenizers import Tokenizer
+
+        inner._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    return wrapper
+
+
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """Layer index -> the layer's sparse MoE block (the module holding ``switch_mlp``)."""
     out = {}
@@ -92,11 +118,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             model.update(cast_floats(model.parameters(), cdt))
         mx.eval(model.parameters())
         model.eval()
-        tok = None
-        if tokenizer and (pack.root / "tokenizer.json").exists() or (pack.root / "tokenizer_config.json").exists():
-            from mlx_lm.utils import load_tokenizer
-
-            tok = load_tokenizer(pack.root) if tokenizer else None
+        tok = load_tokenizer(pack.root) if tokenizer else None
         return Runtime(model, tok, pack, store)
     except BaseException:
         pack.close()

@@ -1,0 +1,96 @@
+"""``moestream eval``: perplexity of a pack on a text, and KL against an independent reference.
+
+The text is tokenized with the pack's tokenizer and scored in non-overlapping windows (each window a
+fresh context). With a reference, the same windows run through it and each position gives
+KL(reference || pack) and whether the two agree on the top token. A Hugging Face folder reference
+runs through mlx-lm, unquantized, in float32: never through moestream's own loading code. A pack
+reference runs fully resident (no streaming).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from moestream.layouts import PackError
+
+log = logging.getLogger(__name__)
+
+
+def log_softmax(x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def load_reference(path: str | Path):
+    """A callable ``ids [1, T] -> logits`` for an HF checkpoint folder or a pack."""
+    from mlx.utils import tree_map
+
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        from .loader import load_resident_model
+
+        model, pack = load_resident_model(path, dtype="float32")
+        pack.close()
+        return model
+    if not (path / "config.json").exists():
+        raise PackError(f"{path}: reference is neither a pack nor a Hugging Face checkpoint folder")
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+    return model
+
+
+def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int | None = 2048,
+             window: int = 512) -> dict:
+    """Perplexity (and KL vs ``reference``) of ``rt`` (from :func:`moestream.runtime.load`) on ``text``.
+
+    Returns:
+        a dict: tokens, windows, ppl, and with a reference ref_ppl, kl_mean, kl_median, kl_p99,
+        top1_agreement.
+    """
+    ids = rt.tokenizer.encode(text)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    wins = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+    if not wins:
+        raise PackError("eval: the text has fewer than 2 tokens")
+    ref = load_reference(reference) if reference else None
+    nll, ref_nll, n = 0.0, 0.0, 0
+    kls, agree = [], []
+    for w in wins:
+        x = mx.array(w)[None]
+        target = mx.array(w[1:])[:, None]
+        lp = log_softmax(rt.model(x)[0, :-1])
+        nll -= mx.take_along_axis(lp, target, axis=-1).sum().item()
+        n += len(w) - 1
+        if ref is not None:
+            lr = log_softmax(ref(x)[0, :-1])
+            ref_nll -= mx.take_along_axis(lr, target, axis=-1).sum().item()
+            kls.append(np.array((mx.exp(lr) * (lr - lp)).sum(-1)))
+            agree.append(np.array(lr.argmax(-1) == lp.argmax(-1)))
+    out = {"tokens": n + len(wins), "windows": len(wins), "window": window, "ppl": float(np.exp(nll / n))}
+    if ref is not None:
+        kl = np.concatenate(kls)
+        out.update(reference=str(reference), ref_ppl=float(np.exp(ref_nll / n)), kl_mean=float(kl.mean()),
+                   kl_median=float(np.median(kl)), kl_p99=float(np.percentile(kl, 99)),
+                   top1_agreement=float(np.concatenate(agree).mean()))
+    return out
+
+
+def format_eval(res: dict) -> str:
+    s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']})"
+    if "kl_mean" in res:
+        s += (f"\nreference {res['reference']}: perplexity {res['ref_ppl']:.4f}\n"
+              f"KL(reference || pack): mean {res['kl_mean']:.4f}, median {res['kl_median']:.4f}, "
+              f"p99 {res['kl_p99']:.3f}; top-1 agreement {res['top1_agreement']:.1%}")
+    return s
+
+
+__all__ = ["evaluate", "format_eval", "load_reference", "json"]
