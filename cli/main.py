@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def one_line_errors(fn):
 def cli(verbose: int) -> None:
     """moestream: run Mixture-of-Experts models larger than RAM by streaming experts from SSD."""
     level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "sequence longer than model_max_length"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -188,7 +190,7 @@ def report(packs, as_json, metric, plot):
 @one_line_errors
 def demo(workdir):
     """Build a tiny Qwen3.5-MoE checkpoint, convert it at 4 and 2 bits, verify, compare with the source."""
-    from moestream.demo import run_demo
+    from moestream.demo import demo_generate, run_demo
     from moestream.quant.report import format_comparison, label, load_report
 
     click.echo(f"demo: building a tiny random Qwen3.5-MoE checkpoint in {workdir}/checkpoint ...")
@@ -200,9 +202,153 @@ def demo(workdir):
     reps = [(f"{Path(p['pack']).name}", load_report(p["pack"])) for p in res["packs"]]
     click.echo("")
     click.echo(format_comparison(reps))
+    click.echo("  (a random model's logits are nearly flat, so its top-1 flips easily; KL is the figure to read)")
     click.echo("")
-    click.echo(f"next: moestream inspect {res['packs'][0]['pack']}   |   moestream report "
+    pack4 = res["packs"][0]["pack"]
+    click.echo(f"streamed generation from {pack4} (every routed expert read from disk, --cache none):")
+    text, st = demo_generate(pack4)
+    click.echo(f"  output (random weights, so random text): {text[:120]!r}")
+    _print_stats(st)
+    click.echo("")
+    click.echo(f"next: moestream inspect {pack4}   |   moestream generate {pack4} -p 'Hi' --stats   |   moestream report "
                + " ".join(p["pack"] for p in res["packs"]) + " --plot error.png")
+
+
+def _runtime_options(fn):
+    for opt in reversed([
+        click.option("--experts-per-token", "-k", "experts_per_token", type=int, default=None,
+                     help="Override the model's top-k (fewer experts read per token)."),
+        click.option("--cache", default="os", show_default=True, help="os | none | lru:SIZE (e.g. lru:8G)."),
+        click.option("--threads", type=int, default=None, help="Reader threads."),
+        click.option("--no-verify", is_flag=True, help="Skip the per-read checksum of expert blocks."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _print_stats(s) -> None:
+    click.echo(f"prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s; time to first token {s.ttft_s:.2f} s",
+               err=True)
+    click.echo(f"decode: {s.generation_tokens} tokens, {s.generation_tps:.2f} tok/s; "
+               f"{_human(s.bytes_per_token)} of experts read per token ({_human(s.decode_bytes)} in all, "
+               f"prefill {_human(s.prefill_bytes)}); cache hit rate {s.hit_rate:.1%}; peak RSS "
+               f"{_human(s.peak_rss_bytes)}", err=True)
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The user message (or raw text with --raw).")
+@click.option("-m", "--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=0.0)
+@click.option("--top-k", type=int, default=0)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--no-think", is_flag=True, help="Turn Qwen3.5's thinking off.")
+@click.option("--raw", is_flag=True, help="No chat template: continue the prompt text.")
+@click.option("--stats", is_flag=True, help="Print speed, bytes read per token, cache hit rate, peak RSS.")
+@_runtime_options
+@one_line_errors
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, experts_per_token,
+             cache, threads, no_verify):
+    """Generate from PACK, streaming routed experts from disk."""
+    from moestream.runtime import generate as run
+    from moestream.runtime import load
+
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    try:
+        for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
+                         stop=tuple(stop), raw=raw, think=not no_think):
+            click.echo(chunk.text, nl=False)
+        click.echo("")
+        if stats:
+            _print_stats(chunk.stats)
+    finally:
+        rt.close()
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("-m", "--max-tokens", type=int, default=1024, show_default=True)
+@click.option("--temp", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.8, show_default=True)
+@click.option("--no-think", is_flag=True, help="Turn thinking off.")
+@click.option("--hide-think", is_flag=True, help="Do not show the thinking, only the answer.")
+@_runtime_options
+@one_line_errors
+def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify):
+    """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
+    from moestream.runtime import generate as run
+    from moestream.runtime import load
+
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    history: list[dict] = []
+    try:
+        while True:
+            try:
+                line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
+            except (EOFError, click.exceptions.Abort):
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/clear":
+                history.clear()
+                click.echo("(conversation cleared)")
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            answer, thinking = [], False
+            for chunk in run(rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                             think=not no_think):
+                text = chunk.text
+                answer.append(text)
+                thinking = _echo_thinking(text, thinking, hide_think)
+            click.echo("")
+            reply = "".join(answer)
+            history.append({"role": "assistant", "content": reply.split("</think>")[-1].strip()})
+    finally:
+        rt.close()
+
+
+def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
+    """Print ``text``, dimming (or hiding) what lies between <think> and </think>."""
+    while text:
+        tag = "</think>" if thinking else "<think>"
+        i = text.find(tag)
+        part, rest = (text, "") if i < 0 else (text[:i], text[i + len(tag):])
+        if part and not (thinking and hide):
+            click.echo(click.style(part, dim=True) if thinking else part, nl=False)
+        if i < 0:
+            break
+        thinking, text = not thinking, rest
+    return thinking
+
+
+@cli.command(name="eval")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Hugging Face folder (run by mlx-lm in float32) or pack (fully resident).")
+@click.option("--reference-backend", type=click.Choice(["mlx", "transformers"]), default="mlx", show_default=True,
+              help="What runs an HF folder reference (both unquantized, float32).")
+@click.option("--max-tokens", type=int, default=2048, show_default=True)
+@click.option("--window", type=int, default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_runtime_options
+@one_line_errors
+def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, experts_per_token, cache, threads, no_verify):
+    """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
+    from moestream.runtime import evaluate, load
+    from moestream.runtime.evaluate import format_eval
+
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    try:
+        res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
+                       reference_backend=reference_backend)
+    finally:
+        rt.close()
+    click.echo(json.dumps(res, indent=1) if as_json else format_eval(res))
 
 
 def main() -> None:

@@ -81,8 +81,44 @@ def _values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(INIT_STD)
 
 
+# The Qwen chat specials at ids 0-8 (as in the trained fixture), then the 256 byte-level symbols.
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
+             "</tool_call>", "<tool_response>", "</tool_response>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+
+def write_byte_tokenizer(folder: str | Path) -> None:
+    """A minimal byte-level tokenizer (265 ids, no merges) with a ChatML template, via ``tokenizers``.
+
+    Writes tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({sym: len(SPECIALS) + i for i, sym in enumerate(byte_symbols)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "add_bos_token": False, "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE}, indent=1))
+    (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}, indent=1))
+
+
 def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: int = 0,
-                          max_shard_bytes: int = 1 << 30) -> Path:
+                          max_shard_bytes: int = 1 << 30, tokenizer: bool = True) -> Path:
     """Write a random checkpoint in the hub's BF16 layout (sharded, with an index).
 
     Args:
@@ -90,6 +126,7 @@ def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: 
         config: hub-style config dict (default :func:`tiny_config`).
         seed: random seed.
         max_shard_bytes: start a new shard past this size.
+        tokenizer: also write a byte-level tokenizer and chat template (needs vocab_size >= 265).
 
     Returns:
         the folder.
@@ -128,5 +165,7 @@ def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: 
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (folder / "config.json").write_text(json.dumps(config, indent=1))
+    if tokenizer and config.get("text_config", config)["vocab_size"] >= len(SPECIALS) + 256:
+        write_byte_tokenizer(folder)
     log.info("wrote %s: %d tensors, %.1f MB", folder, len(shapes), total / 1e6)
     return folder

@@ -26,11 +26,17 @@ def log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def load_reference(path: str | Path):
-    """A callable ``ids [1, T] -> logits`` for an HF checkpoint folder or a pack."""
+def load_reference(path: str | Path, backend: str = "mlx"):
+    """A callable ``ids [1, T] -> logits`` for an HF checkpoint folder or a pack.
+
+    Args:
+        backend: for an HF folder, ``mlx`` (mlx-lm, float32) or ``transformers`` (torch, float32).
+    """
     from mlx.utils import tree_map
 
     path = Path(path)
+    if backend == "transformers" and not (path / "manifest.json").exists():
+        return _transformers_reference(path)
     if (path / "manifest.json").exists():
         from .loader import load_resident_model
 
@@ -47,8 +53,21 @@ def load_reference(path: str | Path):
     return model
 
 
+def _transformers_reference(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(x: mx.array) -> mx.array:
+        with torch.no_grad():
+            return mx.array(model(torch.from_numpy(np.array(x))).logits.float().numpy())
+
+    return run
+
+
 def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int | None = 2048,
-             window: int = 512) -> dict:
+             window: int = 512, reference_backend: str = "mlx") -> dict:
     """Perplexity (and KL vs ``reference``) of ``rt`` (from :func:`moestream.runtime.load`) on ``text``.
 
     Returns:
@@ -61,7 +80,7 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
     wins = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
     if not wins:
         raise PackError("eval: the text has fewer than 2 tokens")
-    ref = load_reference(reference) if reference else None
+    ref = load_reference(reference, reference_backend) if reference else None
     nll, ref_nll, n = 0.0, 0.0, 0
     kls, agree = [], []
     for w in wins:

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
+import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
 
@@ -86,18 +87,19 @@ class Slab:
             mx.eval(a)
             self.arrays[c.name] = a
             views[c.name] = memoryview(a).cast("B")
-        self.sink = bytearray(x.stride)  # padding between and after components
-        sink = memoryview(self.sink)
+        # Padding between and after components lands in a per-slot sink (it is part of the checksum).
+        self.sinks = [bytearray(x.stride - sum(c.nbytes for c in x.components)) for _ in range(capacity)]
         self.iovecs: list[list[memoryview]] = []
         for s in range(capacity):
-            vecs, pos = [], 0
+            vecs, pos, sink, used = [], 0, memoryview(self.sinks[s]), 0
             for c in sorted(x.components, key=lambda c: c.offset):
                 if c.offset > pos:
-                    vecs.append(sink[: c.offset - pos])
+                    vecs.append(sink[used:used + c.offset - pos])
+                    used += c.offset - pos
                 vecs.append(views[c.name][s * c.nbytes:(s + 1) * c.nbytes])
                 pos = c.offset + c.nbytes
             if x.stride > pos:
-                vecs.append(sink[: x.stride - pos])
+                vecs.append(sink[used:used + x.stride - pos])
             self.iovecs.append(vecs)
         self.pending: list[mx.array] = []  # lazy outputs that still read this slab
 
@@ -124,12 +126,15 @@ class ExpertStore:
         max_slots: experts held at once per slab in ``os``/``none`` mode (a larger union is processed
             in groups); default max(2 x top-k, 32), at most the expert count.
         trace: record (layer, offset, length) of every read in ``stats.log``.
+        verify: check every read block against its manifest checksum (xxh3 runs at ~17 GB/s here,
+            an order of magnitude above the disk), so a corrupt pack fails instead of computing garbage.
     """
 
     def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
-                 trace: bool = False):
+                 trace: bool = False, verify: bool = True):
         self.pack = pack
         self.policy, self.cache_bytes = parse_cache(cache)
+        self.verify = verify
         self.stats = StoreStats(log=[] if trace else None)
         self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")
         self._fds = {x.layer: self._open(x) for x in pack.manifest.experts}
@@ -166,6 +171,13 @@ class ExpertStore:
         got = os.preadv(self._fds[layer], slab.iovecs[slot], off)
         if got != x.stride:
             raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.stride} bytes)")
+        if self.verify:
+            h = xxhash.xxh3_64()
+            for v in slab.iovecs[slot]:
+                h.update(v)
+            if h.hexdigest() != x.checksums[expert]:
+                raise PackError(f"{x.file}: layer {layer} expert {expert}: checksum mismatch (corrupt block; "
+                                f"run moestream verify)")
         if self.policy == "none":
             os.posix_fadvise(self._fds[layer], off, x.stride, os.POSIX_FADV_DONTNEED)
         with self._lock:

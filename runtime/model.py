@@ -76,7 +76,7 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
-         threads: int | None = None, tokenizer: bool = True, trace: bool = False) -> Runtime:
+         threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -87,6 +87,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         threads: reader threads.
         tokenizer: also load the tokenizer (mlx-lm's wrapper) from the pack.
         trace: record every read (for I/O accounting tests).
+        verify: check each block read against its manifest checksum.
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
@@ -95,7 +96,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
     pack = open_pack(path)
     try:
         model = build_model(pack, experts=False)
-        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace)
+        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify)
         if dtype is None and mx.default_device() == mx.cpu:
             dtype = "float32"
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None

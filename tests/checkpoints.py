@@ -56,6 +56,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moestream.convert.tiny import write_byte_tokenizer
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TRAINED_TINY = SHARED_FIXTURES / "trained-tiny-qwen3_5-moe"
 
@@ -578,16 +580,6 @@ def save_hub_fp8(tmp, seed: int = 0, shards: int = 2, mtp: bool = True, scale_dt
 # tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
-             "</tool_call>", "<tool_response>", "</tool_response>"]
-_MINIMAL_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
 def add_tokenizer(folder) -> None:
     """Give a checkpoint folder a tokenizer: tokenizer.json, tokenizer_config.json,
     chat_template.jinja, generation_config.json.
@@ -610,34 +602,11 @@ def add_tokenizer(folder) -> None:
         for name in _TOKENIZER_FILES:
             shutil.copyfile(TRAINED_TINY / name, folder / name)
     else:
-        _write_minimal_tokenizer(folder)
+        write_byte_tokenizer(folder)
     n = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
     if n > vocab_size:
         raise ValueError(f"tokenizer has {n} ids but the model's vocab_size is {vocab_size}: "
                          f"build with vocab_size={TOKENIZER_VOCAB_SIZE}")
-
-
-def _write_minimal_tokenizer(folder: Path) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_symbols = sorted(alphabet, key=lambda c: ord(c))
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
-    vocab.update({sym: len(_SPECIALS) + i for i, sym in enumerate(byte_symbols)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
-    tok.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "bos_token": None, "add_bos_token": False,
-        "model_max_length": 4096, "clean_up_tokenization_spaces": False,
-        "chat_template": _MINIMAL_CHAT_TEMPLATE,
-    })
-    (folder / "chat_template.jinja").write_text(_MINIMAL_CHAT_TEMPLATE)
-    _write_json(folder / "generation_config.json",
-                {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""The streaming runtime: identical to fully resident execution, exact I/O accounting, cache
+policies, K override, errors on damaged packs, and quality against independent references."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moestream.convert import convert
+from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+from moestream.layouts import Manifest, PackError
+from moestream.main import cli
+from moestream.runtime import evaluate, generate, load
+from moestream.runtime.loader import load_resident_model
+
+CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                     num_hidden_layers=4, vocab_size=512, shared_expert_intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("rt")
+    src = write_tiny_checkpoint(d / "src", CONFIG, seed=3)
+    convert(str(src), d / "p4", bits=4, alignment=4096)
+    return d / "p4"
+
+
+def _tokens(n=24, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 512, (1, n)))
+
+
+@pytest.mark.parametrize("cache", ["os", "none", "lru:40K", "lru:64M"])
+def test_streamed_logits_equal_resident(pack, cache):
+    ref, p = load_resident_model(pack, dtype="float32")
+    p.close()
+    x = _tokens()
+    want = np.array(ref(x))
+    rt = load(pack, cache=cache)
+    try:
+        got = np.array(rt.model(x))
+        assert np.array_equal(got, want)
+        if cache.startswith("lru:64M"):  # a second pass hits the cache and still agrees
+            before = rt.store.stats.misses
+            assert np.array_equal(np.array(rt.model(x)), want)
+            assert rt.store.stats.misses == before and rt.store.stats.hits > 0
+    finally:
+        rt.close()
+
+
+def test_io_accounting_decode_and_prefill(pack):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    m = Manifest.load(pack)
+    rt = load(pack, cache="none", trace=True)
+    try:
+        cache = make_prompt_cache(rt.model)
+        x = _tokens(40)
+        mx.eval(rt.model(x, cache=cache))  # prefill: one chunk
+        log = rt.store.stats.log
+        for layer in {x_.layer for x_ in m.experts}:
+            offs = [o for (l, o, n) in log if l == layer]
+            assert len(offs) == len(set(offs)) <= m.num_experts  # each distinct expert at most once
+        rt.store.stats.reset()
+        mx.eval(rt.model(mx.array([[7]]), cache=cache))  # one decoded token
+        log = rt.store.stats.log
+        for x_ in m.experts:
+            reads = [(o, n) for (l, o, n) in log if l == x_.layer]
+            assert len(reads) == m.top_k  # exactly K reads of exactly stride bytes
+            assert all(n == x_.stride and o % m.alignment == 0 and n % m.alignment == 0 for o, n in reads)
+        assert rt.store.stats.bytes_read == m.top_k * sum(x_.stride for x_ in m.experts)
+    finally:
+        rt.close()
+
+
+def test_experts_per_token_override(pack):
+    m = Manifest.load(pack)
+    rt = load(pack, cache="none", experts_per_token=2, trace=True)
+    try:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(rt.model)
+        mx.eval(rt.model(_tokens(5), cache=cache))
+        rt.store.stats.reset()
+        mx.eval(rt.model(mx.array([[3]]), cache=cache))
+        assert rt.store.stats.reads == 2 * len(m.experts)
+    finally:
+        rt.close()
+    with pytest.raises(PackError, match="experts-per-token 99"):
+        load(pack, experts_per_token=99)
+
+
+def test_same_greedy_tokens_across_cache_policies(pack):
+    outs = []
+    for cache in ("os", "none", "lru:40K", "lru:1G"):
+        rt = load(pack, cache=cache)
+        try:
+            chunks = list(generate(rt, "hello", max_tokens=12, raw=True))
+        finally:
+            rt.close()
+        outs.append([c.token for c in chunks if c.token is not None] or ["".join(c.text for c in chunks)])
+    assert all(o == outs[0] for o in outs[1:]) and len(outs[0]) >= 1
+
+
+def test_stop_strings_and_stats(pack):
+    rt = load(pack, cache="none")
+    try:
+        full = "".join(c.text for c in generate(rt, "abc", max_tokens=20, raw=True))
+        assert len(full) > 4
+        stop = full[2:4]
+        chunks = list(generate(rt, "abc", max_tokens=20, raw=True, stop=(stop,)))
+        text = "".join(c.text for c in chunks)
+        assert stop not in text and full.startswith(text) and chunks[-1].stats.finish_reason == "stop"
+        s = chunks[-1].stats
+        assert s.prompt_tokens == 3 and s.generation_tokens >= 1 and s.peak_rss_bytes > 0 and s.ttft_s > 0
+    finally:
+        rt.close()
+
+
+def _damaged(pack: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    p = tmp_path / how
+    shutil.copytree(pack, p)
+    x = Manifest.load(p).experts[1]
+    f = p / x.file
+    if how == "missing":
+        f.unlink()
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: x.offset + 3 * x.stride + 100])
+    else:
+        data = bytearray(f.read_bytes())
+        for e in range(x.num_experts):
+            data[x.expert_offset(e) + 50] ^= 0xFF
+        f.write_bytes(bytes(data))
+    return p
+
+
+@pytest.mark.parametrize("how,msg", [("missing", "layer-001.bin (layer 1): missing expert file"),
+                                     ("truncated", "layer-001.bin (layer 1): "),
+                                     ("corrupt", "layer-001.bin: layer 1 expert")])
+def test_damaged_pack_fails_with_one_line(pack, tmp_path, how, msg):
+    p = _damaged(pack, tmp_path, how)
+    r = CliRunner().invoke(cli, ["generate", str(p), "-p", "hi", "-m", "4", "--raw"])
+    assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_expert_files_are_never_mapped(pack):
+    rt = load(pack, cache="os")
+    try:
+        list(generate(rt, "x", max_tokens=4, raw=True))
+        maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+        assert "layer-00" not in maps
+    finally:
+        rt.close()
+
+
+def test_ctrl_c_exits_cleanly(pack):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moestream", "generate", str(pack), "-p", "go", "--raw",
+                             "-m", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1.0)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert b"Traceback" not in err and b"interrupted" in err
+
+
+def test_eval_reports_ppl_and_kl_against_a_pack(pack, tmp_path):
+    rt = load(pack, cache="none")
+    try:
+        text = "def f(x):\n    return x + 1\n" * 20
+        res = evaluate(rt, text, reference=pack, window=64, max_tokens=200)
+    finally:
+        rt.close()
+    assert res["kl_mean"] < 1e-6 and res["top1_agreement"] == 1.0  # the same pack, resident vs streamed
+    assert abs(res["ppl"] - res["ref_ppl"]) < 1e-3 * res["ppl"]
+
+
+def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
+    """8-bit pack: mean KL <= 0.005 and top-1 >= 98% vs transformers float32; 4-bit near the README's."""
+    pytest.importorskip("transformers")
+    text = (trained_tiny / "eval.txt").read_text()
+    res = {}
+    for bits in (8, 4):
+        convert(str(trained_tiny), tmp_path / f"p{bits}", bits=bits)
+        rt = load(tmp_path / f"p{bits}", cache="os")
+        try:
+            res[bits] = evaluate(rt, text, reference=trained_tiny, max_tokens=2048, window=512,
+                                 reference_backend="transformers")
+        finally:
+            rt.close()
+    assert res[8]["kl_mean"] <= 0.005 and res[8]["top1_agreement"] >= 0.98, res
+    assert 0.1 < res[4]["kl_mean"] < 0.3 and abs(res[8]["ref_ppl"] - 6.87) < 0.05, res  # fixture README
+    assert abs(res[8]["ref_ppl"] - res[4]["ref_ppl"]) < 1e-6
+    assert res[4]["kl_mean"] > res[8]["kl_mean"]
+    (tmp_path / "res.json").write_text(json.dumps(res))
