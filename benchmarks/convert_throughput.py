@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -91,18 +90,22 @@ def main() -> None:
     kern = kernel_mparams(args.bits)
     out = args.workdir / "pack"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "moestream", "convert", str(src), "-o", str(out), "--bits", str(args.bits),
-           "--jobs", str(args.jobs)]
+    cli_args = ["convert", str(src), "-o", str(out), "--bits", str(args.bits), "--jobs", str(args.jobs)]
+    # The child reports its own VmHWM: ru_maxrss would include this process's footprint (fork + exec).
+    child = ("import sys\nfrom moestream.main import cli\ntry:\n    cli(sys.argv[1:], standalone_mode=False)\n"
+             "finally:\n    print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')), file=sys.stderr)")
+    cmd = [sys.executable, "-c", child, *cli_args]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    r = subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = int(next(l.split()[1] for l in r.stderr.splitlines() if l.startswith("VmHWM"))) * 1024
     expert_src = 12_582_912 * 2
     bound = (1 << 30) + 4 * args.jobs * expert_src
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     lines = [
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        f"command: {' '.join(cmd[1:])} (bits {args.bits}, {args.jobs} jobs)",
+        f"command: moestream {' '.join(cli_args)}",
         f"source: {params / 1e9:.2f} B params, {src_bytes / 1e9:.2f} GB bf16; largest tensor (fused gate_up_proj) "
         f"{biggest / 1e9:.2f} GB",
         f"convert: {dt:.1f} s wall (incl. start-up) -> {params / dt / 1e6:.0f} M params/s, "

@@ -8,6 +8,7 @@ hit rate, time to first token and peak RSS, next to the token rates.
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -58,7 +59,19 @@ def build_prompt(rt: Runtime, prompt: str | None = None, messages: list[dict] | 
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process in bytes.
+
+    Linux: ``VmHWM`` (ru_maxrss would include the parent's peak, which survives fork + exec);
+    macOS: ``ru_maxrss`` (in bytes there).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
 
 
 def generate(rt: Runtime, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,

@@ -207,3 +207,37 @@ def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
     assert abs(res[8]["ref_ppl"] - res[4]["ref_ppl"]) < 1e-6
     assert res[4]["kl_mean"] > res[8]["kl_mean"]
     (tmp_path / "res.json").write_text(json.dumps(res))
+
+
+def test_chat_turns_clear_and_exit(pack):
+    r = CliRunner().invoke(cli, ["chat", str(pack), "-m", "6", "--temp", "0", "--no-think"],
+                           input="hello\nand again\n/clear\nnew topic\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count(">>") == 5 and "(conversation cleared)" in r.output
+
+
+def test_chat_template_thinking_switch(pack):
+    rt = load(pack)
+    try:
+        from moestream.runtime.generate import build_prompt
+
+        on = rt.tokenizer.decode(build_prompt(rt, "hi", think=True))
+        off = rt.tokenizer.decode(build_prompt(rt, "hi", think=False))
+        raw = build_prompt(rt, "hi", raw=True)
+    finally:
+        rt.close()
+    assert "<|im_start|>user\nhi<|im_end|>" in on and on.rstrip().endswith("assistant")
+    assert len(raw) == 2
+
+
+def test_decode_rss_bound(pack):
+    """Peak RSS of a streamed run stays under resident + reader buffers + 300 MB (interpreter included)."""
+    r = subprocess.run([sys.executable, "-m", "moestream", "generate", str(pack), "-p", "hi", "--raw", "-m", "16",
+                        "--stats", "--cache", "none"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stderr.splitlines() if "peak RSS" in l)
+    val, unit = line.split("peak RSS")[1].split()[:2]
+    peak = float(val) * {"MiB": 2**20, "GiB": 2**30, "KiB": 2**10}[unit]
+    m = Manifest.load(pack)
+    buffers = 2 * max(2 * m.top_k, 32) * m.experts[0].stride
+    assert peak < m.resident_bytes() + buffers + 300 * 2**20, line
