@@ -186,21 +186,29 @@ class ExpertStore:
             if self.stats.log is not None:
                 self.stats.log.append((layer, off, x.stride))
 
-    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab) -> None:
-        for f in [self._pool.submit(self._read, layer, e, slab, s) for e, s in todo]:
+    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab, overlap: list[mx.array]) -> None:
+        futures = [self._pool.submit(self._read, layer, e, slab, s) for e, s in todo]
+        if overlap:  # compute that needs no expert (the shared expert) runs while the reads are in flight
+            mx.eval(*overlap)
+            overlap.clear()
+        for f in futures:
             f.result()  # re-raises a short read or I/O error
 
     # -- the interface the streamed MoE layer uses -------------------------------------------------
-    def fetch(self, layer: int, experts: np.ndarray) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
+    def fetch(self, layer: int, experts: np.ndarray, overlap: list[mx.array] | None = None
+              ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
         """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
+
+        ``overlap``: lazy arrays to evaluate while the first reads are in flight.
 
         Yields one group at a time (more than one only when the experts outnumber a slab's slots):
         its experts sit in the given slots of its slab. Before asking for the next group the caller
         appends the lazy outputs that read the slab to ``slab.pending``.
         """
         if self.policy == "lru":
-            yield from self._fetch_lru(layer, experts)
+            yield from self._fetch_lru(layer, experts, overlap if overlap is not None else [])
             return
+        overlap = overlap if overlap is not None else []
         x = self._layers[layer]
         key = _geometry(x)
         cap = self._shared[key][0].capacity
@@ -211,11 +219,11 @@ class ExpertStore:
             slab = self._shared[key][t]
             slab.settle()
             slots = np.arange(len(part))
-            self._read_all(layer, list(zip(part.tolist(), slots.tolist())), slab)
+            self._read_all(layer, list(zip(part.tolist(), slots.tolist())), slab, overlap)
             self.stats.misses += len(part)
             yield slab, part, slots
 
-    def _fetch_lru(self, layer: int, experts: np.ndarray):
+    def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list[mx.array]):
         lc = self._lru[layer]
         cap = lc.slab.capacity
         for g0 in range(0, len(experts), cap):
@@ -238,7 +246,10 @@ class ExpertStore:
                 slots.append(lc.slots[e])
             if todo:
                 lc.slab.settle()
-                self._read_all(layer, todo, lc.slab)
+                self._read_all(layer, todo, lc.slab, overlap)
+            if overlap:
+                mx.eval(*overlap)
+                overlap.clear()
             yield lc.slab, np.array(part), np.array(slots)
 
     def close(self) -> None:

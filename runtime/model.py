@@ -20,7 +20,7 @@ from moestream.layouts import Pack, PackError, open_pack
 
 from .expert_store import ExpertStore
 from .loader import build_model, cast_floats, switch_prefix
-from .streamed import StreamedSwitchGLU
+from .streamed import EarlySharedExpert, StreamedSwitchGLU
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if missing:
             raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
         for i, mlp in blocks.items():
-            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt)
+            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt)  # shared-expert overlap is set up below
             if experts_per_token:
                 if not 1 <= experts_per_token <= pack.manifest.num_experts:
                     raise PackError(f"--experts-per-token {experts_per_token}: must be in "
@@ -118,6 +118,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if cdt is not None:
             model.update(cast_floats(model.parameters(), cdt))
         mx.eval(model.parameters())
+        for i, mlp in blocks.items():  # after loading: the wrapper renames the shared expert's parameters
+            if isinstance(getattr(mlp, "shared_expert", None), nn.Module):
+                mlp.shared_expert = EarlySharedExpert(mlp.shared_expert)
+                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, shared=mlp.shared_expert)
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
         return Runtime(model, tok, pack, store)

@@ -43,12 +43,42 @@ def _switch_glu(x: ExpertLayer) -> SwitchGLU:
     return glu
 
 
-class StreamedSwitchGLU(nn.Module):
-    """Drop-in for ``mlp.switch_mlp``: ``(x [..., H], inds [..., k]) -> [..., k, H]``."""
+class EarlySharedExpert(nn.Module):
+    """Wraps a block's ``shared_expert`` so its output can be computed while expert reads are in flight.
 
-    def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None):
+    :meth:`start` builds the lazy output for ``x``; mlx-lm's block then calls the module with the same
+    ``x`` and gets that output instead of a second computation.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self._memo = _Hidden(None)
+
+    def start(self, x: mx.array) -> mx.array:
+        y = self.inner(x)
+        self._memo.module = (x, y)
+        return y
+
+    def __call__(self, x: mx.array) -> mx.array:
+        memo, self._memo.module = self._memo.module, None
+        if memo is not None and memo[0] is x:
+            return memo[1]
+        return self.inner(x)
+
+
+class StreamedSwitchGLU(nn.Module):
+    """Drop-in for ``mlp.switch_mlp``: ``(x [..., H], inds [..., k]) -> [..., k, H]``.
+
+    With ``shared`` (the block's :class:`EarlySharedExpert`), the shared expert is evaluated while
+    this layer's routed experts are being read.
+    """
+
+    def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None,
+                 shared: EarlySharedExpert | None = None):
         super().__init__()
         self._store, self._layer = store, layer
+        self._shared = _Hidden(shared)
         x = store.pack.manifest.expert_layer(layer)
         self._glu = _Hidden(_switch_glu(x))
         self._quantized = x.component("gate_proj.weight").bits < 16
@@ -59,7 +89,9 @@ class StreamedSwitchGLU(nn.Module):
         experts = np.unique(inds)
         glu = self._glu.module
         out = None
-        for slab, part, slots in self._store.fetch(self._layer, experts):
+        shared = self._shared.module
+        overlap = [shared.start(x)] if shared is not None else []
+        for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             lookup = np.zeros(int(experts.max()) + 1, np.int32)
             lookup[part] = slots
             mine = np.isin(inds, part)

@@ -241,3 +241,32 @@ def test_decode_rss_bound(pack):
     m = Manifest.load(pack)
     buffers = 2 * max(2 * m.top_k, 32) * m.experts[0].stride
     assert peak < m.resident_bytes() + buffers + 300 * 2**20, line
+
+
+def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
+    import mlx.nn as nn
+
+    from moestream.runtime.model import moe_blocks
+
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self, inner, layer):
+            super().__init__()
+            self.inner, self.layer = inner, layer
+
+        def __call__(self, x):
+            calls.append((self.layer, len(rt.store.stats.log or [])))
+            return self.inner(x)
+
+    rt = load(pack, cache="none", trace=True)
+    try:
+        ref = np.array(rt.model(_tokens(8)))
+        for i, mlp in moe_blocks(rt.model).items():
+            mlp.shared_expert.inner = Counting(mlp.shared_expert.inner, i)
+        rt.store.stats.reset()
+        got = np.array(rt.model(_tokens(8)))
+    finally:
+        rt.close()
+    assert np.array_equal(got, ref)
+    assert sorted(l for l, _ in calls) == sorted(moe_blocks(rt.model))  # once per MoE layer, not twice
