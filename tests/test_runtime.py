@@ -231,7 +231,15 @@ def test_chat_template_thinking_switch(pack):
 
 
 def test_decode_rss_bound(pack):
-    """Peak RSS of a streamed run stays under resident + reader buffers + 300 MB (interpreter included)."""
+    """Peak RSS of a streamed run stays within its libraries' footprint (measured in the same
+    environment) + resident weights + reader buffers + a small margin: no expert file is read whole."""
+    base = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; import moestream.main; "
+         "from moestream.runtime.model import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
+         "from moestream.runtime.generate import peak_rss; print(peak_rss())", str(pack)],
+        capture_output=True, text=True, timeout=300)
+    assert base.returncode == 0, base.stderr
+    libraries = int(base.stdout.split()[-1])
     r = subprocess.run([sys.executable, "-m", "moestream", "generate", str(pack), "-p", "hi", "--raw", "-m", "16",
                         "--stats", "--cache", "none"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -240,7 +248,7 @@ def test_decode_rss_bound(pack):
     peak = float(val) * {"MiB": 2**20, "GiB": 2**30, "KiB": 2**10}[unit]
     m = Manifest.load(pack)
     buffers = 2 * max(2 * m.top_k, 32) * m.experts[0].stride
-    assert peak < m.resident_bytes() + buffers + 300 * 2**20, line
+    assert peak - libraries < m.resident_bytes() + buffers + 64 * 2**20, (line, libraries)
 
 
 def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
