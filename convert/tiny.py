@@ -41,7 +41,8 @@ def tiny_config(**text_overrides) -> dict:
     tc = {**TINY_TEXT_CONFIG, **text_overrides}
     n = tc["num_hidden_layers"]
     if "layer_types" not in text_overrides:
-        k = tc["full_attention_interval"]
+        # mlx-lm needs at least one full-attention layer: shorten the interval for very small models.
+        k = tc["full_attention_interval"] = min(tc["full_attention_interval"], n)
         tc["layer_types"] = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
     return {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
             "text_config": tc, "tie_word_embeddings": tc["tie_word_embeddings"]}

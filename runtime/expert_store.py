@@ -78,6 +78,7 @@ class Slab:
     def __init__(self, x: ExpertLayer, capacity: int):
         self.capacity = capacity
         self.arrays: dict[str, mx.array] = {}
+        self.numpy: dict[str, np.ndarray] = {}  # the same memory, for the CPU kernels
         views: dict[str, memoryview] = {}
         for c in x.components:
             # Built from numpy so the storage is real (not a broadcast constant) and writable.
@@ -87,6 +88,7 @@ class Slab:
             mx.eval(a)
             self.arrays[c.name] = a
             views[c.name] = memoryview(a).cast("B")
+            self.numpy[c.name] = np.frombuffer(views[c.name], NP_STORAGE[c.dtype]).reshape(capacity, *c.shape)
         # Padding between and after components lands in a per-slot sink (it is part of the checksum).
         self.sinks = [bytearray(x.stride - sum(c.nbytes for c in x.components)) for _ in range(capacity)]
         self.iovecs: list[list[memoryview]] = []

@@ -20,7 +20,7 @@ from moestream.layouts import Pack, PackError, open_pack
 
 from .expert_store import ExpertStore
 from .loader import build_model, cast_floats, switch_prefix
-from .streamed import EarlySharedExpert, StreamedSwitchGLU
+from .streamed import EarlySharedExpert, StreamedSwitchGLU, use_cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
-         threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True) -> Runtime:
+         threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
+         cpu_kernels: bool | None = None) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -88,6 +89,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         tokenizer: also load the tokenizer (mlx-lm's wrapper) from the pack.
         trace: record every read (for I/O accounting tests).
         verify: check each block read against its manifest checksum.
+        cpu_kernels: compute quantized linears and experts with moestream's numba kernels (default: when
+            MLX runs on the CPU; MLX's own CPU quantized matmul is several times slower).
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
@@ -97,8 +100,12 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
     try:
         model = build_model(pack, experts=False)
         store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify)
-        if dtype is None and mx.default_device() == mx.cpu:
+        on_cpu = mx.default_device() == mx.cpu
+        if dtype is None and on_cpu:
             dtype = "float32"
+        if cpu_kernels is None:
+            cpu_kernels = on_cpu
+        cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
         blocks = moe_blocks(model)
         missing = set(blocks) - {x.layer for x in pack.manifest.experts}
@@ -121,7 +128,11 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         for i, mlp in blocks.items():  # after loading: the wrapper renames the shared expert's parameters
             if isinstance(getattr(mlp, "shared_expert", None), nn.Module):
                 mlp.shared_expert = EarlySharedExpert(mlp.shared_expert)
-                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, shared=mlp.shared_expert)
+                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, shared=mlp.shared_expert, cpu_kernels=cpu_kernels)
+            elif cpu_kernels:
+                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=True)
+        if cpu_kernels:
+            use_cpu_kernels(model)
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
         return Runtime(model, tok, pack, store)

@@ -75,10 +75,11 @@ class StreamedSwitchGLU(nn.Module):
     """
 
     def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None,
-                 shared: EarlySharedExpert | None = None):
+                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False):
         super().__init__()
         self._store, self._layer = store, layer
         self._shared = _Hidden(shared)
+        self._cpu = cpu_kernels
         x = store.pack.manifest.expert_layer(layer)
         self._glu = _Hidden(_switch_glu(x))
         self._quantized = x.component("gate_proj.weight").bits < 16
@@ -91,6 +92,8 @@ class StreamedSwitchGLU(nn.Module):
         out = None
         shared = self._shared.module
         overlap = [shared.start(x)] if shared is not None else []
+        if self._cpu:
+            return self._cpu_call(x, inds, experts, overlap)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             lookup = np.zeros(int(experts.max()) + 1, np.int32)
             lookup[part] = slots
@@ -111,3 +114,70 @@ class StreamedSwitchGLU(nn.Module):
             slab.pending.append(y)
             out = y if out is None else out + y
         return out
+
+    def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
+        """The same computation with the numba kernels, reading the slabs through numpy views."""
+        from .cpu_kernels import as_f32, qmm, silu_mul
+
+        glu = self._glu.module
+        h = x.shape[-1]
+        xs = np.array(x.astype(mx.float32)).reshape(-1, h)
+        flat = inds.reshape(xs.shape[0], -1)
+        out = np.zeros((*flat.shape, h), np.float32)
+        for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+            a = slab.numpy
+            for e, slot in zip(part.tolist(), slots.tolist()):
+                t, j = np.nonzero(flat == e)
+                xe = xs[t]
+                y = []
+                for p in PROJS:
+                    lin = getattr(glu, p)
+                    y.append((a[f"{p}.weight"][slot], as_f32(a[f"{p}.scales"][slot]), as_f32(a[f"{p}.biases"][slot]),
+                              lin.bits, lin.group_size))
+                gate = qmm(xe, *y[0])
+                up = qmm(xe, *y[1])
+                out[t, j] = qmm(silu_mul(gate, up), *y[2])
+        return mx.array(out.reshape(*inds.shape, h))
+
+
+class CpuQuantizedLinear(nn.Module):
+    """A quantized linear computed by the numba kernel (same weights, same result up to rounding)."""
+
+    def __init__(self, lin: nn.QuantizedLinear):
+        super().__init__()
+        from .cpu_kernels import as_f32
+
+        self.inner = lin  # keeps the parameters in the tree
+        w = lin["weight"]
+        self._w = _Hidden(np.asarray(memoryview(w)).view(np.uint32).reshape(w.shape))
+        self._s = _Hidden(as_f32(_np_float(lin["scales"])))
+        self._b = _Hidden(as_f32(_np_float(lin["biases"])))
+        self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        from .cpu_kernels import qmm
+
+        lin = self.inner
+        shape = x.shape
+        xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
+        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size)
+        if self._bias.module is not None:
+            y += self._bias.module
+        return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
+
+
+def _np_float(a: mx.array) -> np.ndarray:
+    """Scales/biases as numpy: bf16 as raw uint16 bits (numpy has no bf16)."""
+    return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Swap every affine quantized linear (2/3/4/8 bits) for :class:`CpuQuantizedLinear`. Returns the count."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        for key, child in list(m.children().items()):
+            if isinstance(child, nn.QuantizedLinear) and getattr(child, "mode", "affine") == "affine" \
+                    and child.bits in (2, 3, 4, 8):
+                setattr(m, key, CpuQuantizedLinear(child))
+                n += 1
+    return n

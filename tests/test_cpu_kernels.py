@@ -1,0 +1,74 @@
+"""The numba CPU kernels against MLX's own dequantize followed by a float64 matmul, on fresh random
+inputs; and the runtime with the kernels on against the fully resident MLX model."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moestream.runtime.cpu_kernels import as_f32, qmm, silu_mul
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_qmm_matches_mlx_dequantize(bits, group, tokens):
+    rng = np.random.default_rng(bits * 1000 + group * 10 + tokens)
+    n, k = int(rng.integers(8, 80)), 256 + 128 * int(rng.integers(0, 3))
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 2)
+    wq, s, b = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=group, bits=bits)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    # Reference: MLX's dequantize with the stored scales widened to float32, then float64 matmul.
+    deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits))
+    want = x.astype(np.float64) @ deq.astype(np.float64).T
+    got = qmm(x, np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16))), bits, group)
+    assert got.shape == (tokens, n)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_scales_in_float32_and_float16():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    for dt in (mx.float32, mx.float16):
+        wq, s, b = mx.quantize(mx.array(w).astype(dt), group_size=64, bits=4)
+        deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4))
+        got = qmm(x, np.array(wq), as_f32(np.array(s)), as_f32(np.array(b)), 4, 64)
+        np.testing.assert_allclose(got, x.astype(np.float64) @ deq.T.astype(np.float64), atol=1e-4)
+
+
+def test_silu_mul():
+    rng = np.random.default_rng(1)
+    g, u = rng.standard_normal((3, 50)).astype(np.float32), rng.standard_normal((3, 50)).astype(np.float32)
+    want = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u
+    np.testing.assert_allclose(silu_mul(g.copy(), u), want, rtol=1e-5, atol=1e-6)
+
+
+def test_runtime_with_cpu_kernels_matches_resident(tmp_path):
+    from moestream.convert import convert
+    from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+    from moestream.runtime import generate, load
+    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime.streamed import CpuQuantizedLinear
+
+    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
+                                                              num_hidden_layers=2, vocab_size=512,
+                                                              shared_expert_intermediate_size=64))
+    for bits in (4, 2):
+        convert(str(src), tmp_path / f"p{bits}", bits=bits)
+        ref, p = load_resident_model(tmp_path / f"p{bits}", dtype="float32")
+        p.close()
+        x = mx.array(np.random.default_rng(2).integers(0, 512, (1, 20)))
+        want = np.array(ref(x))
+        rt = load(tmp_path / f"p{bits}", cpu_kernels=True)
+        try:
+            assert any(isinstance(m, CpuQuantizedLinear) for _, m in rt.model.named_modules())
+            got = np.array(rt.model(x))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+            toks = [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
+        finally:
+            rt.close()
+        rt = load(tmp_path / f"p{bits}", cpu_kernels=False)
+        try:
+            assert toks == [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
+        finally:
+            rt.close()
