@@ -35,7 +35,7 @@ def make_source(folder: Path, experts: int, layers: int) -> Path:
         return folder
     cfg = tiny_config(hidden_size=4096, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
                       num_experts=experts, num_experts_per_tok=10, num_hidden_layers=layers,
-                      layer_types=["linear_attention"] * (layers - 1) + ["full_attention"], num_attention_heads=32, num_key_value_heads=2,
+                      full_attention_interval=layers, num_attention_heads=32, num_key_value_heads=2,
                       head_dim=256, linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128,
                       linear_value_head_dim=128, vocab_size=8192)
     t = time.perf_counter()
