@@ -185,6 +185,30 @@ def report(packs, as_json, metric, plot):
 
 
 @cli.command()
+@click.option("--like", required=True, help="config.json path or known model name (e.g. qwen3.5-397b-a17b).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--layers", type=int, default=4, show_default=True, help="How many of the model's layers to write.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--resident-bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--alignment", type=int, default=16384, show_default=True)
+@click.option("-j", "--jobs", type=int, default=None)
+@click.option("--force", is_flag=True, help="Replace an existing pack at OUTPUT.")
+@one_line_errors
+def synth(like, output, layers, bits, group_size, resident_bits, seed, alignment, jobs, force):
+    """Write a pack with a real model's shapes and random contents (no download needed)."""
+    from moestream.convert.synth import synth as run
+
+    m = run(like, output, layers=layers, bits=int(bits), group_size=int(group_size),
+            resident_bits=int(resident_bits) if resident_bits else None, seed=seed, alignment=alignment, jobs=jobs,
+            force=force, progress=sys.stderr.isatty())
+    click.echo(f"wrote {output} (synthetic, like {like}): {len(m.experts)} MoE layers x {m.num_experts} experts, "
+               f"stride {_human(m.experts[0].stride)}, {_human(m.expert_bytes_per_token())} of experts per token "
+               f"at top-{m.top_k}, resident {_human(m.resident_bytes())}")
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Where the tiny checkpoint and its packs go.")
 @one_line_errors

@@ -278,3 +278,30 @@ def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
         rt.close()
     assert np.array_equal(got, ref)
     assert sorted(l for l, _ in calls) == sorted(moe_blocks(rt.model))  # once per MoE layer, not twice
+
+
+def test_synth_pack_has_real_shapes_and_runs(tmp_path):
+    from moestream.convert.synth import reduced_config, synth
+    from moestream.layouts import expert_block_layout, open_pack
+
+    like = tmp_path / "like.json"
+    like.write_text(json.dumps(tiny_config(hidden_size=256, num_experts=16, moe_intermediate_size=128,
+                                           num_hidden_layers=8, vocab_size=512)))
+    r = CliRunner().invoke(cli, ["synth", "--like", str(like), "-o", str(tmp_path / "s"), "--layers", "3",
+                                 "--alignment", "4096"])
+    assert r.exit_code == 0, r.output
+    with open_pack(tmp_path / "s") as p:
+        p.verify()
+        m = p.manifest
+    assert m.synthetic and m.source["kind"] == "synthetic" and len(m.experts) == 3
+    assert m.experts[0].block_bytes == expert_block_layout(256, 128, 4, 64, 64, "bfloat16")[1]
+    cfg = reduced_config(json.loads(like.read_text()), 3)["text_config"]
+    assert cfg["layer_types"].count("full_attention") >= 1
+    rt = load(tmp_path / "s", cache="none")
+    try:
+        chunks = list(generate(rt, "hi", max_tokens=3, raw=True))
+    finally:
+        rt.close()
+    assert chunks[-1].stats.decode_bytes == m.top_k * 3 * m.experts[0].stride * (chunks[-1].stats.generation_tokens - 1)
+    r = CliRunner().invoke(cli, ["synth", "--like", "no-such-model", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "known: qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3.5-397b-a17b" in r.output

@@ -1,0 +1,194 @@
+"""``moestream synth``: a pack with a real model's shapes, random contents, and no source checkpoint.
+
+Users run it to learn what their machine would do with a model before downloading it: the expert
+blocks have exactly the real layout and size (random codes, scales and biases of a realistic
+magnitude), resident tensors have the real names, shapes and bits, and only ``layers`` of the
+model's layers are written (keeping at least one full-attention layer, which mlx-lm needs). The
+manifest is marked ``synthetic``. Expert blocks stream to disk as fast as they are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from moestream import __version__
+from moestream.layouts import (ExpertLayerWriter, Manifest, ResidentFile, ResidentTensor, SafetensorsWriter,
+                               expert_block_layout, file_checksum, round_up)
+from moestream.layouts.expert_file import HEADER
+
+from .family import family_for
+from .plan import _resident_bits, resident_file_for
+from .source import ConvertError
+from .tiny import write_byte_tokenizer
+
+log = logging.getLogger(__name__)
+WEIGHT_STD = 0.02  # typical std of a trained model's linear weights (sets scales and biases)
+
+
+def known_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("moestream.convert").joinpath("known_configs").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def load_like(like: str) -> dict:
+    """A config.json path, or a known model name (see :func:`known_configs`)."""
+    p = Path(like)
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{p}: not valid JSON ({e})") from None
+    f = resources.files("moestream.convert").joinpath("known_configs", f"{like.lower()}.json")
+    if not f.is_file():
+        raise ConvertError(f"--like {like}: no such config file or known model "
+                           f"(known: {', '.join(known_configs())})")
+    return json.loads(f.read_text())
+
+
+def reduced_config(config: dict, layers: int) -> dict:
+    """The config with only ``layers`` layers (at least one of them full attention)."""
+    config = json.loads(json.dumps(config))
+    tc = config.get("text_config", config)
+    n = tc["num_hidden_layers"]
+    if not 1 <= layers <= n:
+        raise ConvertError(f"--layers {layers}: the model has {n} layers")
+    k = min(tc.get("full_attention_interval", 4), layers)
+    tc.update(num_hidden_layers=layers, full_attention_interval=k,
+              layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(layers)])
+    tc.pop("mtp_num_hidden_layers", None)
+    config.pop("quantization_config", None)
+    config.pop("vision_config", None)
+    return config
+
+
+def _random_block(rng: np.random.Generator, comps, block_bytes: int, bits: int) -> np.ndarray:
+    block = rng.integers(0, 256, block_bytes, dtype=np.uint8)
+    for c in comps:
+        if c.name.endswith((".scales", ".biases")):
+            n = c.nbytes // 2
+            span = WEIGHT_STD * 6 / ((1 << bits) - 1) if c.name.endswith(".scales") else -3 * WEIGHT_STD
+            vals = (span * rng.uniform(0.7, 1.3, n)).astype(np.float32)
+            block[c.offset:c.offset + c.nbytes] = ((vals.view(np.uint32) + 0x8000) >> 16).astype(np.uint16).view(np.uint8)
+    return block
+
+
+def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, group_size: int = 64,
+          resident_bits: int | None = None, seed: int = 0, alignment: int = 16384, jobs: int | None = None,
+          force: bool = False, progress: bool = False) -> Manifest:
+    """Write a synthetic pack shaped like ``like``. Returns its manifest."""
+    if bits not in (2, 3, 4, 8):
+        raise ConvertError(f"--bits {bits}: synth supports 2, 3, 4 and 8")
+    config = reduced_config(load_like(like), layers)
+    fam = family_for(config, str(like))
+    out = Path(output)
+    if out.exists():
+        if not (out / "manifest.json").exists() and any(out.iterdir()):
+            raise ConvertError(f"{out}: exists, is not empty and is not a moestream pack; refusing to write into it")
+        if (out / "manifest.json").exists() and not force:
+            raise ConvertError(f"{out}: already a pack (pass --force to replace it)")
+        (out / "manifest.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rb = resident_bits or bits
+    layer_list = fam.moe_layers()
+    total = 0
+    plans = []
+    for layer in layer_list:
+        i, h = fam.expert_shape(layer)
+        comps, block = expert_block_layout(h, i, bits, group_size, group_size, "bfloat16")
+        plans.append((layer, comps, block))
+        total += fam.num_experts * round_up(block, alignment)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
+    experts = []
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+        for layer, comps, block in plans:
+            w = ExpertLayerWriter(out / f"experts/layer-{layer:03d}.bin", layer, fam.num_experts, comps, block, alignment)
+            w.open()
+            try:
+                def one(e: int) -> None:
+                    w.write_expert(e, _random_block(np.random.default_rng([seed, layer, e]), comps, block, bits))
+                    bar.update(w.stride)
+                list(pool.map(one, range(fam.num_experts)))
+                experts.append(w.finish(f"experts/layer-{layer:03d}.bin"))
+            except BaseException:
+                w.abort()
+                raise
+    bar.close()
+    rfiles, rtensors = _write_residents(fam, out, rb, group_size, np.random.default_rng([seed, 10**6]))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    write_byte_tokenizer(out)
+    m = Manifest(model_type=fam.model_type, config=fam.text_config, num_experts=fam.num_experts, top_k=fam.top_k,
+                 quantization={"experts": {"bits": bits, "group_size": group_size, "mode": "affine", "method": "random",
+                                           "scale_dtype": "bfloat16"},
+                               "resident": {"bits": rb, "group_size": group_size, "mode": "affine",
+                                            "method": "random"}, "dtype": "bfloat16"},
+                 experts=experts, resident_files=rfiles, resident_tensors=rtensors, alignment=alignment,
+                 source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed},
+                 extra_files=["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                              "generation_config.json"], synthetic=True, created_by=f"moestream {__version__}")
+    m.check_layout()
+    m.save(out)
+    return m
+
+
+def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generator):
+    files: dict[str, list] = {}
+    for target, (shape, _) in fam.resident_params.items():
+        files.setdefault(resident_file_for(target), []).append((target, tuple(shape)))
+    rfiles, rtensors = [], {}
+    for fname, tensors in sorted(files.items()):
+        w = SafetensorsWriter(out / fname, metadata={"format": "mlx", "producer": "moestream synth"})
+        specs = []
+        for target, shape in tensors:
+            bits, group = _resident_bits(fam, target, shape, rbits, g)
+            dtype = "float32" if len(shape) == 1 else "bfloat16"
+            base = target[:-len(".weight")] if target.endswith(".weight") else target
+            if bits >= 16:
+                w.declare(target, "F32" if dtype == "float32" else "BF16", shape)
+            else:
+                w.declare(f"{base}.weight", "U32", (*shape[:-1], shape[-1] * bits // 32))
+                for part in ("scales", "biases"):
+                    w.declare(f"{base}.{part}", "BF16", (*shape[:-1], shape[-1] // group))
+            specs.append((target, base, shape, bits, group, dtype))
+            rtensors[target] = ResidentTensor(fname, list(shape), dtype, bits, group)
+        w.begin()
+        for target, base, shape, bits, group, dtype in specs:
+            _write_values(w, rng, target, base, shape, bits, group, dtype)
+        w.finish()
+        rfiles.append(ResidentFile(fname, (out / fname).stat().st_size, file_checksum(out / fname)))
+    return rfiles, rtensors
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return ((x.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
+
+
+def _write_values(w, rng, target, base, shape, bits, group, dtype) -> None:
+    rows, cols = int(np.prod(shape[:-1])) if len(shape) > 1 else 1, shape[-1]
+    step = max(1, (8 << 20) // cols)
+    if bits >= 16:
+        if target.endswith("A_log"):
+            vals = np.log(rng.uniform(1, 16, shape))
+        elif len(shape) == 1:
+            vals = np.ones(shape)
+        else:
+            vals = rng.standard_normal(shape) * WEIGHT_STD
+        w.write(target, vals.astype(np.float32) if dtype == "float32" else _bf16(vals))
+        return
+    for r0 in range(0, rows, step):
+        r = min(step, rows - r0)
+        w.write(f"{base}.weight", rng.integers(0, 2**32, (r, cols * bits // 32), dtype=np.uint32))
+    n = rows * (cols // group)
+    w.write(f"{base}.scales", _bf16(rng.uniform(0.7, 1.3, n) * WEIGHT_STD * 6 / ((1 << bits) - 1)))
+    w.write(f"{base}.biases", _bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n)))
+
+
+__all__ = ["synth", "known_configs", "load_like", "reduced_config", "shutil"]
