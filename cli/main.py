@@ -375,6 +375,26 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
     click.echo(json.dumps(res, indent=1) if as_json else format_eval(res))
 
 
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--gen-tokens", type=int, default=128, show_default=True)
+@click.option("--repeat", type=int, default=1, show_default=True)
+@click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
+@click.option("--json", "as_json", is_flag=True)
+@_runtime_options
+@one_line_errors
+def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, experts_per_token, cache, threads,
+          no_verify):
+    """Prefill and decode speed, against the disk and memory limits measured in the same run."""
+    from moestream.runtime.bench import bench as run
+    from moestream.runtime.bench import format_bench
+
+    r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
+            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines)
+    click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
+
+
 def main() -> None:
     cli()
 

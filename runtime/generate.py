@@ -98,6 +98,13 @@ def generate(rt: Runtime, prompt: str | None = None, *, messages: list[dict] | N
     start_bytes, h0, m0 = st.bytes_read, st.hits, st.misses
     stats = GenerationStats(prompt_tokens=len(ids))
     t0 = time.perf_counter()
+    with rt.prefill_logits_last():
+        yield from _stream(rt, ids, max_tokens, sampler, stop, stats, st, start_bytes, h0, m0, t0)
+
+
+def _stream(rt, ids, max_tokens, sampler, stop, stats, st, start_bytes, h0, m0, t0) -> Iterator[Chunk]:
+    from mlx_lm.generate import stream_generate
+
     pending = ""  # text held back while it could still be the start of a stop string
     hold = max((len(s) for s in stop), default=0)
     after_prefill = None

@@ -10,6 +10,7 @@ to float32: MLX's CPU kernels are fastest, or only work, in float32.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,28 @@ class Runtime:
     def close(self) -> None:
         self.store.close()
         self.pack.close()
+
+    @contextmanager
+    def prefill_logits_last(self):
+        """Within this block, a multi-token forward computes logits for its last position only
+        (what generation needs; evaluation needs them all and does not use this)."""
+        head = _output_head(self.model)
+        if head is None:
+            yield
+            return
+        head.last_only = True
+        try:
+            yield
+        finally:
+            head.last_only = False
+
+
+def _output_head(model: nn.Module):
+    from .streamed import CpuQuantizedLinear
+
+    lm = getattr(model, "language_model", model)
+    head = getattr(lm, "lm_head", None)
+    return head if isinstance(head, CpuQuantizedLinear) else None
 
 
 def load_tokenizer(root: Path):

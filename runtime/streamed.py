@@ -153,11 +153,16 @@ class CpuQuantizedLinear(nn.Module):
         self._s = _Hidden(as_f32(_np_float(lin["scales"])))
         self._b = _Hidden(as_f32(_np_float(lin["biases"])))
         self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
+        # For the output head: during prefill only the last position's logits are used, and unlike
+        # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
+        self.last_only = False
 
     def __call__(self, x: mx.array) -> mx.array:
         from .cpu_kernels import qmm
 
         lin = self.inner
+        if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
+            x = x[..., -1:, :]
         shape = x.shape
         xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
         y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size)

@@ -43,7 +43,7 @@ def test_streamed_logits_equal_resident(pack, cache):
     p.close()
     x = _tokens()
     want = np.array(ref(x))
-    rt = load(pack, cache=cache)
+    rt = load(pack, cache=cache, cpu_kernels=False)  # MLX's kernels: bit-identical to the resident model
     try:
         got = np.array(rt.model(x))
         assert np.array_equal(got, want)
@@ -185,7 +185,8 @@ def test_eval_reports_ppl_and_kl_against_a_pack(pack, tmp_path):
         res = evaluate(rt, text, reference=pack, window=64, max_tokens=200)
     finally:
         rt.close()
-    assert res["kl_mean"] < 1e-6 and res["top1_agreement"] == 1.0  # the same pack, resident vs streamed
+    # The same pack, resident (MLX kernels) vs streamed (numba kernels on the CPU): rounding only.
+    assert res["kl_mean"] < 1e-6 and res["top1_agreement"] == 1.0
     assert abs(res["ppl"] - res["ref_ppl"]) < 1e-3 * res["ppl"]
 
 
@@ -234,8 +235,12 @@ def test_decode_rss_bound(pack):
     """Peak RSS of a streamed run stays within its libraries' footprint (measured in the same
     environment) + resident weights + reader buffers + a small margin: no expert file is read whole."""
     base = subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; import moestream.main; "
+        [sys.executable, "-c", "import sys; from pathlib import Path; import numpy as np; import moestream.main; "
          "from moestream.runtime.model import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
+         "from moestream.runtime.cpu_kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
+         "qmm(o, np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
+         "qmm(o.repeat(2, 0), np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
+         "silu_mul(o.copy(), o); "
          "from moestream.runtime.generate import peak_rss; print(peak_rss())", str(pack)],
         capture_output=True, text=True, timeout=300)
     assert base.returncode == 0, base.stderr
@@ -267,7 +272,7 @@ def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
             calls.append((self.layer, len(rt.store.stats.log or [])))
             return self.inner(x)
 
-    rt = load(pack, cache="none", trace=True)
+    rt = load(pack, cache="none", trace=True, cpu_kernels=False)
     try:
         ref = np.array(rt.model(_tokens(8)))
         for i, mlp in moe_blocks(rt.model).items():

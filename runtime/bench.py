@@ -1,0 +1,237 @@
+"""``moestream bench``: decode and prefill speed of a pack, against limits measured in the same run.
+
+Figures (after a warm-up): prompt tok/s, decode tok/s (mean, per-token p50/p99), time to first token,
+expert bytes per token, achieved read GB/s, cache hit rate, peak RSS; and the roofline:
+
+- ``t_io``: expert bytes per token / the raw read bandwidth of the same files, same read size, same
+  thread count, cold (a probe that drops the page cache of the blocks it reads first);
+- ``t_mem``: resident bytes touched per token / the memory read bandwidth (a parallel sum);
+- cold runs are compared with ``1 / (t_io + t_mem)``; warm runs (experts in RAM or page cache) with
+  ``1 / ((expert + resident bytes) / memory bandwidth)``.
+
+Baselines in the same run, as ratios: the same pack with every expert held in RAM (our own
+no-streaming speed) and mlx-lm's model on the same weights with MLX's own kernels.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numba
+import numpy as np
+from numba import njit, prange
+
+from moestream.layouts import Manifest
+
+from .generate import peak_rss
+
+log = logging.getLogger(__name__)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _psum(a):
+    n = a.shape[0]
+    chunks = 64
+    parts = np.zeros(chunks, np.float64)
+    for c in prange(chunks):
+        s = np.float32(0.0)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            s += a[i]
+        parts[c] = s
+    return parts.sum()
+
+
+def memory_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Read bandwidth of RAM in bytes/s: a parallel float32 sum over ``nbytes`` (best of 3)."""
+    a = np.ones(nbytes // 4, np.float32)
+    _psum(a[:1024])
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        _psum(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int = 0) -> float:
+    """Cold read bandwidth in bytes/s: ``reads`` random expert blocks, one ``preadv`` of ``stride`` each,
+    ``threads`` at a time, after dropping those blocks from the page cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    picks = [(m.experts[rng.integers(len(m.experts))], int(rng.integers(m.num_experts))) for _ in range(reads)]
+    fds = {x.layer: os.open(pack / x.file, os.O_RDONLY) for x in m.experts}
+    try:
+        for x, e in picks:
+            os.posix_fadvise(fds[x.layer], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+        bufs = [bytearray(m.experts[0].stride) for _ in range(threads)]
+
+        def one(i: int) -> int:
+            x, e = picks[i]
+            return os.preadv(fds[x.layer], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
+
+        with ThreadPoolExecutor(threads) as pool:
+            t = time.perf_counter()
+            total = sum(pool.map(one, range(reads), chunksize=1))
+            dt = time.perf_counter() - t
+        for x, e in picks:
+            os.posix_fadvise(fds[x.layer], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total / dt
+
+
+def resident_bytes_per_token(m: Manifest) -> int:
+    """Resident bytes read per decoded token: everything but the embedding table (one row of it)."""
+    total = 0
+    for name, t in m.resident_tensors.items():
+        n = int(np.prod(t.shape))
+        size = n * 4 if t.dtype == "float32" else n * 2
+        if t.bits < 16:
+            size = n * t.bits // 8 + 2 * 2 * (n // t.group_size)
+        total += size // t.shape[0] if "embed_tokens" in name else size
+    return total
+
+
+def decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0, rt=None) -> dict:
+    """Prefill a random prompt, then greedy-decode; per-token times and bytes."""
+    from contextlib import nullcontext
+
+    with rt.prefill_logits_last() if rt is not None else nullcontext():
+        return _decode_run(model, store, prompt_tokens, gen_tokens, vocab, seed)
+
+
+def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0) -> dict:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rng = np.random.default_rng(seed)
+    prompt = mx.array(rng.integers(0, vocab, (1, prompt_tokens)))
+    cache = make_prompt_cache(model)
+    b0 = store.stats.bytes_read if store else 0
+    h0, m0 = (store.stats.hits, store.stats.misses) if store else (0, 0)
+    t = time.perf_counter()
+    logits = None
+    for i in range(0, prompt_tokens, 512):  # prefill in chunks: each chunk reads its experts once
+        logits = model(prompt[:, i:i + 512], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    mx.eval(tok)
+    ttft = time.perf_counter() - t
+    b1 = store.stats.bytes_read if store else 0
+    times = []
+    for _ in range(gen_tokens):
+        t0 = time.perf_counter()
+        logits = model(tok, cache=cache)
+        tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        mx.eval(tok)
+        times.append(time.perf_counter() - t0)
+    b2 = store.stats.bytes_read if store else 0
+    total = sum(times)
+    n = (store.stats.hits - h0 + store.stats.misses - m0) if store else 0
+    return {"prompt_tokens": prompt_tokens, "prompt_tps": prompt_tokens / ttft, "ttft_s": ttft,
+            "gen_tokens": gen_tokens, "decode_tps": gen_tokens / total,
+            "token_ms_p50": 1e3 * float(np.percentile(times, 50)), "token_ms_p99": 1e3 * float(np.percentile(times, 99)),
+            "prefill_bytes": b1 - b0, "bytes_per_token": (b2 - b1) / gen_tokens,
+            "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0}
+
+
+def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
+          experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
+          baselines: bool = True) -> dict:
+    """Run the benchmark; returns every figure (the CLI prints them)."""
+    from .model import load
+
+    pack = Path(pack)
+    m = Manifest.load(pack)
+    k = experts_per_token or m.top_k
+    vocab = int(m.config.get("vocab_size", 1000))
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False)
+    nthreads = rt.store._pool._max_workers
+    out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
+                 "numba_threads": numba.get_num_threads()}
+    expert_bytes = k * sum(x.stride for x in m.experts)
+    res_bytes = resident_bytes_per_token(m)
+    out["mem_gbps"] = memory_bandwidth() / 1e9
+    out["raw_read_gbps"] = read_bandwidth(pack, m, reads=max(64, 4 * k * len(m.experts)), threads=nthreads) / 1e9
+    try:
+        decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
+        runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
+    finally:
+        rt.close()
+    best = max(runs, key=lambda r: r["decode_tps"])
+    out.update(best)
+    out["peak_rss_bytes"] = peak_rss()
+    t_io = expert_bytes / (out["raw_read_gbps"] * 1e9)
+    t_mem = res_bytes / (out["mem_gbps"] * 1e9)
+    out.update(expert_bytes_per_token=expert_bytes, resident_bytes_per_token=res_bytes, t_io_ms=1e3 * t_io,
+               t_mem_ms=1e3 * t_mem, cold_roofline_tps=1 / (t_io + t_mem),
+               warm_roofline_tps=out["mem_gbps"] * 1e9 / (expert_bytes + res_bytes))
+    out["roofline_fraction"] = out["decode_tps"] / (out["cold_roofline_tps"] if best["hit_rate"] < 0.5 and
+                                                    cache != "os" else out["warm_roofline_tps"])
+    out["cold_roofline_fraction"] = out["decode_tps"] * (t_io + t_mem)
+    if baselines:
+        out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
+    return out
+
+
+def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out) -> dict:
+    from .loader import load_resident_model
+    from .model import load
+
+    base = {}
+    all_experts = sum(x.file_size for x in m.experts)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if all_experts > ram // 3:
+        log.warning("experts (%d bytes) do not fit comfortably in RAM: resident baselines skipped", all_experts)
+        return base
+    gc.collect()
+    # Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first.
+    rt = load(pack, cache=f"lru:{all_experts + (1 << 20)}", experts_per_token=experts_per_token, tokenizer=False)
+    try:
+        decode_run(rt.model, rt.store, prompt_tokens, 8, vocab, seed=7, rt=rt)
+        r = decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=0, rt=rt)
+    finally:
+        rt.close()
+    base["resident"] = r
+    gc.collect()
+    # mlx-lm's own model and kernels on the same weights (all in RAM).
+    model, p = load_resident_model(pack, dtype="float32")
+    p.close()
+    if experts_per_token:
+        from .model import moe_blocks
+        for mlp in moe_blocks(model).values():
+            mlp.top_k = experts_per_token
+    decode_run(model, None, 16, 2, vocab, seed=7)
+    base["mlx_lm"] = decode_run(model, None, prompt_tokens, max(8, gen_tokens // 4), vocab, seed=0)
+    del model
+    gc.collect()
+    return base
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"pack {r['pack']} ({'synthetic, ' if r['synthetic'] else ''}K={r['k']}, cache {r['cache']}, "
+        f"{r['threads']} reader threads, {r['numba_threads']} compute threads)",
+        f"prompt: {r['prompt_tokens']} tokens at {r['prompt_tps']:.2f} tok/s (time to first token {r['ttft_s']:.2f} s)",
+        f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "
+        f"{r['bytes_per_token'] / 1e6:.1f} MB of experts read per token, {r['read_gbps']:.2f} GB/s; "
+        f"hit rate {r['hit_rate']:.1%}; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"limits measured now: raw cold read {r['raw_read_gbps']:.2f} GB/s, memory read {r['mem_gbps']:.2f} GB/s",
+        f"roofline: t_io {r['t_io_ms']:.1f} ms (experts {r['expert_bytes_per_token'] / 1e6:.1f} MB) + t_mem "
+        f"{r['t_mem_ms']:.1f} ms (resident {r['resident_bytes_per_token'] / 1e6:.1f} MB) -> cold limit "
+        f"{r['cold_roofline_tps']:.2f} tok/s, warm limit {r['warm_roofline_tps']:.2f} tok/s",
+        f"decode / cold roofline: {r['cold_roofline_fraction']:.2f}; decode / roofline for this run: "
+        f"{r['roofline_fraction']:.2f}",
+    ]
+    for name, b in r.get("baselines", {}).items():
+        lines.append(f"baseline {name}: decode {b['decode_tps']:.3f} tok/s, prompt {b['prompt_tps']:.2f} tok/s -> "
+                     f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "
+                     f"{r['prompt_tps'] / b['prompt_tps']:.2f}x its prefill")
+    lines.append(f"prefill / decode speed: {r['prompt_tps'] / r['decode_tps']:.1f}x")
+    return "\n".join(lines)
