@@ -188,20 +188,18 @@ class ExpertStore:
             if self.stats.log is not None:
                 self.stats.log.append((layer, off, x.stride))
 
-    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab, overlap: list[mx.array]) -> None:
+    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab, overlap: list) -> None:
         futures = [self._pool.submit(self._read, layer, e, slab, s) for e, s in todo]
-        if overlap:  # compute that needs no expert (the shared expert) runs while the reads are in flight
-            mx.eval(*overlap)
-            overlap.clear()
+        _run_overlap(overlap)  # compute that needs no expert (the shared expert) runs while reads are in flight
         for f in futures:
             f.result()  # re-raises a short read or I/O error
 
     # -- the interface the streamed MoE layer uses -------------------------------------------------
-    def fetch(self, layer: int, experts: np.ndarray, overlap: list[mx.array] | None = None
+    def fetch(self, layer: int, experts: np.ndarray, overlap: list | None = None
               ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
         """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
 
-        ``overlap``: lazy arrays to evaluate while the first reads are in flight.
+        ``overlap``: callables returning arrays to evaluate while the first reads are in flight.
 
         Yields one group at a time (more than one only when the experts outnumber a slab's slots):
         its experts sit in the given slots of its slab. Before asking for the next group the caller
@@ -225,7 +223,7 @@ class ExpertStore:
             self.stats.misses += len(part)
             yield slab, part, slots
 
-    def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list[mx.array]):
+    def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list):
         lc = self._lru[layer]
         cap = lc.slab.capacity
         for g0 in range(0, len(experts), cap):
@@ -249,9 +247,7 @@ class ExpertStore:
             if todo:
                 lc.slab.settle()
                 self._read_all(layer, todo, lc.slab, overlap)
-            if overlap:
-                mx.eval(*overlap)
-                overlap.clear()
+            _run_overlap(overlap)
             yield lc.slab, np.array(part), np.array(slots)
 
     def close(self) -> None:
@@ -259,6 +255,12 @@ class ExpertStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _run_overlap(overlap: list) -> None:
+    """Call and evaluate (then forget) the pending overlap work."""
+    while overlap:
+        mx.eval(overlap.pop(0)())
 
 
 def _geometry(x: ExpertLayer) -> tuple:

@@ -91,7 +91,8 @@ class StreamedSwitchGLU(nn.Module):
         glu = self._glu.module
         out = None
         shared = self._shared.module
-        overlap = [shared.start(x)] if shared is not None else []
+        # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
+        overlap = [lambda: shared.start(x)] if shared is not None else []
         if self._cpu:
             return self._cpu_call(x, inds, experts, overlap)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
