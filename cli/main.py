@@ -215,7 +215,7 @@ def synth(like, output, layers, bits, group_size, resident_bits, seed, alignment
 def demo(workdir):
     """Build a tiny Qwen3.5-MoE checkpoint, convert it at 4 and 2 bits, verify, compare with the source."""
     from moestream.demo import demo_generate, run_demo
-    from moestream.quant.report import format_comparison, label, load_report
+    from moestream.quant.report import format_comparison, load_report
 
     click.echo(f"demo: building a tiny random Qwen3.5-MoE checkpoint in {workdir}/checkpoint ...")
     res = run_demo(workdir)

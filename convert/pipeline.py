@@ -24,7 +24,6 @@ from tqdm import tqdm
 from moestream import __version__
 from moestream.layouts import (FORMAT_VERSION, MANIFEST_NAME, ExpertLayer, ExpertLayerWriter, Manifest,
                                ResidentFile, ResidentTensor, file_checksum)
-from moestream.layouts.errors import MoestreamError
 from moestream.layouts.pack import verify_expert_file
 from moestream.quant import ErrorStats
 from moestream.quant.report import report_row, write_report
@@ -292,4 +291,4 @@ def _kind(target: str) -> str:
     return "other"
 
 
-__all__ = ["convert", "plan_conversion", "MoestreamError"]
+__all__ = ["convert", "plan_conversion"]

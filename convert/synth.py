@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,6 @@ from tqdm import tqdm
 from moestream import __version__
 from moestream.layouts import (ExpertLayerWriter, Manifest, ResidentFile, ResidentTensor, SafetensorsWriter,
                                expert_block_layout, file_checksum, round_up)
-from moestream.layouts.expert_file import HEADER
 
 from .family import family_for
 from .plan import _resident_bits, resident_file_for
@@ -191,4 +189,4 @@ def _write_values(w, rng, target, base, shape, bits, group, dtype) -> None:
     w.write(f"{base}.biases", _bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n)))
 
 
-__all__ = ["synth", "known_configs", "load_like", "reduced_config", "shutil"]
+__all__ = ["synth", "known_configs", "load_like", "reduced_config"]

@@ -79,7 +79,7 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
         if t.bits >= 16:
             w.declare(t.target, ST_DTYPE[t.dtype], t.shape)
         else:
-            rows, cols = int(np.prod(t.shape[:-1])), t.shape[-1]
+            cols = t.shape[-1]
             w.declare(f"{base}.weight", "U32", (*t.shape[:-1], cols * t.bits // 32))
             for part in ("scales", "biases"):
                 w.declare(f"{base}.{part}", ST_DTYPE[t.dtype], (*t.shape[:-1], cols // t.group_size))

@@ -194,6 +194,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     # Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first.
     rt = load(pack, cache=f"lru:{all_experts + (1 << 20)}", experts_per_token=experts_per_token, tokenizer=False)
     try:
+        rt.store.prefetch_all()
         decode_run(rt.model, rt.store, prompt_tokens, 8, vocab, seed=7, rt=rt)
         r = decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=0, rt=rt)
     finally:

@@ -14,7 +14,6 @@ runtime width). Rows are split over threads (``prange``).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -64,19 +63,6 @@ def _row2(wr, xk, acc):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _row_any(wr, xk, acc, bits):
-    per = 32 // bits
-    mask = (1 << bits) - 1
-    x0 = xk[0]
-    for i in range(wr.shape[0]):
-        acc[i] = np.float32(wr[i] & mask) * x0[i]
-    for k in range(1, per):
-        xr = xk[k]
-        for i in range(wr.shape[0]):
-            acc[i] += np.float32((wr[i] >> (bits * k)) & mask) * xr[i]
-
-
-@njit(fastmath=True, cache=True, nogil=True)
 def _finish(acc, s, b, xg, wpg):
     y = np.float32(0.0)
     for g in range(s.shape[0]):
@@ -101,10 +87,8 @@ def _qmm_pow2(xk, xg, w, s, b, bits, group, out):
                     _row4(w[n], xk[t], acc)
                 elif bits == 2:
                     _row2(w[n], xk[t], acc)
-                elif bits == 8:
-                    _row8(w[n], xk[t], acc)
                 else:
-                    _row_any(w[n], xk[t], acc, bits)
+                    _row8(w[n], xk[t], acc)
                 out[t, n] = _finish(acc, s[n], b[n], xg[t], wpg)
 
 
@@ -177,8 +161,3 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         v = g[i]
         g[i] = v / (np.float32(1.0) + np.exp(-v)) * u[i]
     return gate
-
-
-def set_threads(n: int | None) -> None:
-    if n:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

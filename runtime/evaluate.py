@@ -9,7 +9,6 @@ reference runs fully resident (no streaming).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -112,4 +111,4 @@ def format_eval(res: dict) -> str:
     return s
 
 
-__all__ = ["evaluate", "format_eval", "load_reference", "json"]
+__all__ = ["evaluate", "format_eval", "load_reference"]

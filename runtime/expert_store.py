@@ -250,6 +250,17 @@ class ExpertStore:
             _run_overlap(overlap)
             yield lc.slab, np.array(part), np.array(slots)
 
+    def prefetch_all(self) -> None:
+        """lru mode: read every expert of every layer into the cache (it must hold them all)."""
+        if self.policy != "lru":
+            raise ValueError("prefetch_all needs an lru cache")
+        for layer, lc in self._lru.items():
+            n = self.pack.manifest.expert_layer(layer).num_experts
+            if lc.slab.capacity < n:
+                raise ValueError(f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts")
+            for _ in self._fetch_lru(layer, np.arange(n), []):
+                pass
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():

@@ -87,7 +87,6 @@ def generate(rt: Runtime, prompt: str | None = None, *, messages: list[dict] | N
         raw: no chat template.
         think: thinking on (Qwen3.5's default) or off.
     """
-    from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     if seed is not None:

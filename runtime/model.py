@@ -20,7 +20,7 @@ import mlx.nn as nn
 from moestream.layouts import Pack, PackError, open_pack
 
 from .expert_store import ExpertStore
-from .loader import build_model, cast_floats, switch_prefix
+from .loader import build_model, cast_floats
 from .streamed import EarlySharedExpert, StreamedSwitchGLU, use_cpu_kernels
 
 log = logging.getLogger(__name__)

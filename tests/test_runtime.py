@@ -228,6 +228,7 @@ def test_chat_template_thinking_switch(pack):
     finally:
         rt.close()
     assert "<|im_start|>user\nhi<|im_end|>" in on and on.rstrip().endswith("assistant")
+    assert off.startswith("<|im_start|>user\nhi")
     assert len(raw) == 2
 
 
@@ -286,7 +287,7 @@ def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
 
 
 def test_synth_pack_has_real_shapes_and_runs(tmp_path):
-    from moestream.convert.synth import reduced_config, synth
+    from moestream.convert.synth import reduced_config
     from moestream.layouts import expert_block_layout, open_pack
 
     like = tmp_path / "like.json"
@@ -310,3 +311,18 @@ def test_synth_pack_has_real_shapes_and_runs(tmp_path):
     assert chunks[-1].stats.decode_bytes == m.top_k * 3 * m.experts[0].stride * (chunks[-1].stats.generation_tokens - 1)
     r = CliRunner().invoke(cli, ["synth", "--like", "no-such-model", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "known: qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3.5-397b-a17b" in r.output
+
+
+def test_bench_reports_roofline_and_baselines(pack):
+    from moestream.runtime.bench import bench, format_bench
+
+    m = Manifest.load(pack)
+    r = bench(pack, prompt_tokens=8, gen_tokens=4, cache="none", baselines=True)
+    assert r["bytes_per_token"] == m.top_k * sum(x.stride for x in m.experts)  # every expert read, cold
+    assert r["expert_bytes_per_token"] == r["bytes_per_token"] and r["hit_rate"] == 0.0
+    assert r["raw_read_gbps"] > 0 and r["mem_gbps"] > 0 and r["decode_tps"] > 0
+    assert abs(r["cold_roofline_fraction"] - r["decode_tps"] / r["cold_roofline_tps"]) < 1e-9
+    assert set(r["baselines"]) == {"resident", "mlx_lm"}
+    assert r["baselines"]["resident"]["hit_rate"] == 1.0  # all experts held in RAM
+    text = format_bench(r)
+    assert "roofline" in text and "baseline resident" in text and "baseline mlx_lm" in text
