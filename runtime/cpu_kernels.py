@@ -113,6 +113,54 @@ def _qmm_3(x, xg, w8, s, b, group, out):
             out[t, n] = acc
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _dequant_rows(w, s, b, bits, group, r0, out):
+    # out[j, :] = dequantized row r0 + j, in natural column order (for a BLAS matmul).
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    for j in prange(out.shape[0]):
+        n = r0 + j
+        for i in range(w.shape[1]):
+            v = w[n, i]
+            g = (i * per) // group
+            sc, bi = s[n, g], b[n, g]
+            for k in range(per):
+                out[j, i * per + k] = np.float32((v >> (bits * k)) & mask) * sc + bi
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _dequant_rows3(w8, s, b, group, r0, out):
+    for j in prange(out.shape[0]):
+        n = r0 + j
+        for q in range(w8.shape[1] // 3):
+            v = np.uint32(w8[n, 3 * q]) | (np.uint32(w8[n, 3 * q + 1]) << 8) | (np.uint32(w8[n, 3 * q + 2]) << 16)
+            for k in range(8):
+                c = q * 8 + k
+                out[j, c] = np.float32((v >> (3 * k)) & 7) * s[n, c // group] + b[n, c // group]
+
+
+BLAS_MIN_TOKENS = 32  # from here on, dequantizing a block of rows and calling BLAS beats the fused kernel
+BLAS_ROWS = 512
+
+
+def _qmm_blas(x, w, scales, biases, bits, group_size, out):
+    """Prefill batches: dequantize BLAS_ROWS rows at a time to float32 and multiply with BLAS
+    (OpenBLAS sgemm here: ~190 GFLOP/s at 512 tokens vs ~17 for the fused kernel)."""
+    N = w.shape[0]
+    K = x.shape[1]
+    buf = np.empty((min(BLAS_ROWS, N), K), np.float32)
+    w8 = w.view(np.uint8).reshape(N, -1) if bits == 3 else None
+    for r0 in range(0, N, BLAS_ROWS):
+        r1 = min(N, r0 + BLAS_ROWS)
+        blk = buf[: r1 - r0]
+        if bits == 3:
+            _dequant_rows3(w8, scales, biases, group_size, r0, blk)
+        else:
+            _dequant_rows(w.view(np.int32), scales, biases, bits, group_size, r0, blk)
+        np.matmul(x, blk.T, out=out[:, r0:r1])
+    return out
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def _group_sums(x, group):
     T, K = x.shape
@@ -142,6 +190,8 @@ def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bi
     T, K = x.shape
     N = w.shape[0]
     out = np.empty((T, N), np.float32) if out is None else out
+    if T >= BLAS_MIN_TOKENS:
+        return _qmm_blas(x, w, scales, biases, bits, group_size, out)
     xg = _group_sums(x, group_size)
     if bits == 3:
         _qmm_3(x, xg, w.view(np.uint8).reshape(N, -1), scales, biases, group_size, out)

@@ -10,7 +10,7 @@ from moestream.runtime.cpu_kernels import as_f32, qmm, silu_mul
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
 def test_qmm_matches_mlx_dequantize(bits, group, tokens):
     rng = np.random.default_rng(bits * 1000 + group * 10 + tokens)
     n, k = int(rng.integers(8, 80)), 256 + 128 * int(rng.integers(0, 3))
