@@ -212,15 +212,27 @@ class ExpertStore:
         x = self._layers[layer]
         key = _geometry(x)
         cap = self._shared[key][0].capacity
-        for g0 in range(0, len(experts), cap):
-            part = experts[g0:g0 + cap]
+        parts = [experts[g0:g0 + cap] for g0 in range(0, len(experts), cap)]
+
+        def issue(part: np.ndarray):
             t = self._turn[key]
             self._turn[key] = 1 - t
             slab = self._shared[key][t]
             slab.settle()
             slots = np.arange(len(part))
-            self._read_all(layer, list(zip(part.tolist(), slots.tolist())), slab, overlap)
+            futures = [self._pool.submit(self._read, layer, e, slab, s) for e, s in zip(part.tolist(), slots.tolist())]
             self.stats.misses += len(part)
+            return slab, part, slots, futures
+
+        # Double buffering: group g + 1 is read into the other slab while the caller computes group g.
+        nxt = issue(parts[0])
+        _run_overlap(overlap)
+        for i in range(len(parts)):
+            slab, part, slots, futures = nxt
+            for f in futures:
+                f.result()  # re-raises a short read, I/O error or checksum mismatch
+            if i + 1 < len(parts):
+                nxt = issue(parts[i + 1])
             yield slab, part, slots
 
     def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list):

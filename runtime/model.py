@@ -100,7 +100,7 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
 
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
          threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
-         cpu_kernels: bool | None = None) -> Runtime:
+         cpu_kernels: bool | None = None, max_slots: int | None = None) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -114,6 +114,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         verify: check each block read against its manifest checksum.
         cpu_kernels: compute quantized linears and experts with moestream's numba kernels (default: when
             MLX runs on the CPU; MLX's own CPU quantized matmul is several times slower).
+        max_slots: experts held at once per slab with ``os``/``none`` (see ExpertStore).
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
@@ -122,7 +123,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
     pack = open_pack(path)
     try:
         model = build_model(pack, experts=False)
-        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify)
+        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots)
         on_cpu = mx.default_device() == mx.cpu
         if dtype is None and on_cpu:
             dtype = "float32"
