@@ -38,7 +38,7 @@ class Options:
     keep_mtp: bool = False
 
     def resolved_method(self) -> str:
-        # At 8 bits clip cuts the trained fixture's mean KL from 0.0070 to 0.0043 (all tensors 8-bit).
+        # At 8 bits clip cuts the trained fixture's mean KL from 0.0068 to 0.0039 (benchmarks/RESULTS.md).
         return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
 
 
