@@ -395,6 +395,27 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told otherwise).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--temp", type=float, default=None, help="Default sampling temperature.")
+@click.option("--max-tokens", type=int, default=None, help="Default max tokens per request.")
+@_runtime_options
+@one_line_errors
+def serve(pack, host, port, temp, max_tokens, experts_per_token, cache, threads, no_verify):
+    """OpenAI-compatible HTTP server (mlx-lm's) over a streamed pack: /v1/chat/completions, /v1/models."""
+    from moestream.layouts import open_pack
+    from moestream.runtime.server import serve as run
+
+    open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
+    extra = (["--temp", str(temp)] if temp is not None else []) + \
+            (["--max-tokens", str(max_tokens)] if max_tokens is not None else [])
+    click.echo(f"serving {pack} at http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", err=True)
+    run(str(pack), host, port, extra, cache=cache, experts_per_token=experts_per_token, threads=threads,
+        verify=not no_verify)
+
+
 def main() -> None:
     cli()
 
