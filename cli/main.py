@@ -401,9 +401,11 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--temp", type=float, default=None, help="Default sampling temperature.")
 @click.option("--max-tokens", type=int, default=None, help="Default max tokens per request.")
+@click.option("--api-key", default=None, envvar="MOESTREAM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (401 otherwise); also from $MOESTREAM_API_KEY.")
 @_runtime_options
 @one_line_errors
-def serve(pack, host, port, temp, max_tokens, experts_per_token, cache, threads, no_verify):
+def serve(pack, host, port, temp, max_tokens, api_key, experts_per_token, cache, threads, no_verify):
     """OpenAI-compatible HTTP server (mlx-lm's) over a streamed pack: /v1/chat/completions, /v1/models."""
     from moestream.layouts import open_pack
     from moestream.runtime.server import serve as run
@@ -412,7 +414,7 @@ def serve(pack, host, port, temp, max_tokens, experts_per_token, cache, threads,
     extra = (["--temp", str(temp)] if temp is not None else []) + \
             (["--max-tokens", str(max_tokens)] if max_tokens is not None else [])
     click.echo(f"serving {pack} at http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", err=True)
-    run(str(pack), host, port, extra, cache=cache, experts_per_token=experts_per_token, threads=threads,
+    run(str(pack), host, port, extra, api_key=api_key, cache=cache, experts_per_token=experts_per_token, threads=threads,
         verify=not no_verify)
 
 

@@ -55,7 +55,31 @@ class StreamingModelProvider(mlx_server.ModelProvider):
 
 
 class StreamingAPIHandler(mlx_server.APIHandler):
-    """mlx-lm's request handler; ``/v1/models`` lists the served pack (not the hub cache)."""
+    """mlx-lm's request handler; ``/v1/models`` lists the served pack (not the hub cache), and with an
+    API key every request but ``/health`` must carry ``Authorization: Bearer KEY``."""
+
+    api_key: str | None = None
+
+    def _authorized(self) -> bool:
+        if not self.api_key or self.path == "/health":
+            return True
+        if self.headers.get("Authorization", "") == f"Bearer {self.api_key}":
+            return True
+        body = json.dumps({"error": {"message": "invalid or missing API key", "type": "invalid_request_error",
+                                     "code": "invalid_api_key"}}).encode()
+        self._set_completion_headers(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
+    def do_POST(self):
+        if self._authorized():
+            super().do_POST()
+
+    def do_GET(self):
+        if self._authorized():
+            super().do_GET()
 
     def handle_models_request(self):
         self._set_completion_headers(200)
@@ -68,9 +92,10 @@ class StreamingAPIHandler(mlx_server.APIHandler):
 
 
 def serve(pack: str, host: str = "127.0.0.1", port: int = 8080, extra_args: list[str] | None = None,
-          **runtime_options) -> None:
+          api_key: str | None = None, **runtime_options) -> None:
     """Run the server until interrupted (mlx-lm's argument parser handles its own options)."""
     StreamingModelProvider.runtime_options = runtime_options
+    StreamingAPIHandler.api_key = api_key
     argv = ["mlx_lm.server", "--model", str(pack), "--host", host, "--port", str(port), *(extra_args or [])]
     old = sys.argv, mlx_server.ModelProvider, mlx_server._run_http_server
     sys.argv, mlx_server.ModelProvider = argv, StreamingModelProvider

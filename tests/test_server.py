@@ -30,7 +30,8 @@ def server(tmp_path_factory):
                                                        shared_expert_intermediate_size=64))
     convert(str(src), d / "tinypack", bits=4)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moestream", "serve", str(d / "tinypack"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moestream", "serve", str(d / "tinypack"), "--port", str(port),
+                             "--api-key", "sekrit"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -51,7 +52,7 @@ def server(tmp_path_factory):
 
 
 def test_models_chat_and_stream(server):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sekrit")
     assert [m.id for m in client.models.list().data] == ["tinypack"]
     r = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "hello"}],
                                        max_tokens=5, temperature=0)
@@ -66,6 +67,15 @@ def test_models_chat_and_stream(server):
             {"role": "user", "content": "again"}]
     r2 = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=3, temperature=0)
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens and r2.usage.completion_tokens <= 3
+
+
+def test_api_key_required(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200  # health needs no key
 
 
 def test_qwen35_tool_calls_parse_from_model_output(trained_tiny, tmp_path):
