@@ -38,6 +38,10 @@ class StreamingModelProvider(mlx_server.ModelProvider):
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         if adapter_path is not None or draft_model_path is not None:
             raise ValueError("moestream serve: adapters and draft models are not supported")
+        if Path(model_path).resolve() != Path(self.cli_args.model).resolve():
+            # Checked before reset(): a request for another model must not unload the served pack.
+            raise ValueError(f"model {model_path!r} is not served here (this server serves "
+                             f"{Path(self.cli_args.model).name!r})")
         self.reset()
         rt: Runtime = load(model_path, **self.runtime_options)
         # Generation only reads the last position's logits; the eager CPU output head would

@@ -69,6 +69,26 @@ def test_models_chat_and_stream(server):
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens and r2.usage.completion_tokens <= 3
 
 
+def test_bad_requests_get_4xx_and_leave_the_model_loaded(server):
+    import json
+    import urllib.error
+
+    def post(body: bytes) -> int:
+        req = urllib.request.Request(f"{server}/v1/chat/completions", data=body, method="POST",
+                                     headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(req, timeout=60).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post(b"{bad json") == 400
+    assert post(json.dumps({"model": "tinypack"}).encode()) == 400
+    other = {"model": "not-this-one", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert 400 <= post(json.dumps(other).encode()) < 500
+    ok = {"model": "tinypack", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert post(json.dumps(ok).encode()) == 200  # the served pack is still there
+
+
 def test_api_key_required(server):
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
