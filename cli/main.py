@@ -195,14 +195,15 @@ def report(packs, as_json, metric, plot):
 @click.option("--alignment", type=int, default=16384, show_default=True)
 @click.option("-j", "--jobs", type=int, default=None)
 @click.option("--force", is_flag=True, help="Replace an existing pack at OUTPUT.")
+@click.option("--routing", default="uniform", show_default=True, help="uniform or zipf:S (hot experts).")
 @one_line_errors
-def synth(like, output, layers, bits, group_size, resident_bits, seed, alignment, jobs, force):
+def synth(like, output, layers, bits, group_size, resident_bits, seed, alignment, jobs, force, routing):
     """Write a pack with a real model's shapes and random contents (no download needed)."""
     from moestream.convert.synth import synth as run
 
     m = run(like, output, layers=layers, bits=int(bits), group_size=int(group_size),
             resident_bits=int(resident_bits) if resident_bits else None, seed=seed, alignment=alignment, jobs=jobs,
-            force=force, progress=sys.stderr.isatty())
+            force=force, progress=sys.stderr.isatty(), routing=routing)
     click.echo(f"wrote {output} (synthetic, like {like}): {len(m.experts)} MoE layers x {m.num_experts} experts, "
                f"stride {_human(m.experts[0].stride)}, {_human(m.expert_bytes_per_token())} of experts per token "
                f"at top-{m.top_k}, resident {_human(m.resident_bytes())}")

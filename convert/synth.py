@@ -81,8 +81,14 @@ def _random_block(rng: np.random.Generator, comps, block_bytes: int, bits: int) 
 
 def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, group_size: int = 64,
           resident_bits: int | None = None, seed: int = 0, alignment: int = 16384, jobs: int | None = None,
-          force: bool = False, progress: bool = False) -> Manifest:
-    """Write a synthetic pack shaped like ``like``. Returns its manifest."""
+          force: bool = False, progress: bool = False, routing: str = "uniform") -> Manifest:
+    """Write a synthetic pack shaped like ``like``. Returns its manifest.
+
+    ``routing``: ``uniform``, or ``zipf:S`` for hot experts: router row ``e`` is scaled by
+    ``(rank(e) + 1) ** -S`` (a random rank per layer), so its logits spread wider and it lands in the
+    top-k more often, as popular experts do in trained models.
+    """
+    skew = _parse_routing(routing)
     if bits not in (2, 3, 4, 8):
         raise ConvertError(f"--bits {bits}: synth supports 2, 3, 4 and 8")
     config = reduced_config(load_like(like), layers)
@@ -120,7 +126,7 @@ def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, 
                 w.abort()
                 raise
     bar.close()
-    rfiles, rtensors = _write_residents(fam, out, rb, group_size, np.random.default_rng([seed, 10**6]))
+    rfiles, rtensors = _write_residents(fam, out, rb, group_size, np.random.default_rng([seed, 10**6]), skew)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     write_byte_tokenizer(out)
     m = Manifest(model_type=fam.model_type, config=fam.text_config, num_experts=fam.num_experts, top_k=fam.top_k,
@@ -129,7 +135,7 @@ def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, 
                                "resident": {"bits": rb, "group_size": group_size, "mode": "affine",
                                             "method": "random"}, "dtype": "bfloat16"},
                  experts=experts, resident_files=rfiles, resident_tensors=rtensors, alignment=alignment,
-                 source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed},
+                 source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed, "routing": routing},
                  extra_files=["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                               "generation_config.json"], synthetic=True, created_by=f"moestream {__version__}")
     m.check_layout()
@@ -137,7 +143,18 @@ def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, 
     return m
 
 
-def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generator):
+def _parse_routing(routing: str) -> float:
+    if routing == "uniform":
+        return 0.0
+    if routing.startswith("zipf:"):
+        try:
+            return float(routing[5:])
+        except ValueError:
+            pass
+    raise ConvertError(f"--routing {routing}: expected uniform or zipf:S (e.g. zipf:1.0)")
+
+
+def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generator, skew: float = 0.0):
     files: dict[str, list] = {}
     for target, (shape, _) in fam.resident_params.items():
         files.setdefault(resident_file_for(target), []).append((target, tuple(shape)))
@@ -159,7 +176,8 @@ def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generato
             rtensors[target] = ResidentTensor(fname, list(shape), dtype, bits, group)
         w.begin()
         for target, base, shape, bits, group, dtype in specs:
-            _write_values(w, rng, target, base, shape, bits, group, dtype)
+            _write_values(w, rng, target, base, shape, bits, group, dtype,
+                          skew if target.endswith("mlp.gate.weight") else 0.0)
         w.finish()
         rfiles.append(ResidentFile(fname, (out / fname).stat().st_size, file_checksum(out / fname)))
     return rfiles, rtensors
@@ -169,7 +187,7 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return ((x.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
 
 
-def _write_values(w, rng, target, base, shape, bits, group, dtype) -> None:
+def _write_values(w, rng, target, base, shape, bits, group, dtype, skew: float = 0.0) -> None:
     rows, cols = int(np.prod(shape[:-1])) if len(shape) > 1 else 1, shape[-1]
     step = max(1, (8 << 20) // cols)
     if bits >= 16:
@@ -185,8 +203,12 @@ def _write_values(w, rng, target, base, shape, bits, group, dtype) -> None:
         r = min(step, rows - r0)
         w.write(f"{base}.weight", rng.integers(0, 2**32, (r, cols * bits // 32), dtype=np.uint32))
     n = rows * (cols // group)
-    w.write(f"{base}.scales", _bf16(rng.uniform(0.7, 1.3, n) * WEIGHT_STD * 6 / ((1 << bits) - 1)))
-    w.write(f"{base}.biases", _bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n)))
+    row_scale = np.ones(rows)
+    if skew:  # hot experts: a random rank per router row, scaled by (rank + 1) ** -skew
+        row_scale = (rng.permutation(rows) + 1.0) ** -skew * np.sqrt(rows)
+    per_group = np.repeat(row_scale, cols // group)
+    w.write(f"{base}.scales", _bf16(rng.uniform(0.7, 1.3, n) * WEIGHT_STD * 6 / ((1 << bits) - 1) * per_group))
+    w.write(f"{base}.biases", _bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n) * per_group))
 
 
 __all__ = ["synth", "known_configs", "load_like", "reduced_config"]

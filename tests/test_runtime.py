@@ -347,3 +347,26 @@ def test_bench_reports_roofline_and_baselines(pack):
     assert r["baselines"]["resident"]["hit_rate"] == 1.0  # all experts held in RAM
     text = format_bench(r)
     assert "roofline" in text and "baseline resident" in text and "baseline mlx_lm" in text
+
+
+def test_synth_zipf_routing_makes_hot_experts(tmp_path):
+    """With zipf routing an LRU cache of a seventh of the experts hits far more often than uniform."""
+    from moestream.convert.synth import synth
+
+    like = tmp_path / "like.json"
+    like.write_text(json.dumps(tiny_config(hidden_size=256, num_experts=64, moe_intermediate_size=128,
+                                           num_hidden_layers=2, vocab_size=512)))
+    rates = {}
+    for routing in ("uniform", "zipf:2.0"):
+        synth(str(like), tmp_path / routing.replace(":", "-"), layers=2, routing=routing, alignment=4096)
+        rt = load(tmp_path / routing.replace(":", "-"), cache="lru:1M", tokenizer=False)
+        try:
+            for i in range(10):
+                mx.eval(rt.model(mx.array([[i * 13 % 512]])))
+            rt.store.stats.reset()
+            for i in range(40):
+                mx.eval(rt.model(mx.array([[i * 7 % 512]])))
+            rates[routing] = rt.store.stats.hit_rate
+        finally:
+            rt.close()
+    assert rates["uniform"] < 0.3 and rates["zipf:2.0"] > 2 * rates["uniform"], rates
