@@ -323,7 +323,10 @@ def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token,
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            answer, thinking = [], False
+            # Qwen3.5's template opens "<think>" in the prompt when thinking is on: output starts inside it.
+            rendered = rt.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False,
+                                                        enable_thinking=not no_think)
+            answer, thinking = [], rendered.rstrip().endswith("<think>")
             for chunk in run(rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p,
                              think=not no_think):
                 text = chunk.text
