@@ -370,3 +370,14 @@ def test_synth_zipf_routing_makes_hot_experts(tmp_path):
         finally:
             rt.close()
     assert rates["uniform"] < 0.3 and rates["zipf:2.0"] > 2 * rates["uniform"], rates
+
+
+def test_chat_thinking_hidden_or_dimmed(capsys):
+    from moestream.main import _echo_thinking
+
+    state = _echo_thinking("plan the answer</think>The answer", True, hide=True)
+    assert capsys.readouterr().out == "The answer" and state is False
+    state = _echo_thinking("hmm</think>ok", True, hide=False)
+    out = capsys.readouterr().out
+    assert "hmm" in out and out.endswith("ok") and state is False
+    assert _echo_thinking("<think>start", False, hide=True) is True and capsys.readouterr().out == ""
