@@ -381,3 +381,21 @@ def test_chat_thinking_hidden_or_dimmed(capsys):
     out = capsys.readouterr().out
     assert "hmm" in out and out.endswith("ok") and state is False
     assert _echo_thinking("<think>start", False, hide=True) is True and capsys.readouterr().out == ""
+
+
+def test_streamed_equals_resident_with_cpu_kernels(pack):
+    """With the CPU kernels (the Linux default) streaming and every-expert-in-RAM are bit-identical too."""
+    m = Manifest.load(pack)
+    x = _tokens(12)
+    resident = load(pack, cache=f"lru:{sum(e.file_size for e in m.experts) + (1 << 20)}", cpu_kernels=True)
+    try:
+        resident.store.prefetch_all()
+        want = np.array(resident.model(x))
+    finally:
+        resident.close()
+    for cache in ("none", "os"):
+        rt = load(pack, cache=cache, cpu_kernels=True)
+        try:
+            assert np.array_equal(np.array(rt.model(x)), want)
+        finally:
+            rt.close()
