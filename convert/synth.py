@@ -59,6 +59,9 @@ def reduced_config(config: dict, layers: int) -> dict:
     n = tc["num_hidden_layers"]
     if not 1 <= layers <= n:
         raise ConvertError(f"--layers {layers}: the model has {n} layers")
+    if layers < 2 and tc.get("full_attention_interval", 4) > 1:
+        raise ConvertError(f"--layers {layers}: this model mixes linear and full attention, and mlx-lm's "
+                           f"model needs one layer of each: use --layers 2 or more")
     k = min(tc.get("full_attention_interval", 4), layers)
     tc.update(num_hidden_layers=layers, full_attention_interval=k,
               layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(layers)])
