@@ -190,9 +190,10 @@ def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, ali
         bar.update(per_expert)
         return st
 
+    pending: set = set()
     try:
         writer.open()
-        pending, nxt = set(), 0
+        nxt = 0
         while nxt < x.source.num_experts or pending:
             # Keep a bounded number of experts in flight: memory stays a few experts per worker.
             while nxt < x.source.num_experts and len(pending) < 2 * jobs:
@@ -204,14 +205,20 @@ def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, ali
                     stats[p].merge(s)
         return writer.finish(x.file), stats
     except OSError as e:
+        _cancel(pending)
         writer.abort()
         raise ConvertError(f"{out / x.file}: cannot write ({e.strerror or e})") from None
     except BaseException:
-        for fut in locals().get("pending", ()):
-            fut.cancel()
-        wait(locals().get("pending", ()))
+        _cancel(pending)
         writer.abort()
         raise
+
+
+def _cancel(futures) -> None:
+    """Cancel what has not started and wait for what has (so nothing writes after an abort)."""
+    for fut in futures:
+        fut.cancel()
+    wait(futures)
 
 
 def _convert_residents(pool, plan, src, out, fp, method, bar):

@@ -23,6 +23,8 @@ from moestream import __version__
 from moestream.layouts import (ExpertLayerWriter, Manifest, ResidentFile, ResidentTensor, SafetensorsWriter,
                                expert_block_layout, file_checksum, round_up)
 
+from moestream.quant import f32_to_bf16
+
 from .family import family_for
 from .plan import _resident_bits, resident_file_for
 from .source import ConvertError
@@ -78,7 +80,7 @@ def _random_block(rng: np.random.Generator, comps, block_bytes: int, bits: int) 
             n = c.nbytes // 2
             span = WEIGHT_STD * 6 / ((1 << bits) - 1) if c.name.endswith(".scales") else -3 * WEIGHT_STD
             vals = (span * rng.uniform(0.7, 1.3, n)).astype(np.float32)
-            block[c.offset:c.offset + c.nbytes] = ((vals.view(np.uint32) + 0x8000) >> 16).astype(np.uint16).view(np.uint8)
+            block[c.offset:c.offset + c.nbytes] = f32_to_bf16(vals).view(np.uint8)
     return block
 
 
@@ -186,10 +188,6 @@ def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generato
     return rfiles, rtensors
 
 
-def _bf16(x: np.ndarray) -> np.ndarray:
-    return ((x.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
-
-
 def _write_values(w, rng, target, base, shape, bits, group, dtype, skew: float = 0.0) -> None:
     rows, cols = int(np.prod(shape[:-1])) if len(shape) > 1 else 1, shape[-1]
     step = max(1, (8 << 20) // cols)
@@ -200,7 +198,7 @@ def _write_values(w, rng, target, base, shape, bits, group, dtype, skew: float =
             vals = np.ones(shape)
         else:
             vals = rng.standard_normal(shape) * WEIGHT_STD
-        w.write(target, vals.astype(np.float32) if dtype == "float32" else _bf16(vals))
+        w.write(target, vals.astype(np.float32) if dtype == "float32" else f32_to_bf16(vals))
         return
     for r0 in range(0, rows, step):
         r = min(step, rows - r0)
@@ -210,8 +208,8 @@ def _write_values(w, rng, target, base, shape, bits, group, dtype, skew: float =
     if skew:  # hot experts: a random rank per router row, scaled by (rank + 1) ** -skew
         row_scale = (rng.permutation(rows) + 1.0) ** -skew * np.sqrt(rows)
     per_group = np.repeat(row_scale, cols // group)
-    w.write(f"{base}.scales", _bf16(rng.uniform(0.7, 1.3, n) * WEIGHT_STD * 6 / ((1 << bits) - 1) * per_group))
-    w.write(f"{base}.biases", _bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n) * per_group))
+    w.write(f"{base}.scales", f32_to_bf16(rng.uniform(0.7, 1.3, n) * WEIGHT_STD * 6 / ((1 << bits) - 1) * per_group))
+    w.write(f"{base}.biases", f32_to_bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n) * per_group))
 
 
 __all__ = ["synth", "known_configs", "load_like", "reduced_config"]

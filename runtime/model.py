@@ -43,7 +43,7 @@ class Runtime:
     def prefill_logits_last(self):
         """Within this block, a multi-token forward computes logits for its last position only
         (what generation needs; evaluation needs them all and does not use this)."""
-        head = _output_head(self.model)
+        head = output_head(self.model)
         if head is None:
             yield
             return
@@ -54,7 +54,8 @@ class Runtime:
             head.last_only = False
 
 
-def _output_head(model: nn.Module):
+def output_head(model: nn.Module):
+    """The model's output projection when it runs on the CPU kernels (else None)."""
     from .streamed import CpuQuantizedLinear
 
     lm = getattr(model, "language_model", model)
@@ -121,7 +122,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         >>> for r in generate(rt, "Hello"): print(r.text, end="")
     """
     pack = open_pack(path)
+    store = None
     try:
+        if experts_per_token and not 1 <= experts_per_token <= pack.manifest.num_experts:
+            raise PackError(f"--experts-per-token {experts_per_token}: must be in [1, {pack.manifest.num_experts}]")
         model = build_model(pack, experts=False)
         store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots)
         on_cpu = mx.default_device() == mx.cpu
@@ -136,11 +140,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if missing:
             raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
         for i, mlp in blocks.items():
-            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt)  # shared-expert overlap is set up below
+            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels)
             if experts_per_token:
-                if not 1 <= experts_per_token <= pack.manifest.num_experts:
-                    raise PackError(f"--experts-per-token {experts_per_token}: must be in "
-                                    f"[1, {pack.manifest.num_experts}]")
                 mlp.top_k = experts_per_token
         weights = []
         for f in pack.manifest.resident_files:
@@ -149,17 +150,17 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if cdt is not None:
             model.update(cast_floats(model.parameters(), cdt))
         mx.eval(model.parameters())
-        for i, mlp in blocks.items():  # after loading: the wrapper renames the shared expert's parameters
+        for mlp in blocks.values():  # after loading: the wrapper renames the shared expert's parameters
             if isinstance(getattr(mlp, "shared_expert", None), nn.Module):
                 mlp.shared_expert = EarlySharedExpert(mlp.shared_expert)
-                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, shared=mlp.shared_expert, cpu_kernels=cpu_kernels)
-            elif cpu_kernels:
-                mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=True)
+                mlp.switch_mlp.overlap_with(mlp.shared_expert)
         if cpu_kernels:
             use_cpu_kernels(model)
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
         return Runtime(model, tok, pack, store)
     except BaseException:
+        if store is not None:
+            store.close()
         pack.close()
         raise

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx_lm import server as mlx_server
 
-from .model import Runtime, _output_head, load
+from .model import Runtime, output_head, load
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class StreamingModelProvider(mlx_server.ModelProvider):
         rt: Runtime = load(model_path, **self.runtime_options)
         # Generation only reads the last position's logits; the eager CPU output head would
         # otherwise compute them for every prompt token.
-        h = _output_head(rt.model)
+        h = output_head(rt.model)
         if h is not None:
             h.last_only = True
         self.runtime = rt

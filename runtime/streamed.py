@@ -85,6 +85,10 @@ class StreamedSwitchGLU(nn.Module):
         self._quantized = x.component("gate_proj.weight").bits < 16
         self._dtype = compute_dtype
 
+    def overlap_with(self, shared: EarlySharedExpert) -> None:
+        """Evaluate ``shared`` while this layer's expert reads are in flight."""
+        self._shared.module = shared
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         inds = np.array(indices)  # the router's choice: a sync point, as in any streaming design
         experts = np.unique(inds)
