@@ -222,8 +222,8 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
                                f"expected {list(shape)}")
         bits, g = _resident_bits(family, target, shape, rbits, o.group_size)
-        # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 rounding of the norms'
-        # (1 + w) would cost them ~9% relative error (mlx-lm keeps A_log in float32 for the same reason).
+        # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
+        # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
         plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes)
         files.setdefault(resident_file_for(target), ResidentFilePlan(resident_file_for(target))).tensors.append(plan)
