@@ -407,19 +407,34 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
 @click.option("--max-tokens", type=int, default=None, help="Default max tokens per request.")
 @click.option("--api-key", default=None, envvar="MOESTREAM_API_KEY",
               help="Require 'Authorization: Bearer KEY' (401 otherwise); also from $MOESTREAM_API_KEY.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests admitted at once (one generates, the rest queue); more get 429 + Retry-After.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Longest prompt accepted, in tokens [default: the model's context length].")
+@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Conversation prefixes kept for reuse (KV and linear-attention state).")
+@click.option("--prompt-cache-bytes", default=None, help="Cap on the prefix cache's memory, e.g. 4G.")
 @_runtime_options
 @one_line_errors
-def serve(pack, host, port, temp, max_tokens, api_key, experts_per_token, cache, threads, no_verify):
-    """OpenAI-compatible HTTP server (mlx-lm's) over a streamed pack: /v1/chat/completions, /v1/models."""
+def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,
+          prompt_cache_bytes, experts_per_token, cache, threads, no_verify):
+    """OpenAI-compatible HTTP server over a streamed pack.
+
+    Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
+    """
     from moestream.layouts import open_pack
-    from moestream.runtime.server import serve as run
+    from moestream.runtime.server import build_server
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
     extra = (["--temp", str(temp)] if temp is not None else []) + \
-            (["--max-tokens", str(max_tokens)] if max_tokens is not None else [])
-    click.echo(f"serving {pack} at http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", err=True)
-    run(str(pack), host, port, extra, api_key=api_key, cache=cache, experts_per_token=experts_per_token, threads=threads,
-        verify=not no_verify)
+            (["--max-tokens", str(max_tokens)] if max_tokens is not None else []) + \
+            ["--prompt-cache-size", str(prompt_cache_size)] + \
+            (["--prompt-cache-bytes", str(prompt_cache_bytes)] if prompt_cache_bytes else [])
+    server = build_server(str(pack), host, port, api_key=api_key, max_concurrency=max_concurrency,
+                          max_context=max_context, mlx_args=extra, cache=cache,
+                          experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
+    server.serve_forever()
 
 
 def main() -> None:

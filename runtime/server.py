@@ -1,36 +1,47 @@
-"""``moestream serve``: mlx-lm's OpenAI-compatible server over a streamed pack.
+"""``moestream serve``: an OpenAI-compatible server over a streamed pack, built from mlx-lm's server.
 
-mlx-lm's server already speaks the OpenAI chat/completions API (streaming SSE, tool calls parsed
-with the chat template's tool parser, reasoning content, prompt-prefix caching). moestream only
-changes how the model is loaded: :class:`StreamingModelProvider` builds it with
-:func:`moestream.runtime.load`, so every request reads its routed experts from the pack.
+mlx-lm supplies the generation thread (one request at a time over the shared expert store, with
+the others queued), chat templating, sampling, stop sequences, the tool parsers and the prompt
+cache. moestream adds, here and in :mod:`.server_http`:
+
+- the model comes from :func:`moestream.runtime.load`, so every request streams its experts;
+- prompt-prefix reuse for hybrid models: Qwen3.5's linear-attention state cannot be trimmed back,
+  so before generating, the conversation history (the prompt up to the generation prompt) is run
+  into the cache and stored; the next turn of that conversation starts from it;
+- per-request ``experts_per_token`` (K), admission control (``max_concurrency``), counters at
+  ``GET /stats``, and a server object tests can start and stop in-process.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
+import mlx.core as mx
 from mlx_lm import server as mlx_server
+from mlx_lm.models.cache import LRUPromptCache
 
-from .model import Runtime, output_head, load
+from .model import Runtime, load, moe_blocks, output_head
 
 log = logging.getLogger(__name__)
 
 
 class StreamingModelProvider(mlx_server.ModelProvider):
-    """mlx-lm's model provider, loading packs through the streaming runtime."""
+    """mlx-lm's model provider, loading the one served pack through the streaming runtime."""
 
-    runtime_options: dict = {}
-
-    def __init__(self, cli_args):
+    def __init__(self, cli_args, runtime_options: dict):
         super().__init__(cli_args)
-        # Clients may name the model by the id /v1/models gives (the pack's folder name).
-        pack = Path(cli_args.model)
-        for alias in (pack.name, str(pack.resolve())):
+        self.runtime_options = runtime_options
+        self.runtime: Runtime | None = None
+        for alias in served_names(cli_args.model):  # clients name the model by the id /v1/models gives
             self._model_map[alias] = cli_args.model
             self._adapter_map[alias] = None
             self._draft_model_map[alias] = None
@@ -40,71 +51,252 @@ class StreamingModelProvider(mlx_server.ModelProvider):
             raise ValueError("moestream serve: adapters and draft models are not supported")
         if Path(model_path).resolve() != Path(self.cli_args.model).resolve():
             # Checked before reset(): a request for another model must not unload the served pack.
-            raise ValueError(f"model {model_path!r} is not served here (this server serves "
-                             f"{Path(self.cli_args.model).name!r})")
+            raise ValueError(f"model {model_path!r} is not served here")
         self.reset()
-        rt: Runtime = load(model_path, **self.runtime_options)
-        # Generation only reads the last position's logits; the eager CPU output head would
-        # otherwise compute them for every prompt token.
+        rt = load(model_path, **self.runtime_options)
         h = output_head(rt.model)
-        if h is not None:
+        if h is not None:  # generation reads only the last position's logits
             h.last_only = True
         self.runtime = rt
         self.model_key = (model_path, adapter_path, draft_model_path)
-        self.model = rt.model
-        self.tokenizer = rt.tokenizer
-        self.processor = None
-        self.draft_model = None
+        self.model, self.tokenizer = rt.model, rt.tokenizer
+        self.processor = self.draft_model = None
         self.is_batchable = False  # one sequence at a time over the shared expert store
 
 
-class StreamingAPIHandler(mlx_server.APIHandler):
-    """mlx-lm's request handler; ``/v1/models`` lists the served pack (not the hub cache), and with an
-    API key every request but ``/health`` must carry ``Authorization: Bearer KEY``."""
+def served_names(pack: str) -> set[str]:
+    """The model ids a request may use for the served pack."""
+    p = Path(pack)
+    return {p.name, str(p), str(p.resolve()), "default_model"}
 
+
+@dataclass
+class ServerStats:
+    """Counters shared by the HTTP threads and the generation thread (``GET /stats``)."""
+
+    max_concurrency: int
+    in_flight: int = 0
+    admitted: int = 0
+    rejected: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    running: dict | None = None
+    last: dict | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def admit(self) -> bool:
+        with self._lock:
+            if self.in_flight >= self.max_concurrency:
+                self.rejected += 1
+                return False
+            self.in_flight += 1
+            self.admitted += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def record(self, **kw) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+class _CountingQueue:
+    """The request's response queue, counting the tokens the generation thread puts on it."""
+
+    def __init__(self, inner, running: dict):
+        self.inner, self.running = inner, running
+        self.ctx = None
+
+    def put(self, item) -> None:
+        if isinstance(item, mlx_server.Response):
+            self.running["generated_tokens"] += 1
+        elif isinstance(item, mlx_server.GenerationContext):
+            self.ctx = item
+        self.inner.put(item)
+
+
+class StreamingResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generation thread plus history checkpoints, per-request K and counters."""
+
+    def __init__(self, provider: StreamingModelProvider, prompt_cache: LRUPromptCache, stats: ServerStats):
+        self.stats = stats
+        super().__init__(provider, prompt_cache)
+
+    def _serve_single(self, request, stream):
+        rqueue, req, args = request
+        running = {"generated_tokens": 0, "started": time.time()}
+        counting = _CountingQueue(rqueue, running)
+        self.stats.running = running
+        try:
+            with self._experts_per_token(getattr(req, "experts_per_token", None)):
+                try:
+                    self._checkpoint_history(req, args, stream)
+                except Exception as e:  # only an optimisation: generation itself reports real errors
+                    log.warning("history checkpoint skipped (%s: %s)", type(e).__name__, e)
+                super()._serve_single((counting, req, args), stream)
+        finally:
+            ctx = counting.ctx
+            cancelled = ctx is not None and ctx._should_stop
+            last = {"generated_tokens": running["generated_tokens"], "cancelled": cancelled,
+                    "prompt_tokens": len(ctx.prompt) if ctx else 0,
+                    "cached_tokens": ctx.prompt_cache_count if ctx else 0,
+                    "seconds": round(time.time() - running["started"], 3)}
+            self.stats.record(completed=int(ctx is not None and not cancelled), cancelled=int(cancelled),
+                              failed=int(ctx is None), prompt_tokens=last["prompt_tokens"],
+                              cached_tokens=max(last["cached_tokens"], 0),
+                              generated_tokens=last["generated_tokens"])
+            self.stats.last, self.stats.running = last, None
+
+    @contextlib.contextmanager
+    def _experts_per_token(self, k: int | None):
+        blocks = list(moe_blocks(self.model_provider.model).values()) if k else []
+        saved = [b.top_k for b in blocks]
+        for b in blocks:
+            b.top_k = k
+        try:
+            yield
+        finally:
+            for b, s in zip(blocks, saved):
+                b.top_k = s
+
+    def _checkpoint_history(self, req, args, stream) -> None:
+        """Run the conversation history into a cache and store it under its tokens.
+
+        The history is the rendered prompt up to where it differs from the same messages rendered
+        without the generation prompt. The next turn of the conversation renders the same history
+        (Qwen3.5 drops earlier turns' reasoning from both), so it finds this entry as a prefix,
+        where the entry stored after generation (prompt + reply) would not match it.
+        """
+        if req.request_type != "chat" or req.messages[-1].get("role") not in ("user", "tool"):
+            return
+        provider = self.model_provider
+        tok, model = provider.tokenizer, provider.model
+        prompt = self._tokenize(tok, req, args)[0]
+        kwargs = dict(provider.cli_args.chat_template_args or {})
+        kwargs.update(args.chat_template_kwargs or {})
+        history = tok.apply_chat_template(req.messages, tools=req.tools, tokenize=True,
+                                          add_generation_prompt=False, **kwargs)
+        p = next((i for i, (a, b) in enumerate(zip(prompt, history)) if a != b), min(len(prompt), len(history)))
+        p = min(p, len(prompt) - 1)  # generation needs at least one token to run
+        cache, rest = self.prompt_cache.fetch_nearest_cache(provider.model_key, prompt[:p])
+        if p <= 0 or not rest:
+            return
+        if cache is None:
+            cache = mlx_server.make_prompt_cache(model)
+        step = provider.cli_args.prefill_step_size
+        with mx.stream(stream):
+            for i in range(0, len(rest), step):
+                model(mx.array(rest[i:i + step])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+        self.prompt_cache.insert_cache(provider.model_key, prompt[:p], cache, cache_type="user")
+        log.info("stored the history checkpoint: %d tokens (%d computed)", p, len(rest))
+
+
+@dataclass
+class ServerConfig:
+    """What the HTTP handler needs to know besides mlx-lm's options."""
+
+    pack: str
     api_key: str | None = None
-
-    def _authorized(self) -> bool:
-        if not self.api_key or self.path == "/health":
-            return True
-        if self.headers.get("Authorization", "") == f"Bearer {self.api_key}":
-            return True
-        body = json.dumps({"error": {"message": "invalid or missing API key", "type": "invalid_request_error",
-                                     "code": "invalid_api_key"}}).encode()
-        self._set_completion_headers(401)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        return False
-
-    def do_POST(self):
-        if self._authorized():
-            super().do_POST()
-
-    def do_GET(self):
-        if self._authorized():
-            super().do_GET()
-
-    def handle_models_request(self):
-        self._set_completion_headers(200)
-        self.end_headers()
-        name = Path(self.response_generator.cli_args.model).name
-        body = {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "moestream"}]}
-        self.wfile.write(json.dumps(body).encode())
-        self.wfile.flush()
+    max_context: int = 32768
+    num_experts: int = 0
 
 
-def serve(pack: str, host: str = "127.0.0.1", port: int = 8080, extra_args: list[str] | None = None,
-          api_key: str | None = None, **runtime_options) -> None:
-    """Run the server until interrupted (mlx-lm's argument parser handles its own options)."""
-    StreamingModelProvider.runtime_options = runtime_options
-    StreamingAPIHandler.api_key = api_key
-    argv = ["mlx_lm.server", "--model", str(pack), "--host", host, "--port", str(port), *(extra_args or [])]
-    old = sys.argv, mlx_server.ModelProvider, mlx_server._run_http_server
-    sys.argv, mlx_server.ModelProvider = argv, StreamingModelProvider
-    mlx_server._run_http_server = functools.partial(old[2], handler_class=StreamingAPIHandler)
-    try:
+class Server:
+    """A running server: :meth:`serve_forever` (CLI) or :meth:`start` / :meth:`close` (tests)."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, generator: StreamingResponseGenerator):
+        self.httpd, self.generator = httpd, generator
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "Server":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+        self.generator.stop_and_join()
+
+
+def _mlx_cli_args(argv: list[str]):
+    """mlx-lm's server options, parsed by mlx-lm's own parser (without starting its server)."""
+    got = {}
+    with mock.patch.object(sys, "argv", ["mlx_lm.server", *argv]), \
+            mock.patch.object(mlx_server, "ModelProvider", lambda a: a), \
+            mock.patch.object(mlx_server, "run", lambda host, port, args, **kw: got.setdefault("args", args)):
         mlx_server.main()
-    finally:
-        sys.argv, mlx_server.ModelProvider, mlx_server._run_http_server = old
+    return got["args"]
+
+
+def _max_context(pack: str) -> int:
+    cfg = json.loads((Path(pack) / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    return int(text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 32768)
+
+
+def build_server(pack: str, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
+                 max_concurrency: int = 8, max_context: int | None = None, mlx_args: list[str] | None = None,
+                 load_timeout: float = 600.0, **runtime_options) -> Server:
+    """Load ``pack`` and bind the HTTP server (not yet serving).
+
+    Args:
+        pack: the pack folder.
+        host, port: where to listen (port 0 picks a free one).
+        api_key: require ``Authorization: Bearer KEY`` on every route but ``/health``.
+        max_concurrency: requests admitted at once (generating or queued); more get 429.
+        max_context: longest prompt accepted, in tokens (default: the model's context length).
+        mlx_args: extra mlx-lm server options (``--temp``, ``--prompt-cache-size``, ...).
+        load_timeout: seconds to wait for the pack to load.
+        runtime_options: passed to :func:`moestream.runtime.load` (cache, experts_per_token, ...).
+    """
+    from .server_http import StreamingAPIHandler
+
+    cli_args = _mlx_cli_args(["--model", str(pack), "--host", host, "--port", str(port), *(mlx_args or [])])
+    provider = StreamingModelProvider(cli_args, runtime_options)
+    prompt_cache = LRUPromptCache(cli_args.prompt_cache_size, cli_args.prompt_cache_bytes or 1 << 63)
+    stats = ServerStats(max_concurrency=max_concurrency)
+    generator = StreamingResponseGenerator(provider, prompt_cache, stats)
+    deadline = time.time() + load_timeout
+    while provider.model is None:  # mlx-lm loads in its generation thread; serve only once loaded
+        if not generator.generation_available() or time.time() > deadline:
+            generator.stop_and_join()
+            raise RuntimeError(f"{pack}: the model did not load (see the log above)")
+        time.sleep(0.05)
+    num_experts = provider.runtime.pack.manifest.num_experts
+    generator.config = ServerConfig(str(pack), api_key, max_context or _max_context(pack), num_experts)
+    httpd = ThreadingHTTPServer((host, port), lambda *a, **kw: StreamingAPIHandler(generator, *a, **kw))
+    return Server(httpd, generator)
+
+
+def serve(pack: str, host: str = "127.0.0.1", port: int = 8080, **kwargs) -> None:
+    """Run the server until interrupted (see :func:`build_server` for the options)."""
+    server = build_server(pack, host, port, **kwargs)
+    log.info("serving %s at %s/v1", pack, server.url)
+    server.serve_forever()
