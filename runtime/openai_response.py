@@ -66,6 +66,7 @@ class ResponseAssembler:
         self._parser, self._tools, self._markers = tool_parser, tools, markers
         self._streaming = streaming
         self._tool_text = ""
+        self._content_started = False
         self.num_calls = 0
 
     def feed(self, text: str, finish_reason: str | None = None) -> Delta:
@@ -88,6 +89,9 @@ class ResponseAssembler:
             elif state == "tool":
                 self._tool_text += chunk
             else:
+                if not self._content_started:  # the blank lines after </think> are not an answer
+                    chunk = chunk.lstrip("\n")
+                    self._content_started = bool(chunk)
                 out.content += chunk
             self._state = state
         if finish_reason is not None and self._state == "tool":
@@ -99,6 +103,7 @@ class ResponseAssembler:
         calls = self._parse(text) if closed else None
         if calls is None:
             start, end = self._markers
+            self._content_started = True
             return Delta(content=start + text + (end if closed else ""))
         return Delta(tool_calls=[self._format(c) for c in calls])
 

@@ -117,12 +117,15 @@ class _CountingQueue:
     def __init__(self, inner, running: dict):
         self.inner, self.running = inner, running
         self.ctx = None
+        self.reused: int | None = None  # prompt tokens found cached before this request computed any
 
     def put(self, item) -> None:
-        if isinstance(item, mlx_server.Response):
-            self.running["generated_tokens"] += 1
-        elif isinstance(item, mlx_server.GenerationContext):
+        if isinstance(item, mlx_server.GenerationContext):
             self.ctx = item
+        elif isinstance(item, mlx_server.Response):
+            self.running["generated_tokens"] += 1
+            if self.reused is not None:  # mlx-lm counted the history this request just computed
+                self.ctx.prompt_cache_count = min(self.ctx.prompt_cache_count, self.reused)
         self.inner.put(item)
 
 
@@ -141,7 +144,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         try:
             with self._experts_per_token(getattr(req, "experts_per_token", None)):
                 try:
-                    self._checkpoint_history(req, args, stream)
+                    counting.reused = self._checkpoint_history(req, args, stream)
                 except Exception as e:  # only an optimisation: generation itself reports real errors
                     log.warning("history checkpoint skipped (%s: %s)", type(e).__name__, e)
                 super()._serve_single((counting, req, args), stream)
@@ -170,16 +173,19 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
             for b, s in zip(blocks, saved):
                 b.top_k = s
 
-    def _checkpoint_history(self, req, args, stream) -> None:
+    def _checkpoint_history(self, req, args, stream) -> int | None:
         """Run the conversation history into a cache and store it under its tokens.
 
         The history is the rendered prompt up to where it differs from the same messages rendered
         without the generation prompt. The next turn of the conversation renders the same history
         (Qwen3.5 drops earlier turns' reasoning from both), so it finds this entry as a prefix,
         where the entry stored after generation (prompt + reply) would not match it.
+
+        Returns the number of prompt tokens that were cached before this call computed any, or
+        None when it computed nothing.
         """
         if req.request_type != "chat" or req.messages[-1].get("role") not in ("user", "tool"):
-            return
+            return None
         provider = self.model_provider
         tok, model = provider.tokenizer, provider.model
         prompt = self._tokenize(tok, req, args)[0]
@@ -191,7 +197,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         p = min(p, len(prompt) - 1)  # generation needs at least one token to run
         cache, rest = self.prompt_cache.fetch_nearest_cache(provider.model_key, prompt[:p])
         if p <= 0 or not rest:
-            return
+            return None
         if cache is None:
             cache = mlx_server.make_prompt_cache(model)
         step = provider.cli_args.prefill_step_size
@@ -201,6 +207,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
                 mx.eval([c.state for c in cache])
         self.prompt_cache.insert_cache(provider.model_key, prompt[:p], cache, cache_type="user")
         log.info("stored the history checkpoint: %d tokens (%d computed)", p, len(rest))
+        return p - len(rest)
 
 
 @dataclass
@@ -243,6 +250,8 @@ class Server:
             self.httpd.shutdown()
         self.httpd.server_close()
         self.generator.stop_and_join()
+        if self.generator.model_provider.runtime is not None:
+            self.generator.model_provider.runtime.close()
 
 
 def _mlx_cli_args(argv: list[str]):

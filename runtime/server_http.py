@@ -268,7 +268,8 @@ class StreamingAPIHandler(mlx_server.APIHandler):
                 d = asm.feed(gen.text, gen.finish_reason) if chat else Delta(content=gen.text)
                 finish = gen.finish_reason or finish
                 if args.logprobs or args.top_logprobs > 0:
-                    logprobs.append({"token": tok.decode([gen.token]), "logprob": gen.logprob,
+                    # "id" is an extension: byte-level tokens do not round-trip through text.
+                    logprobs.append({"token": tok.decode([gen.token]), "id": gen.token, "logprob": gen.logprob,
                                      "top_logprobs": list(gen.top_tokens)})
                 if self.stream and d:
                     self._sse(self._body(d, None))
