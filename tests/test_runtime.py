@@ -248,8 +248,8 @@ def test_chat_template_thinking_switch(pack):
         raw = build_prompt(rt, "hi", raw=True)
     finally:
         rt.close()
-    assert "<|im_start|>user\nhi<|im_end|>" in on and on.rstrip().endswith("assistant")
-    assert off.startswith("<|im_start|>user\nhi")
+    assert on == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert len(raw) == 2
 
 

@@ -338,3 +338,61 @@ def test_cli_serve_with_api_key(pack):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -- the trained fixture with the real Qwen3.5 chat template (skipped where ../shared is absent) -----
+
+@pytest.fixture(scope="module")
+def trained_server(trained_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "trained-4bit"
+    convert(str(trained_tiny), out, bits=4)
+    s = build_server(str(out), port=0).start()
+    script = Script()
+    script.eos = s.generator.model_provider.tokenizer.eos_token_id
+    mlx_server._make_logits_processors = script
+    try:
+        yield s, script
+    finally:
+        mlx_server._make_logits_processors = script._orig
+        s.close()
+
+
+def test_real_template_renders_tools_calls_and_results(trained_server):
+    """What the server sends the model for a tool round trip, as Qwen3.5 was trained to see it."""
+    tok = trained_server[0].generator.model_provider.tokenizer
+    assert (tok.tool_call_start, tok.tool_call_end, tok.has_thinking) == ("<tool_call>", "</tool_call>", True)
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": "Paris", "opts": {"units": "C"}})}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    mlx_server.process_message_content(msgs)  # the server's own step: JSON-string arguments -> dict
+    text = tok.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n"
+                           + json.dumps(TOOLS[0]))
+    assert ("<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n"
+            "<parameter=city>\nParis\n</parameter>\n<parameter=opts>\n{\"units\": \"C\"}\n</parameter>\n"
+            "</function>\n</tool_call><|im_end|>\n") in text
+    assert text.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+                         "<|im_start|>assistant\n<think>\n")
+
+
+def test_trained_pack_plain_streaming_and_tools(trained_server):
+    s, script = trained_server
+    script.tokens = None
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+    name = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "def fib(n):"}]
+    r = client.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0, **NO_THINK)
+    assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, **NO_THINK))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (r.choices[0].message.content or "")
+    with_tools = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=4, temperature=0,
+                                                **NO_THINK)
+    assert with_tools.usage.prompt_tokens > r.usage.prompt_tokens + 100  # the tools block reached the model
+    scripted(trained_server, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                             "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
+    t = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=100, **NO_THINK)
+    call = t.choices[0].message.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments), t.choices[0].finish_reason) == \
+        ("get_weather", {"city": "Paris", "days": 2}, "tool_calls")
