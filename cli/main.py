@@ -413,7 +413,8 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
               help="Longest prompt accepted, in tokens [default: the model's context length].")
 @click.option("--prompt-cache-size", type=click.IntRange(min=0), default=10, show_default=True,
               help="Conversation prefixes kept for reuse (KV and linear-attention state).")
-@click.option("--prompt-cache-bytes", default=None, help="Cap on the prefix cache's memory, e.g. 4G.")
+@click.option("--prompt-cache-bytes", default="2G", show_default=True,
+              help="Cap on the prefix cache's memory (its entries hold KV and linear-attention state).")
 @_runtime_options
 @one_line_errors
 def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,

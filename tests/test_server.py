@@ -141,34 +141,38 @@ def test_thinking_switch_and_reasoning_content(server, client):
 
 
 def test_tool_calls_plain_and_streamed(server, client):
-    out = ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-           "<parameter=days>\n3\n</parameter>\n<parameter=opts>\n{\"units\": [\"C\", {\"wind\": true}]}\n"
-           "</parameter>\n</function>\n</tool_call>")
-    want = {"city": "Paris", "days": 3, "opts": {"units": ["C", {"wind": True}]}}
-    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    # Short names: the byte-level tiny tokenizer spends one token per character.
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
+        "c": {"type": "string"}, "d": {"type": "integer"}, "o": {"type": "object"}}}}}]
+    out = ("Ok.\n<tool_call>\n<function=w>\n<parameter=c>\nParis\n</parameter>\n<parameter=d>\n3\n</parameter>\n"
+           "<parameter=o>\n{\"u\": [1, {\"v\": true}]}\n</parameter>\n</function>\n</tool_call>")
+    want = {"c": "Paris", "d": 3, "o": {"u": [1, {"v": True}]}}
+    msgs = [{"role": "user", "content": "Paris?"}]
     scripted(server, out)
-    r = client.chat.completions.create(model="tinypack", messages=msgs, tools=TOOLS, max_tokens=200, **NO_THINK)
+    r = client.chat.completions.create(model="tinypack", messages=msgs, tools=tools, max_tokens=200, **NO_THINK)
     c = r.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check.\n"
-    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [("get_weather", want)]
-    chunks = list(client.chat.completions.create(model="tinypack", messages=msgs, tools=TOOLS, max_tokens=200,
+    assert c.finish_reason == "tool_calls" and c.message.content == "Ok.\n"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [("w", want)]
+    chunks = list(client.chat.completions.create(model="tinypack", messages=msgs, tools=tools, max_tokens=200,
                                                  stream=True, **NO_THINK))
     calls = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls or [])]
-    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [(0, "get_weather", want)]
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [(0, "w", want)]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # The call and its result go back in the next turn (arguments as the JSON string clients send).
     follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": calls[0].id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(want)}}]},
-        {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21 C"}]
-    scripted(server, "Sunny.")
-    r2 = client.chat.completions.create(model="tinypack", messages=follow, tools=TOOLS, max_tokens=20, **NO_THINK)
-    assert r2.choices[0].message.content == "Sunny." and r2.choices[0].finish_reason == "stop"
+        {"id": calls[0].id, "type": "function", "function": {"name": "w", "arguments": json.dumps(want)}}]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
+    scripted(server, "Sun.")
+    r2 = client.chat.completions.create(model="tinypack", messages=follow, tools=tools, max_tokens=20, **NO_THINK)
+    assert r2.choices[0].message.content == "Sun." and r2.choices[0].finish_reason == "stop"
 
 
 def test_malformed_tool_call_is_returned_as_text(server, client):
-    bad = "<tool_call>\n<function=get_weather>\n<parameter=days>\nmany\n</parameter>\n</function>\n</tool_call>"
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
+        "d": {"type": "integer"}}}}}]
+    bad = "<tool_call>\n<function=w>\n<parameter=d>\nmany\n</parameter>\n</function>\n</tool_call>"
     scripted(server, bad)
-    r = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+    r = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "hi"}], tools=tools,
                                        max_tokens=200, **NO_THINK)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == bad
     assert r.choices[0].finish_reason == "stop"
@@ -271,17 +275,22 @@ def test_concurrent_clients_queue_and_all_complete(server):
     s, _ = server
     url = s.url
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, **_eos_suppressed(server), **THINK_OFF}
+    results = [None] * 8
+
+    def raw(i):
+        results[i] = post(url, body)
+
+    def at_once(n):
+        threads = [threading.Thread(target=raw, args=(i,)) for i in range(n)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+
+    at_once(8)  # within --max-concurrency: all queue and all complete
+    assert [r[0] for r in results] == [200] * 8 and all(r[1]["usage"]["completion_tokens"] == 24 for r in results)
     before = get(url, "/stats")
     s.generator.stats.max_concurrency = 2
     try:
-        results = [None] * 8
-
-        def raw(i):
-            results[i] = post(url, body)
-
-        threads = [threading.Thread(target=raw, args=(i,)) for i in range(8)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        at_once(8)
         codes = sorted(r[0] for r in results)
         assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
         assert all(r[1]["error"]["code"] == "rate_limit_exceeded" for r in results if r[0] == 429)
