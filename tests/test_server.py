@@ -6,6 +6,7 @@ forces a given text token by token; everything after the logits (sampling, the s
 tool parser, the HTTP response) is the server's own path. One test starts the CLI in a subprocess.
 """
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -66,9 +67,10 @@ class Script:
         return [*procs, force]
 
 
-@pytest.fixture(scope="module")
-def server(pack):
-    s = build_server(str(pack), port=0, max_concurrency=8, max_context=512).start()
+@contextlib.contextmanager
+def scripted_server(pack, **kwargs):
+    """An in-process server on a free port, with a :class:`Script` in mlx-lm's logits-processor hook."""
+    s = build_server(str(pack), port=0, **kwargs).start()
     script = Script()
     script.eos = s.generator.model_provider.tokenizer.eos_token_id
     mlx_server._make_logits_processors = script
@@ -77,6 +79,12 @@ def server(pack):
     finally:
         mlx_server._make_logits_processors = script._orig
         s.close()
+
+
+@pytest.fixture(scope="module")
+def server(pack):
+    with scripted_server(pack, max_concurrency=8, max_context=512) as s:
+        yield s
 
 
 @pytest.fixture
@@ -176,6 +184,20 @@ def test_malformed_tool_call_is_returned_as_text(server, client):
                                        max_tokens=200, **NO_THINK)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == bad
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_and_seed(server, client):
+    msgs = [{"role": "user", "content": "hi"}]
+    scripted(server, "alpha beta STOP gamma")
+    r = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=50, stop=["STOP"], **NO_THINK)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("alpha beta ", "stop")
+    server[1].tokens = None
+    kw = dict(model="tinypack", messages=msgs, max_tokens=8, temperature=1.0, logprobs=True, **NO_THINK)
+
+    def ids(seed):
+        return [x.model_extra["id"] for x in client.chat.completions.create(seed=seed, **kw).choices[0].logprobs.content]
+
+    assert ids(1) == ids(1) and ids(1) != ids(2)  # seeded sampling is reproducible, and the seed is used
 
 
 def _reference_tokens(pack, tokenizer, messages, n, **load_kw) -> list[int]:
@@ -355,15 +377,8 @@ def test_cli_serve_with_api_key(pack):
 def trained_server(trained_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "trained-4bit"
     convert(str(trained_tiny), out, bits=4)
-    s = build_server(str(out), port=0).start()
-    script = Script()
-    script.eos = s.generator.model_provider.tokenizer.eos_token_id
-    mlx_server._make_logits_processors = script
-    try:
-        yield s, script
-    finally:
-        mlx_server._make_logits_processors = script._orig
-        s.close()
+    with scripted_server(out) as s:
+        yield s
 
 
 def test_real_template_renders_tools_calls_and_results(trained_server):
