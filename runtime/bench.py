@@ -154,7 +154,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
-                 "numba_threads": numba.get_num_threads()}
+                 "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels}
     expert_bytes = k * sum(x.stride for x in m.experts)
     res_bytes = resident_bytes_per_token(m)
     out["mem_gbps"] = memory_bandwidth() / 1e9
@@ -185,6 +185,8 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     from .model import load
 
     base = {}
+    if out.get("cpu_kernels"):
+        base["naive_mmap"] = _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab)
     all_experts = sum(x.file_size for x in m.experts)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if all_experts > ram // 3:
@@ -213,6 +215,28 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     del model
     gc.collect()
     return base
+
+
+def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab) -> dict:
+    """The naive streaming baseline: expert files mmap'd, page faults load what the kernels touch.
+
+    Starts cold (the files dropped from the page cache); the kernel's readahead and page cache
+    work as they do for llama.cpp's mmap'd weights.
+    """
+    from .model import load
+
+    gc.collect()
+    for x in m.experts:
+        fd = os.open(pack / x.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    rt = load(pack, cache="mmap", experts_per_token=experts_per_token, tokenizer=False)
+    try:
+        return decode_run(rt.model, rt.store, prompt_tokens, max(8, gen_tokens // 2), vocab, seed=0, rt=rt)
+    finally:
+        rt.close()
 
 
 def format_bench(r: dict) -> str:

@@ -20,6 +20,7 @@ A slab slot is rewritten only after any lazy computation that reads it has been 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import threading
@@ -62,12 +63,12 @@ class StoreStats:
 
 
 def parse_cache(spec: str) -> tuple[str, int]:
-    """``os`` | ``none`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix) -> (policy, bytes)."""
-    if spec in ("os", "none"):
+    """``os`` | ``none`` | ``mmap`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix) -> (policy, bytes)."""
+    if spec in ("os", "none", "mmap"):
         return spec, 0
     m = re.fullmatch(r"lru:(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", spec)
     if not m:
-        raise PackError(f"--cache {spec}: expected os, none or lru:SIZE (e.g. lru:8G)")
+        raise PackError(f"--cache {spec}: expected os, none, mmap or lru:SIZE (e.g. lru:8G)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
     return "lru", int(float(m.group(1)) * mult)
 
@@ -112,6 +113,36 @@ class Slab:
             self.pending.clear()
 
 
+class MappedLayer:
+    """Every expert of one layer as numpy views into the memory-mapped file: the naive baseline.
+
+    Nothing is read explicitly; the kernels touch the pages and page faults (with the kernel's
+    readahead) load them, which is what llama.cpp does for weights beyond RAM. No checksums.
+    Only the CPU kernels can compute from it (MLX arrays cannot wrap foreign memory without a copy).
+    """
+
+    def __init__(self, path: str, x: ExpertLayer):
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.numpy: dict[str, np.ndarray] = {}
+        for c in x.components:
+            dt = np.dtype(NP_STORAGE[c.dtype])
+            inner = np.empty(c.shape, dt).strides
+            self.numpy[c.name] = np.ndarray((x.num_experts, *c.shape), dt, buffer=self._mm,
+                                            offset=x.expert_offset(0) + c.offset, strides=(x.stride, *inner))
+        self.pending: list = []
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.numpy.clear()
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with it
+            pass
+
+
 @dataclass
 class _LayerCache:
     slab: Slab
@@ -144,7 +175,9 @@ class ExpertStore:
         self._lock = threading.Lock()
         m = pack.manifest
         n = m.num_experts
-        if self.policy == "lru":
+        if self.policy == "mmap":
+            self._mapped = {x.layer: MappedLayer(str(pack.root / x.file), x) for x in m.experts}
+        elif self.policy == "lru":
             per_layer = self.cache_bytes // max(1, len(m.experts))
             self._lru = {x.layer: _LayerCache(Slab(x, max(1, min(n, per_layer // x.stride)))) for x in m.experts}
             if any(c.slab.capacity < m.top_k for c in self._lru.values()):
@@ -207,6 +240,11 @@ class ExpertStore:
         """
         if self.policy == "lru":
             yield from self._fetch_lru(layer, experts, overlap if overlap is not None else [])
+            return
+        if self.policy == "mmap":
+            _run_overlap(overlap or [])
+            self.stats.misses += len(experts)
+            yield self._mapped[layer], experts, experts
             return
         overlap = overlap if overlap is not None else []
         x = self._layers[layer]
@@ -275,6 +313,8 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for mapped in getattr(self, "_mapped", {}).values():
+            mapped.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -34,6 +34,7 @@ class Runtime:
     tokenizer: object
     pack: Pack
     store: ExpertStore
+    cpu_kernels: bool = False  # experts and quantized linears computed by moestream's numba kernels
 
     def close(self) -> None:
         self.store.close()
@@ -134,6 +135,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if cpu_kernels is None:
             cpu_kernels = on_cpu
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16
+        if store.policy == "mmap" and not cpu_kernels:
+            raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
         blocks = moe_blocks(model)
         missing = set(blocks) - {x.layer for x in pack.manifest.experts}
@@ -158,7 +161,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             use_cpu_kernels(model)
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
-        return Runtime(model, tok, pack, store)
+        return Runtime(model, tok, pack, store, cpu_kernels)
     except BaseException:
         if store is not None:
             store.close()
