@@ -73,16 +73,18 @@ def _human(n: float) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUTPUT.")
 @click.option("--force", is_flag=True, help="Replace an existing pack at OUTPUT.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, bytes per token); write nothing.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Statistics from `moestream calibrate`: clip weights each column by its input's mean square.")
 @one_line_errors
 def convert(source, output, bits, group_size, method, resident_bits, dtype, alignment, revision, keep_mtp, jobs,
-            resume, force, dry_run):
+            resume, force, dry_run, calibration):
     """Convert a Hugging Face checkpoint (folder or hub id) into a pack."""
     from moestream.convert import convert as run
 
     res = run(source, output, bits=int(bits), group_size=int(group_size), method=method,
               resident_bits=int(resident_bits) if resident_bits else None, dtype=dtype, alignment=alignment,
               revision=revision, keep_mtp=keep_mtp, jobs=jobs, resume=resume, force=force, dry_run=dry_run,
-              progress=sys.stderr.isatty())
+              progress=sys.stderr.isatty(), calibration=str(calibration) if calibration else None)
     if dry_run:
         s = res.summary()
         click.echo(f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
@@ -351,6 +353,29 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
             break
         thinking, text = not thinking, rest
     return thinking
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.File("r", encoding="utf-8"), help="Calibration text.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics file to write (safetensors).")
+@click.option("--max-tokens", type=int, default=4096, show_default=True)
+@click.option("--window", type=int, default=512, show_default=True, help="Tokens per forward pass.")
+@click.option("--skip-chars", type=int, default=0, help="Start this far into the text (keep it apart from eval text).")
+@one_line_errors
+def calibrate(pack, text_file, output, max_tokens, window, skip_chars):
+    """Record per-expert and per-linear input statistics (and routing counts) on calibration text.
+
+    Run it on an 8-bit pack of the model, then `moestream convert SOURCE --calibration STATS`.
+    """
+    from moestream.runtime.calibrate import calibrate as run
+
+    cal = run(pack, text_file.read()[skip_chars:], max_tokens=max_tokens, window=window)
+    cal.save(output)
+    routed = sum(int(d["count"].sum()) for d in cal.experts.values())
+    click.echo(f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.experts)} MoE layers ({routed} expert "
+               f"routings), {len(cal.linears)} linears")
 
 
 @cli.command(name="eval")

@@ -32,6 +32,7 @@ from .family import family_for
 from .plan import ConversionPlan, ExpertLayerPlan, Options, build_plan
 from .source import EXTRA_FILES, ConvertError, SourceCheckpoint, resolve_source
 from .writers import expert_block, write_resident_file
+from moestream.quant.calibration import Calibration
 
 log = logging.getLogger(__name__)
 WORK = ".moestream-work"
@@ -111,6 +112,8 @@ def _prepare_output(out: Path, resume: bool, force: bool) -> None:
 def _fingerprint(plan: ConversionPlan, src: SourceCheckpoint) -> str:
     key = {"source": src.fingerprint(), "options": asdict(plan.options), "float_dtype": plan.float_dtype,
            "format_version": FORMAT_VERSION}
+    if plan.options.calibration:  # the statistics themselves, not just their path
+        key["calibration"] = file_checksum(Path(plan.options.calibration))
     return xxhash.xxh3_64_hexdigest(json.dumps(key, sort_keys=True).encode())
 
 
@@ -135,6 +138,7 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
     o, fam = plan.options, plan.family
     fp = _fingerprint(plan, src)
     method = o.resolved_method()
+    cal = Calibration.load(o.calibration) if o.calibration else None
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
     rows: list[dict] = []
     layers: list[ExpertLayer] = []
@@ -148,7 +152,8 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
                 entry, stats = ExpertLayer.from_dict(side["entry"]), side["stats"]
                 bar.update(x.src_bytes)
             else:
-                entry, st = _convert_layer(pool, jobs, src, x, o.bits, method, plan.float_dtype, o.alignment, out, bar)
+                entry, st = _convert_layer(pool, jobs, src, x, o.bits, method, plan.float_dtype, o.alignment, out, bar,
+                                           cal)
                 stats = {p: s.to_dict() for p, s in st.items()}
                 _save_sidecar(out, f"layer-{x.layer:03d}", fp, entry=asdict(entry), stats=stats)
             layers.append(entry)
@@ -156,7 +161,7 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
                 g = x.group_down if proj == "down_proj" else x.group_gate_up
                 rows.append(report_row(x.layer, f"experts.{proj}", f"experts.{proj}", o.bits, g, method,
                                        ErrorStats.from_dict(s)))
-        rfiles, stats_by_file = _convert_residents(pool, plan, src, out, fp, method, bar)
+        rfiles, stats_by_file = _convert_residents(pool, plan, src, out, fp, method, bar, cal)
     bar.close()
     for f in plan.resident_files:
         for t in f.tensors:
@@ -166,6 +171,10 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
                 rows.append(report_row(_layer_of(t.target), t.target, _kind(t.target), t.bits, t.group_size,
                                        method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
     extra = _copy_extra_files(src.folder, out)
+    if cal is not None:
+        method = "clip+calibration"  # as recorded in the report and manifest
+        for r in rows:
+            r["method"] = method if r["method"] == "clip" else r["method"]
     write_report(out, rows, {"bits": o.bits, "group_size": o.group_size, "method": method,
                              "model_type": fam.model_type, "source": provenance.get("repo_id") or provenance["path"]})
     provenance = {**provenance, "files": src.fingerprint()}
@@ -179,13 +188,13 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
     return m
 
 
-def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, alignment, out: Path, bar):
+def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, alignment, out: Path, bar, cal=None):
     writer = ExpertLayerWriter(out / x.file, x.layer, x.source.num_experts, x.components, x.block_bytes, alignment)
     stats = {p: ErrorStats() for p in ("gate_proj", "up_proj", "down_proj")}
     per_expert = x.src_bytes // x.source.num_experts
 
     def one(e: int) -> dict[str, ErrorStats]:
-        block, st = expert_block(src, x, e, bits, method, dtype)
+        block, st = expert_block(src, x, e, bits, method, dtype, cal)
         writer.write_expert(e, block)
         bar.update(per_expert)
         return st
@@ -221,7 +230,7 @@ def _cancel(futures) -> None:
     wait(futures)
 
 
-def _convert_residents(pool, plan, src, out, fp, method, bar):
+def _convert_residents(pool, plan, src, out, fp, method, bar, cal=None):
     rfiles, stats = {}, {}
     todo = []
     for f in plan.resident_files:
@@ -237,7 +246,7 @@ def _convert_residents(pool, plan, src, out, fp, method, bar):
 
     def one(f):
         try:
-            st = write_resident_file(src, plan.family, f, out / f.file, method, plan.hf_layout, bar.update)
+            st = write_resident_file(src, plan.family, f, out / f.file, method, plan.hf_layout, bar.update, cal)
         except OSError as e:
             raise ConvertError(f"{out / f.file}: cannot write ({e.strerror or e})") from None
         p = out / f.file

@@ -36,9 +36,14 @@ class Options:
     dtype: str | None = None  # float type of scales/biases/unquantized tensors; None: the source's
     alignment: int = 16384
     keep_mtp: bool = False
+    calibration: str | None = None  # a `moestream calibrate` file: importance-weighted clip everywhere
 
     def resolved_method(self) -> str:
         # At 8 bits clip cuts the trained fixture's mean KL from 0.0068 to 0.0039 (benchmarks/RESULTS.md).
+        if self.calibration:
+            if self.method not in (None, "clip"):
+                raise ConvertError(f"--calibration weights the clip search; it cannot be used with --method {self.method}")
+            return "clip"
         return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
 
 

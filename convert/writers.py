@@ -10,6 +10,7 @@ import numpy as np
 
 from moestream.layouts import SafetensorsWriter
 from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
+from moestream.quant.calibration import Calibration
 
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
@@ -50,8 +51,11 @@ def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, 
 
 
 def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, method: str,
-                 dtype: str) -> tuple[np.ndarray, dict[str, ErrorStats]]:
-    """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats."""
+                 dtype: str, cal: Calibration | None = None) -> tuple[np.ndarray, dict[str, ErrorStats]]:
+    """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats.
+
+    With ``cal``, each projection's clip search weights its columns by the expert's input statistics.
+    """
     block = np.zeros(x.block_bytes, np.uint8)
     comps = {c.name: c for c in x.components}
     stats = {}
@@ -62,7 +66,8 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
         else:
             g = x.group_down if proj == "down_proj" else x.group_gate_up
-            wq, sc, bi, stats[proj] = quantize_with_error(w, bits, g, dtype, method)
+            imp = _fits(cal.expert_importance(x.layer, e, proj) if cal else None, w.shape[1])
+            wq, sc, bi, stats[proj] = quantize_with_error(w, bits, g, dtype, method, importance=imp)
             arrays = {"weight": wq, "scales": sc, "biases": bi}
         for part, arr in arrays.items():
             c = comps[f"{proj}.{part}"]
@@ -70,8 +75,12 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
     return block, stats
 
 
+def _fits(imp: np.ndarray | None, cols: int) -> np.ndarray | None:
+    return imp if imp is not None and imp.shape == (cols,) else None
+
+
 def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentFilePlan, path, method: str,
-                        hf_layout: bool, progress=None) -> dict[str, ErrorStats]:
+                        hf_layout: bool, progress=None, cal: Calibration | None = None) -> dict[str, ErrorStats]:
     """Write one resident safetensors file, tensor by tensor in row chunks. Returns error stats."""
     w = SafetensorsWriter(path, metadata={"format": "mlx", "producer": "moestream"})
     for t in f.tensors:
@@ -87,7 +96,7 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
     try:
         w.begin()
         for t in f.tensors:
-            stats[t.target] = _write_tensor(src, family, w, t, method, hf_layout, progress)
+            stats[t.target] = _write_tensor(src, family, w, t, method, hf_layout, progress, cal)
         w.finish()
     except BaseException:
         w.abort()
@@ -95,7 +104,7 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
     return {k: v for k, v in stats.items() if v is not None}
 
 
-def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress):
+def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress, cal=None):
     info = src.info(t.source)
     rows = info.shape[0] if info.shape else 1
     per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
@@ -115,7 +124,8 @@ def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf
             w.write(t.target, stored)
         else:
             x2 = np.ascontiguousarray(x.reshape(-1, t.shape[-1]))
-            wq, sc, bi, st = quantize_with_error(x2, t.bits, t.group_size, t.dtype, method)
+            imp = _fits(cal.linear_importance(t.target) if cal and method == "clip" else None, x2.shape[1])
+            wq, sc, bi, st = quantize_with_error(x2, t.bits, t.group_size, t.dtype, method, importance=imp)
             total.merge(st)
             w.write(f"{base}.weight", wq)
             side["scales"].append(sc)

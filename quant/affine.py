@@ -203,27 +203,30 @@ def _usable(s):
 
 
 @njit(inline="always")
-def _refit_pass(w, row, off, group_size, s, b, n_bins, sdt):
-    """One pass under (s, b), s != 0: the squared error, and the least-squares (scale, bias)
-    for the codes that (s, b) assigns, rounded to the storage dtype ((0, 0) if degenerate)."""
+def _refit_pass(w, row, off, group_size, s, b, n_bins, sdt, imp):
+    """One pass under (s, b), s != 0: the importance-weighted squared error, and the weighted
+    least-squares (scale, bias) for the codes that (s, b) assigns, rounded to the storage dtype
+    ((0, 0) if degenerate). With unit importance every sum is the plain one, bit for bit."""
     zero = np.float32(0.0)
     inv = np.float32(1.0) / s
     e = np.float32(0.0)
-    # Codes are small integers, so their float32 sums are exact (128 * 255**2 < 2**24).
+    sv = np.float32(0.0)
     sq = np.float32(0.0)
     sqq = np.float32(0.0)
     sx = np.float32(0.0)
     sqx = np.float32(0.0)
     for j in range(group_size):
         x = w[row, off + j]
+        v = imp[off + j]
         q = min(max(np.rint((x - b) * inv), zero), n_bins)
         d = q * s + b - x
-        e += d * d
-        sq += q
-        sqq += q * q
-        sx += x
-        sqx += q * x
-    n = np.float64(group_size)
+        e += v * (d * d)
+        sv += v
+        sq += v * q
+        sqq += v * (q * q)
+        sx += v * x
+        sqx += v * (q * x)
+    n = np.float64(sv)
     det = n * np.float64(sqq) - np.float64(sq) * np.float64(sq)
     if det <= 0.0:
         return e, np.float32(0.0), np.float32(0.0)
@@ -233,7 +236,7 @@ def _refit_pass(w, row, off, group_size, s, b, n_bins, sdt):
 
 
 @njit(nogil=True, cache=True)
-def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
+def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits, imp):
     rows, cols = w.shape
     n_groups = cols // group_size
     n_bins = np.float32((1 << bits) - 1)
@@ -282,10 +285,11 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
             # loop-carried sum, so it vectorizes without reassociating float adds.
             for j in range(group_size):
                 x = w[r, off + j]
+                v = imp[off + j]
                 for k in range(n_cand):
                     q = min(max(np.rint((x - c_b[k]) * c_inv[k]), zero), n_bins)
                     d = q * c_s[k] + c_b[k] - x
-                    c_err[k] += d * d
+                    c_err[k] += v * (d * d)
             best = 0
             for k in range(1, n_cand):
                 if c_err[k] < c_err[best]:
@@ -295,11 +299,11 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits):
             if _usable(best_s) and refits > 0:
                 # Alternate: codes given (scale, bias), then least-squares (scale, bias) given
                 # the codes; keep going while the stored-dtype error drops.
-                best_e, ns, nb = _refit_pass(w, r, off, group_size, best_s, best_b, n_bins, sdt)
+                best_e, ns, nb = _refit_pass(w, r, off, group_size, best_s, best_b, n_bins, sdt, imp)
                 for _ in range(refits):
                     if not _usable(ns):
                         break
-                    e, ns2, nb2 = _refit_pass(w, r, off, group_size, ns, nb, n_bins, sdt)
+                    e, ns2, nb2 = _refit_pass(w, r, off, group_size, ns, nb, n_bins, sdt, imp)
                     if not e < best_e:
                         break
                     best_e = e
@@ -400,6 +404,7 @@ def quantize_with_error(
     group_size: int,
     scale_dtype: str = "bfloat16",
     method: str = "rtn",
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, ErrorStats]:
     """Quantize like ``quantize`` and also return the error of the dequantized result.
 
@@ -412,6 +417,9 @@ def quantize_with_error(
         group_size: values per (scale, bias) pair along a row, one of SUPPORTED_GROUP_SIZES.
         scale_dtype: "float32", "float16" or "bfloat16".
         method: "rtn" (byte-identical to MLX) or "clip" (lower-error search).
+        importance: optional [cols] weights, e.g. the mean square of each input channel over
+            calibration text (imatrix-style): ``clip`` then minimises sum_j imp_j * err_j^2 per
+            group, the diagonal approximation of the layer's output error. ``clip`` only.
 
     Returns:
         (wq, scales, biases, stats): wq uint32 [rows, cols*bits//32]; scales and biases
@@ -423,13 +431,31 @@ def quantize_with_error(
     scales = np.empty((rows, cols // group_size), dtype=np.float32)
     biases = np.empty_like(scales)
     sdt = SCALE_DTYPES[scale_dtype]
+    imp = _importance(importance, cols, method)
     if method == "rtn":
         sw, sw2, se2, smax = _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases)
     else:
         sw, sw2, se2, smax = _clip_kernel(
-            w, bits, group_size, sdt, wq, scales, biases, _CLIP_GRID, _CLIP_REFITS)
+            w, bits, group_size, sdt, wq, scales, biases, _CLIP_GRID, _CLIP_REFITS, imp)
     stats = ErrorStats(count=w.size, sum_w=sw, sum_w2=sw2, sum_err2=se2, max_abs_err=smax)
     return wq, _to_storage(scales, scale_dtype), _to_storage(biases, scale_dtype), stats
+
+
+def _importance(importance: np.ndarray | None, cols: int, method: str) -> np.ndarray:
+    """Per-column weights for the clip search: ones without calibration (the plain objective, bit
+    for bit); else scaled to mean 1, with a floor so that no column is ignored entirely."""
+    if importance is None:
+        return np.ones(cols, np.float32)
+    if method != "clip":
+        raise ValueError(f"importance weights need method 'clip', got {method!r}")
+    imp = np.asarray(importance, np.float64).reshape(-1)
+    if imp.shape != (cols,) or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+        raise ValueError(f"importance must be {cols} finite non-negative values, got shape {imp.shape}")
+    mean = imp.mean()
+    if mean <= 0:
+        return np.ones(cols, np.float32)
+    imp = imp / mean
+    return np.maximum(imp, 1e-3).astype(np.float32)
 
 
 def quantize(
@@ -438,6 +464,7 @@ def quantize(
     group_size: int,
     scale_dtype: str = "bfloat16",
     method: str = "rtn",
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Affine group quantization in MLX's layout.
 
@@ -451,6 +478,7 @@ def quantize(
         group_size: one of SUPPORTED_GROUP_SIZES.
         scale_dtype: "float32", "float16" or "bfloat16".
         method: "rtn" or "clip".
+        importance: per-column weights for "clip" (see :func:`quantize_with_error`).
 
     Returns:
         (wq, scales, biases): wq uint32 [rows, cols*bits//32] (the LSB-first bitstream of each
@@ -462,7 +490,7 @@ def quantize(
         >>> wq.shape, s.shape, s.dtype
         ((2, 8), (2, 1), dtype('uint16'))
     """
-    wq, scales, biases, _ = quantize_with_error(w, bits, group_size, scale_dtype, method)
+    wq, scales, biases, _ = quantize_with_error(w, bits, group_size, scale_dtype, method, importance)
     return wq, scales, biases
 
 

@@ -84,6 +84,7 @@ class StreamedSwitchGLU(nn.Module):
         self._glu = _Hidden(_switch_glu(x))
         self._quantized = x.component("gate_proj.weight").bits < 16
         self._dtype = compute_dtype
+        self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -141,7 +142,10 @@ class StreamedSwitchGLU(nn.Module):
                               lin.bits, lin.group_size))
                 gate = qmm(xe, *y[0])
                 up = qmm(xe, *y[1])
-                out[t, j] = qmm(silu_mul(gate, up), *y[2])
+                mid = silu_mul(gate, up)
+                if self.recorder is not None:
+                    self.recorder(e, xe, mid)
+                out[t, j] = qmm(mid, *y[2])
         return mx.array(out.reshape(*inds.shape, h))
 
 
@@ -161,6 +165,7 @@ class CpuQuantizedLinear(nn.Module):
         # For the output head: during prefill only the last position's logits are used, and unlike
         # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
         self.last_only = False
+        self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
 
     def __call__(self, x: mx.array) -> mx.array:
         from .cpu_kernels import qmm
@@ -170,6 +175,8 @@ class CpuQuantizedLinear(nn.Module):
             x = x[..., -1:, :]
         shape = x.shape
         xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
+        if self.recorder is not None:
+            self.recorder(xs)
         y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size)
         if self._bias.module is not None:
             y += self._bias.module

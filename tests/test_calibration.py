@@ -1,0 +1,130 @@
+"""Calibration: importance-weighted clip (checked with MLX's own dequantize), the statistics that
+``moestream calibrate`` records (checked against mlx-lm's all-in-RAM model), and convert --calibration."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moestream.convert import convert
+from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+from moestream.main import cli
+from moestream.quant import quantize
+from moestream.quant.calibration import Calibration
+from moestream.runtime.calibrate import calibrate
+from moestream.runtime.loader import load_resident_model
+
+
+def _mx_dequant(wq, s, b, bits, g) -> np.ndarray:
+    as_mx = (lambda a: mx.array(a).view(mx.bfloat16)) if s.dtype == np.uint16 else mx.array
+    return np.array(mx.dequantize(mx.array(wq), as_mx(s), as_mx(b), group_size=g, bits=bits).astype(mx.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weighted_clip_lowers_the_output_error(bits):
+    """With inputs whose channels differ in scale, weighting columns by E[x_j^2] lowers E||(W - Q)x||^2."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    scale = np.exp(rng.standard_normal(256) * 1.5)  # heavy-tailed channel scales, as activations have
+    x = rng.standard_normal((2048, 256)) * scale
+    imp = (x ** 2).mean(0)
+    x_test = rng.standard_normal((2048, 256)) * scale  # fresh inputs for the measurement
+
+    def out_err(**kw):
+        q = _mx_dequant(*quantize(w, bits, 64, method="clip", **kw), bits, 64)
+        return float(((x_test @ (w - q).T.astype(np.float64)) ** 2).mean())
+
+    plain, weighted = out_err(), out_err(importance=imp)
+    assert weighted < 0.9 * plain, (plain, weighted)
+
+
+def test_unit_importance_is_plain_clip_and_bad_importance_is_refused():
+    w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    a = quantize(w, 3, 64, method="clip")
+    b = quantize(w, 3, 64, method="clip", importance=np.full(128, 7.0))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(ValueError, match="clip"):
+        quantize(w, 4, 64, method="rtn", importance=np.ones(128))
+    with pytest.raises(ValueError, match="128"):
+        quantize(w, 4, 64, method="clip", importance=np.ones(64))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cal")
+    cfg = tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64, num_hidden_layers=2, vocab_size=512,
+                      shared_expert_intermediate_size=64)
+    src = write_tiny_checkpoint(d / "src", cfg)
+    convert(str(src), d / "p8", bits=8)
+    return d, src
+
+
+def test_calibration_statistics_match_the_resident_model(tiny):
+    d, _ = tiny
+    text = "def f(x):\n    return [i * x for i in range(10)]\n" * 12
+    cal = calibrate(d / "p8", text, max_tokens=200, window=64)
+    cal.save(d / "cal.st")
+    cal = Calibration.load(d / "cal.st")
+    # Independent: mlx-lm's model with every expert in RAM and MLX's kernels; capture what the
+    # MoE blocks' switch_mlp and the output head receive.
+    model, pack = load_resident_model(d / "p8", dtype="float32")
+    tok_ids = pack and __import__("moestream.runtime.model", fromlist=["load_tokenizer"]).load_tokenizer(pack.root)
+    ids = tok_ids.encode(text)[:200]
+    pack.close()
+    seen = {}
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(layers):
+        inner = layer.mlp.switch_mlp
+
+        def hook(x, inds, inner=inner, i=i):
+            seen.setdefault(i, []).append((np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1]),
+                                           np.array(inds).reshape(-1, inds.shape[-1]), inner))
+            return inner(x, inds)
+
+        layer.mlp.switch_mlp = hook
+    for i in range(0, len(ids), 64):
+        mx.eval(model(mx.array(ids[i:i + 64])[None]))
+    for i, calls in seen.items():
+        xs = np.concatenate([c[0] for c in calls])
+        inds = np.concatenate([c[1] for c in calls])
+        glu = calls[0][2]
+        d_ = cal.experts[i]
+        assert d_["count"].sum() == inds.size and np.array_equal(d_["count"], np.bincount(inds.ravel(), minlength=8))
+        for e in range(8):
+            xe = xs[(inds == e).any(1)].astype(np.float64)
+            np.testing.assert_allclose(d_["gate_up"][e], (xe ** 2).sum(0), rtol=2e-4, atol=1e-6)
+            deq = {p: _mx_dequant(np.array(getattr(glu, p)["weight"][e]), np.array(getattr(glu, p)["scales"][e].view(mx.uint16)),
+                                  np.array(getattr(glu, p)["biases"][e].view(mx.uint16)), 8, getattr(glu, p).group_size)
+                   if getattr(glu, p)["scales"].dtype == mx.bfloat16 else None for p in ("gate_proj", "up_proj")}
+            if deq["gate_proj"] is not None:
+                g, u = xe @ deq["gate_proj"].T, xe @ deq["up_proj"].T
+                mid = g / (1 + np.exp(-g)) * u
+                np.testing.assert_allclose(d_["down"][e], (mid ** 2).sum(0), rtol=2e-3, atol=1e-6)
+    head = cal.linear_importance("language_model.lm_head.weight")
+    assert head is not None and head.shape == (128,) and np.all(head > 0)
+    assert cal.meta["tokens"] == len(ids)
+
+
+def test_convert_with_calibration(tiny, tmp_path):
+    d, src = tiny
+    if not (d / "cal.st").exists():
+        calibrate(d / "p8", "hello world " * 40, max_tokens=100, window=50).save(d / "cal.st")
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2c"), "--bits", "2",
+                                 "--calibration", str(d / "cal.st")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "p2c" / "report.json").read_text())["rows"]
+    assert {x["method"] for x in rows if x["kind"].startswith("experts")} == {"clip+calibration"}
+    plain = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2"), "--bits", "2"])
+    assert plain.exit_code == 0
+    a = (tmp_path / "p2c" / "experts" / "layer-000.bin").read_bytes()
+    b = (tmp_path / "p2" / "experts" / "layer-000.bin").read_bytes()
+    assert a != b  # the statistics changed the codes
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "rtn",
+                                 "--calibration", str(d / "cal.st")])
+    assert r.exit_code == 1 and r.output.startswith("error: --calibration") and "Traceback" not in r.output
+    bad = tmp_path / "bad.st"
+    bad.write_bytes(b"not a file")
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "y"), "--calibration", str(bad)])
+    assert r.exit_code == 1 and "bad.st" in r.output and "Traceback" not in r.output
