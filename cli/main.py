@@ -60,7 +60,7 @@ def _human(n: float) -> str:
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16"]), default="4", show_default=True,
               help="Expert bits (16: unquantized passthrough).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "clip"]), default=None,
+@click.option("--method", type=click.Choice(["rtn", "clip", "gptq"]), default=None,
               help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search). Default: rtn at 4 bits, clip otherwise.")
 @click.option("--resident-bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
               help="Bits of non-expert weights (default: as --bits; router always >= 8).")
@@ -363,19 +363,25 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
 @click.option("--max-tokens", type=int, default=4096, show_default=True)
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per forward pass.")
 @click.option("--skip-chars", type=int, default=0, help="Start this far into the text (keep it apart from eval text).")
+@click.option("--matrix-bytes", default="1G", show_default=True,
+              help="Budget for full E[x x^T] matrices (what GPTQ needs): per expert if all fit, else per layer.")
 @one_line_errors
-def calibrate(pack, text_file, output, max_tokens, window, skip_chars):
+def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_bytes):
     """Record per-expert and per-linear input statistics (and routing counts) on calibration text.
 
     Run it on an 8-bit pack of the model, then `moestream convert SOURCE --calibration STATS`.
     """
     from moestream.runtime.calibrate import calibrate as run
 
-    cal = run(pack, text_file.read()[skip_chars:], max_tokens=max_tokens, window=window)
+    from moestream.runtime.expert_store import parse_cache
+
+    budget = parse_cache(f"lru:{matrix_bytes}")[1]  # the same SIZE syntax as --cache lru:SIZE
+    cal = run(pack, text_file.read()[skip_chars:], max_tokens=max_tokens, window=window, matrix_bytes=budget)
     cal.save(output)
-    routed = sum(int(d["count"].sum()) for d in cal.experts.values())
-    click.echo(f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.experts)} MoE layers ({routed} expert "
-               f"routings), {len(cal.linears)} linears")
+    routed = sum(int(cal.arrays[f"experts.{i}.count"].sum()) for i in cal.layers)
+    click.echo(f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.layers)} MoE layers ({routed} expert "
+               f"routings; {cal.meta['expert_matrices']} matrices), {len(cal.linear_names)} linears "
+               f"({'with' if cal.meta['linear_matrices'] else 'without'} matrices)")
 
 
 @cli.command(name="eval")

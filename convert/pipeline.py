@@ -40,6 +40,9 @@ WORK = ".moestream-work"
 
 def plan_conversion(source: str, revision: str | None = None, **options) -> tuple[ConversionPlan, SourceCheckpoint, dict]:
     """Resolve the source and build the plan (headers only; nothing is written)."""
+    Options(**options).resolved_method()  # option conflicts fail before anything is read or written
+    if options.get("calibration"):
+        Calibration.load(options["calibration"], header_only=True)
     folder, provenance = resolve_source(source, revision)
     src = SourceCheckpoint.open(folder)
     try:
@@ -172,9 +175,9 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
                                        method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
     extra = _copy_extra_files(src.folder, out)
     if cal is not None:
-        method = "clip+calibration"  # as recorded in the report and manifest
+        method = f"{method}+calibration"  # as recorded in the report and manifest
         for r in rows:
-            r["method"] = method if r["method"] == "clip" else r["method"]
+            r["method"] = method if r["method"] in ("clip", "gptq") else r["method"]
     write_report(out, rows, {"bits": o.bits, "group_size": o.group_size, "method": method,
                              "model_type": fam.model_type, "source": provenance.get("repo_id") or provenance["path"]})
     provenance = {**provenance, "files": src.fingerprint()}

@@ -40,10 +40,12 @@ class Options:
 
     def resolved_method(self) -> str:
         # At 8 bits clip cuts the trained fixture's mean KL from 0.0068 to 0.0039 (benchmarks/RESULTS.md).
+        if self.method == "gptq" and not self.calibration:
+            raise ConvertError("--method gptq needs --calibration STATS (from `moestream calibrate`)")
         if self.calibration:
-            if self.method not in (None, "clip"):
-                raise ConvertError(f"--calibration weights the clip search; it cannot be used with --method {self.method}")
-            return "clip"
+            if self.method == "rtn":
+                raise ConvertError("--calibration weights the clip search and GPTQ; it cannot be used with --method rtn")
+            return self.method or "gptq"
         return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
 
 

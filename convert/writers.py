@@ -11,6 +11,7 @@ import numpy as np
 from moestream.layouts import SafetensorsWriter
 from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
 from moestream.quant.calibration import Calibration
+from moestream.quant.gptq import gptq_quantize
 
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
@@ -66,8 +67,7 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
         else:
             g = x.group_down if proj == "down_proj" else x.group_gate_up
-            imp = _fits(cal.expert_importance(x.layer, e, proj) if cal else None, w.shape[1])
-            wq, sc, bi, stats[proj] = quantize_with_error(w, bits, g, dtype, method, importance=imp)
+            wq, sc, bi, stats[proj] = _quantize(w, bits, g, dtype, method, cal, (x.layer, e, proj))
             arrays = {"weight": wq, "scales": sc, "biases": bi}
         for part, arr in arrays.items():
             c = comps[f"{proj}.{part}"]
@@ -75,8 +75,23 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
     return block, stats
 
 
-def _fits(imp: np.ndarray | None, cols: int) -> np.ndarray | None:
-    return imp if imp is not None and imp.shape == (cols,) else None
+def _quantize(w: np.ndarray, bits: int, group: int, dtype: str, method: str, cal: Calibration | None, what):
+    """One weight matrix: plain rtn/clip, or with calibration, GPTQ where a second-moment matrix of
+    its inputs was recorded and importance-weighted clip where only the diagonal was.
+
+    ``what``: (layer, expert, projection) for an expert, the tensor name for a resident linear.
+    """
+    if cal is None or method == "rtn":
+        return quantize_with_error(w, bits, group, dtype, method)
+    expert = isinstance(what, tuple)
+    cols = w.shape[1]
+    if method == "gptq":
+        h = cal.expert_hessian(*what) if expert else cal.linear_hessian(what)
+        if h is not None and h.shape == (cols, cols):
+            return gptq_quantize(w, h, bits, group, dtype, block=max(group, 128 // group * group))
+    imp = cal.expert_importance(*what) if expert else cal.linear_importance(what)
+    imp = imp if imp is not None and imp.shape == (cols,) else None
+    return quantize_with_error(w, bits, group, dtype, "clip", importance=imp)
 
 
 def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentFilePlan, path, method: str,
@@ -124,8 +139,7 @@ def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf
             w.write(t.target, stored)
         else:
             x2 = np.ascontiguousarray(x.reshape(-1, t.shape[-1]))
-            imp = _fits(cal.linear_importance(t.target) if cal and method == "clip" else None, x2.shape[1])
-            wq, sc, bi, st = quantize_with_error(x2, t.bits, t.group_size, t.dtype, method, importance=imp)
+            wq, sc, bi, st = _quantize(x2, t.bits, t.group_size, t.dtype, method, cal, t.target)
             total.merge(st)
             w.write(f"{base}.weight", wq)
             side["scales"].append(sc)

@@ -9,7 +9,10 @@ expert, router, output head): the same sums over all tokens. The mean square of 
 is the diagonal of E[x x^T]; ``convert --calibration`` uses it to weight each column's error in the
 range search (imatrix-style), since the output error of a row is sum_j x_j (w_j - q_j).
 
-Size: E x (H + I) float64 sums per MoE layer (397B: 60 x 512 x 5120 x 8 B = 1.3 GB).
+Full second-moment matrices E[x x^T] (what GPTQ needs) are kept too while they fit a budget: per
+expert where possible, else one per MoE layer pooled over its experts (each expert's then
+approximated as the pooled correlation rescaled by its own diagonal). Diagonal sums alone take
+E x (H + I) float64 per MoE layer (397B: 60 x 512 x 5120 x 8 B = 1.3 GB).
 """
 
 from __future__ import annotations
@@ -28,29 +31,61 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Calibration:
-    """Sums of squares and counts; ``importance`` turns them into per-column weights."""
+    """Flat named arrays (sums, counts, matrices) with the lookups convert needs.
 
-    experts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # layer -> gate_up/down/count
-    linears: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # tensor base name -> (sumsq, n)
+    Keys: ``experts.L.{gate_up,down,count}`` (per-expert diagonal sums and routing counts),
+    ``experts.L.{gate_up,down}_cov`` (per-expert [E, n, n]) or ``..._pcov`` (pooled [n, n]),
+    ``linear.NAME.{sumsq,count,cov}``.
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
     # -- recording -------------------------------------------------------------------------------
-    def expert_recorder(self, layer: int, num_experts: int, hidden: int, inter: int):
-        d = self.experts.setdefault(layer, {"gate_up": np.zeros((num_experts, hidden)),
-                                            "down": np.zeros((num_experts, inter)),
-                                            "count": np.zeros(num_experts)})
+    def _acc(self, key: str, value: np.ndarray, index=None) -> None:
+        a = self.arrays[key]
+        if index is None:
+            a += value
+        else:
+            a[index] += value
 
-        def record(e: int, x: np.ndarray, h: np.ndarray) -> None:
-            d["gate_up"][e] += np.square(x, dtype=np.float64).sum(0)
-            d["down"][e] += np.square(h, dtype=np.float64).sum(0)
-            d["count"][e] += x.shape[0]
+    def expert_recorder(self, layer: int, num_experts: int, hidden: int, inter: int, full: str = "none"):
+        """``full``: ``expert`` (per-expert matrices), ``pooled`` (one per layer) or ``none``."""
+        p = f"experts.{layer}."
+        self.arrays.update({p + "gate_up": np.zeros((num_experts, hidden)), p + "down": np.zeros((num_experts, inter)),
+                            p + "count": np.zeros(num_experts)})
+        if full == "expert":
+            self.arrays.update({p + "gate_up_cov": np.zeros((num_experts, hidden, hidden)),
+                                p + "down_cov": np.zeros((num_experts, inter, inter))})
+        elif full == "pooled":
+            self.arrays.update({p + "gate_up_pcov": np.zeros((hidden, hidden)), p + "down_pcov": np.zeros((inter, inter))})
+
+        def record(e: int, x: np.ndarray, mid: np.ndarray) -> None:
+            x, mid = x.astype(np.float64), mid.astype(np.float64)
+            self._acc(p + "gate_up", np.square(x).sum(0), e)
+            self._acc(p + "down", np.square(mid).sum(0), e)
+            self._acc(p + "count", x.shape[0], e)
+            if full == "expert":
+                self._acc(p + "gate_up_cov", x.T @ x, e)
+                self._acc(p + "down_cov", mid.T @ mid, e)
+            elif full == "pooled":
+                self._acc(p + "gate_up_pcov", x.T @ x)
+                self._acc(p + "down_pcov", mid.T @ mid)
 
         return record
 
-    def linear_recorder(self, name: str):
+    def linear_recorder(self, name: str, width: int, full: bool = False):
+        p = f"linear.{name}."
+        self.arrays.update({p + "sumsq": np.zeros(width), p + "count": np.zeros(1)})
+        if full:
+            self.arrays[p + "cov"] = np.zeros((width, width))
+
         def record(x: np.ndarray) -> None:
-            s, n = self.linears.get(name, (0.0, 0))
-            self.linears[name] = (s + np.square(x, dtype=np.float64).sum(0), n + x.shape[0])
+            x = x.astype(np.float64)
+            self._acc(p + "sumsq", np.square(x).sum(0))
+            self._acc(p + "count", x.shape[0])
+            if full:
+                self._acc(p + "cov", x.T @ x)
 
         return record
 
@@ -58,61 +93,78 @@ class Calibration:
     def expert_importance(self, layer: int, expert: int, proj: str) -> np.ndarray | None:
         """Mean square of each input column of ``proj`` of one expert; an expert never routed to
         during calibration gets its layer's average over all experts."""
-        d = self.experts.get(layer)
-        if d is None:
+        p, kind = f"experts.{layer}.", "down" if proj == "down_proj" else "gate_up"
+        if p + kind not in self.arrays:
             return None
-        kind = "down" if proj == "down_proj" else "gate_up"
-        n = d["count"][expert]
-        if n > 0:
-            return d[kind][expert] / n
-        total = d["count"].sum()
-        return d[kind].sum(0) / total if total > 0 else None
+        counts, sums = self.arrays[p + "count"], self.arrays[p + kind]
+        if counts[expert] > 0:
+            return sums[expert] / counts[expert]
+        return sums.sum(0) / counts.sum() if counts.sum() > 0 else None
+
+    def expert_hessian(self, layer: int, expert: int, proj: str) -> np.ndarray | None:
+        """E[x x^T] of one expert's ``proj`` inputs: its own matrix, or the layer's pooled
+        correlation rescaled by the expert's diagonal; None without matrices."""
+        p, kind = f"experts.{layer}.", "down" if proj == "down_proj" else "gate_up"
+        counts = self.arrays.get(p + "count")
+        if counts is None:
+            return None
+        if p + kind + "_cov" in self.arrays and counts[expert] > 0:
+            return self.arrays[p + kind + "_cov"][expert] / counts[expert]
+        pooled = self.arrays.get(p + kind + "_pcov")
+        if pooled is None and p + kind + "_cov" in self.arrays:
+            pooled = self.arrays[p + kind + "_cov"].sum(0)  # an expert never routed to: the layer's
+        diag = self.expert_importance(layer, expert, proj)
+        if pooled is None or diag is None:
+            return None
+        d = np.sqrt(np.maximum(np.diag(pooled), 1e-30))
+        corr = pooled / np.outer(d, d)
+        r = np.sqrt(np.maximum(diag, 0))
+        return corr * np.outer(r, r)
+
+    def _linear(self, tensor: str) -> tuple[str, float]:
+        base = tensor[:-len(".weight")] if tensor.endswith(".weight") else tensor
+        n = self.arrays.get(f"linear.{base}.count")
+        return f"linear.{base}.", float(n[0]) if n is not None else 0.0
 
     def linear_importance(self, tensor: str) -> np.ndarray | None:
-        base = tensor[:-len(".weight")] if tensor.endswith(".weight") else tensor
-        s, n = self.linears.get(base, (None, 0))
-        return s / n if n else None
+        p, n = self._linear(tensor)
+        return self.arrays[p + "sumsq"] / n if n else None
+
+    def linear_hessian(self, tensor: str) -> np.ndarray | None:
+        p, n = self._linear(tensor)
+        return self.arrays[p + "cov"] / n if n and p + "cov" in self.arrays else None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(k.split(".")[1]) for k in self.arrays if k.startswith("experts.")})
+
+    @property
+    def linear_names(self) -> list[str]:
+        return sorted({k[len("linear."):].rsplit(".", 1)[0] for k in self.arrays if k.startswith("linear.")})
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
-        tensors = {}
-        for layer, d in self.experts.items():
-            for k, v in d.items():
-                tensors[f"experts.{layer}.{k}"] = v.astype(np.float64)
-        for name, (s, n) in self.linears.items():
-            tensors[f"linear.{name}"] = np.asarray(s, np.float64)
-            tensors[f"linear_count.{name}"] = np.array([n], np.float64)
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata={"format": "moestream-calibration", "meta": json.dumps(self.meta)})
+        save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}, str(tmp),
+                  metadata={"format": "moestream-calibration", "meta": json.dumps(self.meta)})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
+    def load(cls, path: str | Path, header_only: bool = False) -> "Calibration":
+        """Read a statistics file (``header_only``: check it is one, read no arrays)."""
         from safetensors import safe_open
 
-        cal = cls()
         try:
             with safe_open(str(path), "np") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != "moestream-calibration":
                     raise MoestreamError(f"{path}: not a moestream calibration file (made by `moestream calibrate`)")
-                cal.meta = json.loads(meta.get("meta", "{}"))
-                counts = {}
-                for k in f.keys():
-                    kind, rest = k.split(".", 1)
-                    if kind == "experts":
-                        layer, what = rest.split(".", 1)
-                        cal.experts.setdefault(int(layer), {})[what] = f.get_tensor(k)
-                    elif kind == "linear":
-                        cal.linears[rest] = (f.get_tensor(k), 0)
-                    elif kind == "linear_count":
-                        counts[rest] = int(f.get_tensor(k)[0])
-                cal.linears = {k: (s, counts.get(k, 0)) for k, (s, _) in cal.linears.items()}
+                arrays = {} if header_only else {k: f.get_tensor(k) for k in f.keys()}
+                return cls(arrays, json.loads(meta.get("meta", "{}")))
         except MoestreamError:
             raise
-        except Exception as e:  # safetensors' own error type, OSError, a bad key: all one line
+        except Exception as e:  # safetensors' own error type, OSError, bad JSON: all one line
             raise MoestreamError(f"{path}: cannot read the calibration file ({e})") from None
-        return cal

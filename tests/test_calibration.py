@@ -18,7 +18,8 @@ from moestream.runtime.loader import load_resident_model
 
 
 def _mx_dequant(wq, s, b, bits, g) -> np.ndarray:
-    as_mx = (lambda a: mx.array(a).view(mx.bfloat16)) if s.dtype == np.uint16 else mx.array
+    """MLX's unpacking, in float32 (with bf16 scales MLX would round its output to bf16)."""
+    as_mx = (lambda a: mx.array(a).view(mx.bfloat16).astype(mx.float32)) if s.dtype == np.uint16 else mx.array
     return np.array(mx.dequantize(mx.array(wq), as_mx(s), as_mx(b), group_size=g, bits=bits).astype(mx.float32))
 
 
@@ -90,21 +91,56 @@ def test_calibration_statistics_match_the_resident_model(tiny):
         xs = np.concatenate([c[0] for c in calls])
         inds = np.concatenate([c[1] for c in calls])
         glu = calls[0][2]
-        d_ = cal.experts[i]
-        assert d_["count"].sum() == inds.size and np.array_equal(d_["count"], np.bincount(inds.ravel(), minlength=8))
+        counts = cal.arrays[f"experts.{i}.count"]
+        assert counts.sum() == inds.size and np.array_equal(counts, np.bincount(inds.ravel(), minlength=8))
+        assert cal.meta["expert_matrices"] == "expert" and cal.meta["linear_matrices"]
         for e in range(8):
             xe = xs[(inds == e).any(1)].astype(np.float64)
-            np.testing.assert_allclose(d_["gate_up"][e], (xe ** 2).sum(0), rtol=2e-4, atol=1e-6)
+            np.testing.assert_allclose(cal.expert_importance(i, e, "up_proj"), (xe ** 2).mean(0), rtol=2e-4, atol=1e-6)
+            np.testing.assert_allclose(cal.expert_hessian(i, e, "gate_proj"), xe.T @ xe / len(xe), rtol=2e-3,
+                                       atol=1e-5)
             deq = {p: _mx_dequant(np.array(getattr(glu, p)["weight"][e]), np.array(getattr(glu, p)["scales"][e].view(mx.uint16)),
                                   np.array(getattr(glu, p)["biases"][e].view(mx.uint16)), 8, getattr(glu, p).group_size)
                    if getattr(glu, p)["scales"].dtype == mx.bfloat16 else None for p in ("gate_proj", "up_proj")}
             if deq["gate_proj"] is not None:
                 g, u = xe @ deq["gate_proj"].T, xe @ deq["up_proj"].T
                 mid = g / (1 + np.exp(-g)) * u
-                np.testing.assert_allclose(d_["down"][e], (mid ** 2).sum(0), rtol=2e-3, atol=1e-6)
+                np.testing.assert_allclose(cal.expert_importance(i, e, "down_proj"), (mid ** 2).mean(0),
+                                           rtol=2e-3, atol=1e-6)
     head = cal.linear_importance("language_model.lm_head.weight")
     assert head is not None and head.shape == (128,) and np.all(head > 0)
     assert cal.meta["tokens"] == len(ids)
+
+
+def test_pooled_matrices_rescale_to_each_expert(tiny, tmp_path):
+    d, _ = tiny
+    cal = calibrate(d / "p8", "abc def " * 30, max_tokens=120, window=60, matrix_bytes=400_000)
+    assert cal.meta["expert_matrices"] == "pooled"  # per-expert ones would not fit the budget
+    h = cal.expert_hessian(0, 3, "gate_proj")
+    np.testing.assert_allclose(np.diag(h), cal.expert_importance(0, 3, "gate_proj"), rtol=1e-9)
+    assert np.allclose(h, h.T) and np.all(np.linalg.eigvalsh(h) > -1e-9)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_clip_on_correlated_inputs(bits):
+    """Output error E||(W - Q) x||^2 on fresh inputs; Q dequantized by MLX from GPTQ's packed bytes."""
+    from moestream.quant.gptq import gptq_quantize
+
+    rng = np.random.default_rng(10 + bits)
+    mix = rng.standard_normal((256, 256)) * 0.3 + np.eye(256)
+    scale = np.exp(rng.standard_normal(256))
+    x, x_test = ((rng.standard_normal((4096, 256)) @ mix) * scale for _ in range(2))
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+
+    def out_err(wq, s, b):
+        q = _mx_dequant(wq, s, b, bits, 64)
+        return float(((x_test @ (w - q).T.astype(np.float64)) ** 2).mean())
+
+    clip = out_err(*quantize(w, bits, 64, method="clip"))
+    wq, s, b, st = gptq_quantize(w, x.T @ x / len(x), bits, 64)
+    assert out_err(wq, s, b) < 0.6 * clip
+    q = _mx_dequant(wq, s, b, bits, 64)
+    assert abs(st.sum_err2 - float(((q - w.astype(np.float64)) ** 2).sum())) < 1e-6 * st.sum_err2  # stats match MLX
 
 
 def test_convert_with_calibration(tiny, tmp_path):
@@ -115,7 +151,7 @@ def test_convert_with_calibration(tiny, tmp_path):
                                  "--calibration", str(d / "cal.st")])
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "p2c" / "report.json").read_text())["rows"]
-    assert {x["method"] for x in rows if x["kind"].startswith("experts")} == {"clip+calibration"}
+    assert {x["method"] for x in rows if x["kind"].startswith("experts")} == {"gptq+calibration"}
     plain = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2"), "--bits", "2"])
     assert plain.exit_code == 0
     a = (tmp_path / "p2c" / "experts" / "layer-000.bin").read_bytes()
@@ -124,7 +160,10 @@ def test_convert_with_calibration(tiny, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "rtn",
                                  "--calibration", str(d / "cal.st")])
     assert r.exit_code == 1 and r.output.startswith("error: --calibration") and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "gptq"])
+    assert r.exit_code == 1 and r.output.startswith("error: --method gptq needs --calibration")
     bad = tmp_path / "bad.st"
     bad.write_bytes(b"not a file")
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "y"), "--calibration", str(bad)])
     assert r.exit_code == 1 and "bad.st" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "y").exists()  # refused before anything was written
