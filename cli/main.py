@@ -394,20 +394,42 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 @click.option("--max-tokens", type=int, default=2048, show_default=True)
 @click.option("--window", type=int, default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--sweep-k", default=None, help="Comma-separated K values (e.g. 2,4,6,8): one evaluation each, "
+                                              "with expert bytes read per token, in one table.")
 @_runtime_options
 @one_line_errors
-def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, experts_per_token, cache, threads, no_verify):
+def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, experts_per_token,
+             cache, threads, no_verify):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
+    from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
     from moestream.runtime.evaluate import format_eval
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
     try:
-        res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
-                       reference_backend=reference_backend)
-    finally:
-        rt.close()
-    click.echo(json.dumps(res, indent=1) if as_json else format_eval(res))
+        ks = [int(k) for k in sweep_k.split(",")] if sweep_k else [experts_per_token]
+    except ValueError:
+        raise PackError(f"--sweep-k {sweep_k!r}: expected comma-separated integers, e.g. 2,4,8") from None
+    per_k = sum(x.stride for x in Manifest.load(pack).experts)
+    results = []
+    for k in ks:
+        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify)
+        try:
+            res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
+                           reference_backend=reference_backend)
+        finally:
+            rt.close()
+        k = k or rt.pack.manifest.top_k
+        results.append({"k": k, "expert_bytes_per_token": k * per_k, **res})
+    if not sweep_k:
+        click.echo(json.dumps(results[0], indent=1) if as_json else format_eval(results[0]))
+    elif as_json:
+        click.echo(json.dumps(results, indent=1))
+    else:
+        click.echo(f"{'K':>3} {'MB/token':>9} {'ppl':>8} {'KL mean':>8} {'KL p99':>7} {'top-1':>6}")
+        for r in results:
+            click.echo(f"{r['k']:>3} {r['expert_bytes_per_token'] / 1e6:>9.2f} {r['ppl']:>8.3f} "
+                       f"{r.get('kl_mean', float('nan')):>8.4f} {r.get('kl_p99', float('nan')):>7.3f} "
+                       f"{r.get('top1_agreement', float('nan')):>6.1%}")
 
 
 @cli.command()

@@ -211,6 +211,22 @@ def test_eval_reports_ppl_and_kl_against_a_pack(pack, tmp_path):
     assert abs(res["ppl"] - res["ref_ppl"]) < 1e-3 * res["ppl"]
 
 
+def test_eval_sweep_k_table(pack, tmp_path):
+    """KL against the same pack at its own K falls as K approaches it; bytes per token scale with K."""
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    m = Manifest.load(pack)
+    r = CliRunner().invoke(cli, ["eval", str(pack), "--text", str(text), "--reference", str(pack), "--max-tokens",
+                                 "120", "--window", "60", "--sweep-k", f"1,{m.top_k}", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [x["k"] for x in rows] == [1, m.top_k]
+    assert rows[1]["expert_bytes_per_token"] == m.top_k * rows[0]["expert_bytes_per_token"]
+    assert rows[1]["kl_mean"] < 1e-6 < rows[0]["kl_mean"]
+    bad = CliRunner().invoke(cli, ["eval", str(pack), "--text", str(text), "--sweep-k", "1,x"])
+    assert bad.exit_code == 1 and bad.output.startswith("error: --sweep-k")
+
+
 def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
     """8-bit pack: mean KL <= 0.005 and top-1 >= 98% vs transformers float32; 4-bit near the README's."""
     pytest.importorskip("transformers")
