@@ -165,7 +165,7 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             if s is not None:
                 rows.append(report_row(_layer_of(t.target), t.target, _kind(t.target), t.bits, t.group_size,
                                        method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
-    extra = _copy_extra_files(src.folder, out)
+    extra = _copy_extra_files(src.folder, out, fam.pack_config())
     write_report(out, rows, {"bits": o.bits, "group_size": o.group_size, "method": method,
                              "model_type": fam.model_type, "source": provenance.get("repo_id") or provenance["path"]})
     provenance = {**provenance, "files": src.fingerprint()}
@@ -260,13 +260,16 @@ def _convert_residents(pool, plan, src, out, fp, method, bar):
     return [rfiles[f.file] for f in plan.resident_files], stats
 
 
-def _copy_extra_files(folder: Path, out: Path) -> list[str]:
+def _copy_extra_files(folder: Path, out: Path, config: dict) -> list[str]:
     copied = []
     for name in EXTRA_FILES:
         p = folder / name
         if p.is_file():
             tmp = out / (name + ".partial")
-            shutil.copyfile(p, tmp)
+            if name == "config.json":  # the source's, with the field names mlx-lm reads filled in
+                tmp.write_text(json.dumps(config, indent=2) + "\n")
+            else:
+                shutil.copyfile(p, tmp)
             os.replace(tmp, out / name)
             copied.append(name)
     return copied

@@ -66,6 +66,7 @@ class ResidentPlan:
     group_size: int | None
     dtype: str  # float dtype of the stored tensor (or of scales/biases)
     src_bytes: int
+    derived: bool = False  # computed from a whole source tensor by the family's transform
 
 
 @dataclass
@@ -213,19 +214,23 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 expected[name] = (src.info(name).shape, None)
     for target, (shape, _) in expected.items():
         source = by_target.get(target)
+        derived = source is None and by_target.get(family.derived_source(target) or "") is not None
+        if derived:
+            source = by_target[family.derived_source(target)]
         if source is None:
             raise ConvertError(f"checkpoint: missing tensor {family.source_name_hint(target)} "
                                f"(expected by {family.model_type}, shape {list(shape)})")
-        consume(source)
+        if not (derived and source in consumed):  # one source may feed several derived targets
+            consume(source)
         sshape = src.info(source).shape
-        if int(np.prod(sshape)) != int(np.prod(shape)):
+        if not derived and int(np.prod(sshape)) != int(np.prod(shape)):
             raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
                                f"expected {list(shape)}")
         bits, g = _resident_bits(family, target, shape, rbits, o.group_size)
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
-        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes)
+        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes, derived)
         files.setdefault(resident_file_for(target), ResidentFilePlan(resident_file_for(target))).tensors.append(plan)
 
     leftovers = sorted(src.names - consumed - set(dropped))

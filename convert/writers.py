@@ -13,7 +13,7 @@ from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
 
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
-from .source import SourceCheckpoint
+from .source import ConvertError, SourceCheckpoint
 
 CHUNK_PARAMS = 8 << 20  # resident tensors are processed this many parameters at a time
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -96,19 +96,10 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
 
 
 def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress):
-    info = src.info(t.source)
-    rows = info.shape[0] if info.shape else 1
-    per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
-    step = max(1, CHUNK_PARAMS // per_row)
-    if info.dtype == "F8_E4M3":
-        step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
-    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
     total = ErrorStats()
     side: dict[str, list[np.ndarray]] = {"scales": [], "biases": []}
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
-        x = family.transform(t.target, x, hf_layout)
+    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+    for x, nbytes in _chunks(src, family, t, hf_layout):
         if t.bits >= 16:
             stored = store_float(x, t.dtype)
             total.merge(passthrough_stats(x, stored, t.dtype))
@@ -121,8 +112,29 @@ def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf
             side["scales"].append(sc)
             side["biases"].append(bi)
         if progress:
-            progress(info.nbytes * (r1 - r0) // max(rows, 1))
+            progress(nbytes)
     for part in ("scales", "biases"):
         for arr in side[part]:
             w.write(f"{base}.{part}", arr)
     return total if total.count else None
+
+
+def _chunks(src, family, t: ResidentPlan, hf_layout):
+    """float32 row chunks of the target tensor, each with the source bytes it stands for."""
+    info = src.info(t.source)
+    if t.derived:  # small tensors that sanitize reshapes or splits: the whole source at once
+        x = family.transform(t.target, src.read_f32(t.source), hf_layout)
+        if tuple(x.shape) != tuple(t.shape):
+            raise ConvertError(f"{src.file_of(t.source)}: {t.source} gives {t.target} of shape "
+                               f"{list(x.shape)}, expected {list(t.shape)}")
+        yield x, info.nbytes
+        return
+    rows = info.shape[0] if info.shape else 1
+    per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
+    step = max(1, CHUNK_PARAMS // per_row)
+    if info.dtype == "F8_E4M3":
+        step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
+        yield family.transform(t.target, x, hf_layout), info.nbytes * (r1 - r0) // max(rows, 1)

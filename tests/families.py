@@ -1,0 +1,104 @@
+"""Tiny random checkpoints of the other MoE families, made with transformers, for the family tests.
+
+Each family has one tiny config (hidden 64, 2-3 layers, 4-8 experts, vocab 384: enough for the
+byte-level tokenizer's 265 ids) in transformers' own config class. :func:`save_family` builds the
+seeded float32 model and writes it either with ``save_pretrained`` (``layout="transformers"``: what
+transformers 5 writes, per-expert experts) or as its in-memory ``state_dict`` (``layout="fused"``:
+transformers 5 holds experts fused, ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``).
+
+Weights are drawn wider than transformers' default init (std 0.1 instead of 0.02) and every norm
+weight gets noise, so the logits spread over a few nats and routing depends on the input: a
+quantization or routing mistake then shows up in the KL instead of vanishing in a flat softmax.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moestream.convert.tiny import write_byte_tokenizer
+
+VOCAB = 384
+COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+          "initializer_range": 0.1, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+          "max_position_embeddings": 2048}
+
+# family -> (transformers config class, model class, config fields beyond COMMON)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_hidden_layers": 2, "head_dim": 16, "intermediate_size": 128, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "norm_topk_prob": True}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
+        "num_hidden_layers": 2, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def family_config(family: str, **overrides):
+    """transformers' config object of the tiny ``family`` model."""
+    import transformers
+
+    cfg_cls, _, fields = FAMILIES[family]
+    return getattr(transformers, cfg_cls)(**{**COMMON, **fields, **overrides})
+
+
+def build_family_model(family: str, seed: int = 0, **overrides):
+    """The seeded float32 model of ``family`` in eval mode, norms perturbed."""
+    import transformers
+
+    _, model_cls, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(family_config(family, **overrides))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.float().eval()
+
+
+def save_family(tmp, family: str, layout: str = "transformers", seed: int = 0, dtype: str = "float32",
+                **overrides) -> Path:
+    """Write the tiny ``family`` checkpoint with a byte-level tokenizer; returns its folder.
+
+    Args:
+        layout: ``transformers`` (``save_pretrained``) or ``fused`` (the in-memory state dict, with
+            transformers' config.json).
+        dtype: storage dtype, "float32" or "bfloat16".
+    """
+    model = build_family_model(family, seed, **overrides).to(getattr(torch, dtype))
+    folder = Path(tmp) / f"{family}-{layout}-{dtype}-s{seed}"
+    folder.mkdir(parents=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(folder)
+    if layout == "fused":
+        (folder / "model.safetensors").unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    elif layout != "transformers":
+        raise ValueError(f"layout {layout!r}")
+    write_byte_tokenizer(folder)
+    return folder
+
+
+def stored_names(folder) -> list[str]:
+    """Tensor names of a single-file checkpoint, from its safetensors header."""
+    raw = (Path(folder) / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return sorted(k for k in json.loads(raw[8:8 + n]) if k != "__metadata__")
+
+
+def transformers_logits(folder, tokens) -> "torch.Tensor":
+    """transformers' float32 logits of a checkpoint folder for ``tokens`` [B, T] (numpy ints)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.float().numpy()
