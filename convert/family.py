@@ -23,7 +23,7 @@ from .source import ConvertError
 # Expert projections, in pack order.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Modules that register a family (imported on first use).
-FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral")
+FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next")
 
 
 @dataclass
@@ -86,7 +86,7 @@ class MlxLmFamily:
     moe_keys: tuple[str, ...] = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
     def __init__(self, config: dict):
-        self.config = normalized_config(config, self.config_aliases)
+        self.config = self.prepare_config(config)
         self.text_config = self.config.get("text_config", self.config)
         missing = [k for k in self.moe_keys if not self.text_config.get(k)]
         if missing:
@@ -111,6 +111,10 @@ class MlxLmFamily:
                                f"these settings has no expert layers)")
 
     # -- config ----------------------------------------------------------------------------------
+    def prepare_config(self, config: dict) -> dict:
+        """The config mlx-lm's ModelArgs is built from (and the pack's config.json)."""
+        return normalized_config(config, self.config_aliases)
+
     def cfg(self, key: str, default=None):
         return self.text_config.get(key, default)
 

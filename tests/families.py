@@ -7,7 +7,7 @@ transformers 5 writes, per-expert experts) or as its in-memory ``state_dict`` (`
 transformers 5 holds experts fused, ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``).
 
 Weights are drawn wider than transformers' default init (std 0.1 instead of 0.02) and every norm
-weight gets noise, so the logits spread over a few nats and routing depends on the input: a
+weight gets noise (qwen3_next: 0.05, see there), so the logits spread over a few nats and routing depends on the input: a
 quantization or routing mistake then shows up in the KL instead of vanishing in a flat softmax.
 """
 
@@ -34,6 +34,18 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         "mlp_only_layers": [], "norm_topk_prob": True}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
         "num_hidden_layers": 2, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {
+        # transformers keeps full_attention_interval only as layer_types: [linear, full] x 2
+        "num_hidden_layers": 4, "full_attention_interval": 2, "head_dim": 16, "intermediate_size": 128,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "norm_topk_prob": True, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+        "partial_rotary_factor": 0.25,
+        # At std 0.1 this random hybrid model is chaotic: 8-bit quantizing its embedding alone (with
+        # MLX's own quantizer) gives mean KL 0.03, so a KL bound would measure the random model, not
+        # the converter. At 0.05 the logits still spread (std ~0.4).
+        "initializer_range": 0.05}),
 }
 
 
