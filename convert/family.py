@@ -23,7 +23,7 @@ from .source import ConvertError
 # Expert projections, in pack order.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Modules that register a family (imported on first use).
-FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next")
+FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next", "deepseek_v3")
 
 
 @dataclass

@@ -114,7 +114,7 @@ def test_pack_records_family(fam):
     assert len(m.experts) == cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_next"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_next", "deepseek_v3"])
 def test_fused_in_memory_layout(family, tmp_path):
     """transformers' in-memory layout (fused gate_up_proj/down_proj) converts to the same model."""
     src = families.save_family(tmp_path, family, layout="fused", seed=2)
@@ -143,7 +143,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs
 # real config -> (family, MoE layers, experts, top-k, (expert intermediate, hidden))
 REAL = {"qwen3-30b-a3b.json": ("qwen3_moe", 48, 128, 8, (768, 2048)),
         "qwen3-235b-a22b.json": ("qwen3_moe", 94, 128, 8, (1536, 4096)),
-        "qwen3-next-80b-a3b.json": ("qwen3_next", 48, 512, 10, (512, 2048))}
+        "qwen3-next-80b-a3b.json": ("qwen3_next", 48, 512, 10, (512, 2048)),
+        # dense layers 0-2, MTP layer 61 not a decoder layer
+        "deepseek-v3.json": ("deepseek_v3", 58, 256, 8, (2048, 7168))}
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
@@ -157,3 +159,39 @@ def test_real_configs(name):
     family, layers, experts, k, shape = REAL[name]
     assert (fam.model_type, len(fam.moe_layers()), fam.num_experts, fam.top_k) == (family, layers, experts, k)
     assert all(fam.expert_shape(i) == shape for i in fam.moe_layers())
+
+
+@pytest.fixture(scope="module")
+def deepseek_src(tmp_path_factory) -> Path:
+    return families.save_family(tmp_path_factory.mktemp("ds"), "deepseek_v3", seed=1)
+
+
+def test_kimi_k2_runs_as_deepseek_v3(deepseek_src, tmp_path):
+    """kimi_k2 is DeepSeek-V3's architecture under its own model_type (mlx-lm maps it): the same
+    weights give transformers' DeepSeek-V3 logits."""
+    import shutil
+
+    src = tmp_path / "kimi"
+    shutil.copytree(deepseek_src, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    (src / "config.json").write_text(json.dumps(cfg))
+    m = convert(str(src), tmp_path / "p16", bits=16, dtype="float32", alignment=4096)
+    assert m.model_type == "kimi_k2"
+    tokens = _tokens(8)
+    ref = families.transformers_logits(deepseek_src, tokens)
+    got = _resident_logits(tmp_path / "p16", tokens)
+    assert np.abs(got - ref).max() <= TOL_16BIT * np.abs(ref).max()
+
+
+def test_deepseek_fp8_release_layout(deepseek_src, tmp_path):
+    """FP8 e4m3 weights with 128x128 block scales (partial blocks here: H=64) are dequantized on
+    read, kv_b_proj included; the reference is transformers on the dequantized weights."""
+    pytest.importorskip("checkpoints")
+    fp8 = families.save_fp8(deepseek_src, tmp_path / "fp8")
+    assert any(n.endswith("kv_b_proj.weight_scale_inv") for n in families.stored_names(fp8))
+    convert(str(fp8), tmp_path / "p16", bits=16, dtype="float32", alignment=4096)
+    tokens = _tokens(9)
+    ref = families.transformers_logits(families.save_dequantized(fp8, tmp_path / "deq"), tokens)
+    got = _resident_logits(tmp_path / "p16", tokens)
+    assert np.abs(got - ref).max() <= TOL_16BIT * np.abs(ref).max()
