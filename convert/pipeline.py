@@ -293,7 +293,8 @@ def _layer_of(target: str) -> int | None:
 
 
 def _kind(target: str) -> str:
-    for key, kind in ((".mlp.gate.", "router"), ("shared_expert_gate", "router"), ("shared_expert.", "shared_expert"),
+    for key, kind in ((".mlp.gate.", "router"), (".block_sparse_moe.gate.", "router"), ("shared_expert_gate", "router"),
+                      ("shared_expert.", "shared_expert"), ("shared_experts.", "shared_expert"),
                       ("self_attn.", "attention"), ("linear_attn.", "linear_attention"),
                       ("embed_tokens", "embedding"), ("lm_head", "lm_head"), ("mtp.", "mtp"), ("norm", "norm")):
         if key in target:
