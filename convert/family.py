@@ -142,8 +142,13 @@ class MlxLmFamily:
         return i, h
 
     def pack_config(self) -> dict:
-        """The config.json written into the pack: the source's, with mlx-lm's field names filled in."""
-        return self.config
+        """The config.json written into the pack: the source's, with mlx-lm's field names filled in
+        (without an mlx-lm source's ``quantization``: the manifest says how the pack is quantized)."""
+        config = dict(self.config)
+        q = config.pop("quantization", None)
+        if q is not None and config.get("quantization_config") == q:
+            config.pop("quantization_config")
+        return config
 
     # -- names -----------------------------------------------------------------------------------
     def dropped(self, src: str, keep_mtp: bool) -> bool:

@@ -55,6 +55,7 @@ class ExpertLayerPlan:
     stride: int
     src_bytes: int
     file: str
+    repack: bool = False  # mlx-quantized source at these bits and group sizes: blocks copied, not requantized
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ResidentPlan:
     dtype: str  # float dtype of the stored tensor (or of scales/biases)
     src_bytes: int
     derived: bool = False  # computed from a whole source tensor by the family's transform
+    repack: bool = False  # mlx-quantized source at these bits and group size: copied, not requantized
 
 
 @dataclass
@@ -170,6 +172,8 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             dropped.append(name)
         elif name.endswith("weight_scale_inv"):
             continue  # consumed with its fp8 weight
+        elif name.endswith((".scales", ".biases")) and _quantized_weight(src, name):
+            continue  # consumed with its mlx-quantized weight
         else:
             by_target[family.target_name(name)] = name
     consumed: set[str] = set()
@@ -178,13 +182,13 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if name in consumed:
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
         dtype = src.info(name).dtype
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not src.quantized(name):
             raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
                                f"expected one of {', '.join(FLOAT_DTYPES)}")
         consumed.add(name)
-        scale = name + "_scale_inv"
-        if scale in src.where:
-            consumed.add(scale)
+        for side in (name + "_scale_inv", name[:-len("weight")] + "scales", name[:-len("weight")] + "biases"):
+            if side in src.where and (side.endswith("_scale_inv") or dtype == "U32"):
+                consumed.add(side)
 
     experts = []
     for layer in family.moe_layers():
@@ -203,8 +207,12 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         src_bytes = sum(src.info(n).nbytes for n in es.consumed())
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
+        repack = es.layout == "stacked" and all(
+            src.quantized(es.names[p]) == (o.bits, gd if p == "down_proj" else gu) for p in es.names)
+        if repack:
+            log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, o.bits, gu)
         experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                       src_bytes, f"experts/layer-{layer:03d}.bin"))
+                                       src_bytes, f"experts/layer-{layer:03d}.bin", repack))
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)
@@ -222,7 +230,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                                f"(expected by {family.model_type}, shape {list(shape)})")
         if not (derived and source in consumed):  # one source may feed several derived targets
             consume(source)
-        sshape = src.info(source).shape
+        sshape = src.shape(source)
         if not derived and int(np.prod(sshape)) != int(np.prod(shape)):
             raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
                                f"expected {list(shape)}")
@@ -230,7 +238,8 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
-        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes, derived)
+        repack = not derived and bits < 16 and src.quantized(source) == (bits, g)
+        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes, derived, repack)
         files.setdefault(resident_file_for(target), ResidentFilePlan(resident_file_for(target))).tensors.append(plan)
 
     leftovers = sorted(src.names - consumed - set(dropped))
@@ -258,6 +267,11 @@ def _resident_bits(family: MlxLmFamily, target: str, shape: tuple, rbits: int, g
     return bits, group
 
 
+def _quantized_weight(src: SourceCheckpoint, side: str) -> bool:
+    weight = side.rsplit(".", 1)[0] + ".weight"
+    return weight in src.where and src.info(weight).dtype == "U32"
+
+
 def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int, layer: int) -> None:
     n = es.num_experts
     want = {"fused": {"gate_up": (n, 2 * i, h), "down": (n, h, i)},
@@ -267,7 +281,7 @@ def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int
         name = es.names[key]
         names = [name.format(e=e) for e in range(n)] if es.layout == "per_expert" else [name]
         for nm in names:
-            got = src.info(nm).shape
+            got = src.shape(nm)
             if tuple(got) != shape:
                 raise ConvertError(f"{src.file_of(nm)}: tensor {nm} has shape {list(got)}, expected "
                                    f"{list(shape)} (layer {layer}, {n} experts, intermediate {i}, hidden {h})")

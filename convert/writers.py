@@ -10,6 +10,7 @@ import numpy as np
 
 from moestream.layouts import SafetensorsWriter
 from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
+from moestream.quant.dtypes import decode_to_f32
 
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
@@ -49,6 +50,22 @@ def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, 
     return {p: src.read_f32(n.format(e=e)) for p, n in s.names.items()}
 
 
+def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored float array (raw storage of tensor ``name``) as ``dtype``'s storage: unchanged when
+    the dtypes agree, else decoded and re-encoded."""
+    st = src.info(name).dtype
+    if ST_DTYPE.get(dtype) == st:
+        return raw
+    return store_float(decode_to_f32(raw, st, raw.shape), dtype)
+
+
+def repacked(src: SourceCheckpoint, name: str, start: int, stop: int, dtype: str) -> dict[str, np.ndarray]:
+    """Rows of an mlx-quantized weight as stored (codes unchanged; scales/biases in ``dtype``)."""
+    base = name[:-len(".weight")]
+    parts = src.read_quantized_rows(name, start, stop)
+    return {"weight": parts["weight"], **{p: stored_as(src, f"{base}.{p}", parts[p], dtype) for p in ("scales", "biases")}}
+
+
 def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, method: str,
                  dtype: str) -> tuple[np.ndarray, dict[str, ErrorStats]]:
     """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats."""
@@ -57,7 +74,10 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
     stats = {}
     for proj, w in read_expert(src, x, e).items():
         w = np.ascontiguousarray(w)
-        if bits >= 16:
+        if x.repack:  # already in this layout: the source's codes, no requantization (no added error)
+            arrays = {k: v[0] for k, v in repacked(src, x.source.names[proj], e, e + 1, dtype).items()}
+            stats[proj] = passthrough_stats(w, w, "float32")
+        elif bits >= 16:
             arrays = {"weight": store_float(w, dtype)}
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
         else:
@@ -99,6 +119,15 @@ def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf
     total = ErrorStats()
     side: dict[str, list[np.ndarray]] = {"scales": [], "biases": []}
     base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+    if t.repack:  # mlx-quantized source at these bits and group size: copied as stored
+        info = src.info(t.source)
+        parts = repacked(src, t.source, 0, info.shape[0], t.dtype)
+        for part in ("weight", "scales", "biases"):
+            w.write(f"{base}.{part}", parts[part])
+        x = src.read_f32(t.source)
+        if progress:
+            progress(info.nbytes)
+        return passthrough_stats(x, x, "float32")
     for x, nbytes in _chunks(src, family, t, hf_layout):
         if t.bits >= 16:
             stored = store_float(x, t.dtype)
