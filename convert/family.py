@@ -5,12 +5,14 @@ gate/up/down weights live in the checkpoint (fused 3-D, stacked 3-D or per-exper
 tensors are dropped, how source names map to the names mlx-lm's model expects after its
 ``sanitize``, and which value transforms that sanitize applies. The expected resident tensors come
 from mlx-lm's own model definition, built lazily (no weights materialise), so a name or shape the
-runtime would not accept is caught at conversion time.
+runtime would not accept is caught at conversion time. Adapters are declarative where they can be:
+class attributes name the MoE block's expert tensors, the config keys, and the dropped tensors.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ from .source import ConvertError
 
 # Expert projections, in pack order.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Modules that register a family (imported on first use).
+FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next", "deepseek_v3")
 
 
 @dataclass
@@ -40,59 +44,111 @@ class ExpertSource:
         return [n.format(e=e) for e in range(self.num_experts) for n in self.names.values()]
 
 
+def normalized_config(config: dict, aliases: dict[str, tuple[str, ...]]) -> dict:
+    """``config`` plus the fields mlx-lm's ModelArgs need under the names it reads.
+
+    transformers 5 writes some fields under new names (``num_local_experts``, ``rope_parameters``);
+    the original keys are kept, missing ones are filled from their aliases.
+    """
+    config = json.loads(json.dumps(config))
+    tc = config.get("text_config", config)
+    for key, alts in aliases.items():
+        if key not in tc:
+            alt = next((a for a in alts if a in tc), None)
+            if alt is not None:
+                tc[key] = tc[alt]
+    rope = tc.get("rope_parameters")
+    if isinstance(rope, dict):
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in tc and key in rope:
+                tc[key] = rope[key]
+        if tc.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+            tc["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    return config
+
+
 class MlxLmFamily:
     """Base adapter for families that mlx-lm implements; subclasses fill in the class attributes."""
 
     model_type: str = ""
+    mlx_module: str = ""  # mlx-lm's module for this model_type (default: the model_type itself)
     # Source tensors that are not part of the language model (vision tower, MTP head, buffers).
     drop_patterns: tuple[str, ...] = (r"^model\.visual\.", r"^vision_tower\.", r"rotary_emb\.inv_freq$")
     mtp_pattern = r"^mtp\."
     # Resident tensors kept at 8 bits whatever the default: the router decides which experts to read.
     router_suffixes: tuple[str, ...] = ("mlp.gate.weight",)
+    # Per-expert source names of the three projections (``experts.{e}.<name>.weight``).
+    expert_names: dict[str, str] = {p: p for p in PROJECTIONS}
+    # mlx-lm config field -> the other names a checkpoint's config.json may give it.
+    config_aliases: dict[str, tuple[str, ...]] = {}
+    top_k_key = "num_experts_per_tok"
+    # Config fields without which the model has no experts.
+    moe_keys: tuple[str, ...] = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
     def __init__(self, config: dict):
-        self.config = config
-        self.text_config = config.get("text_config", config)
-        module = importlib.import_module(f"mlx_lm.models.{self.model_type}")
+        self.config = self.prepare_config(config)
+        self.text_config = self.config.get("text_config", self.config)
+        missing = [k for k in self.moe_keys if not self.text_config.get(k)]
+        if missing:
+            raise ConvertError(f"config.json: not a Mixture-of-Experts config (missing {', '.join(missing)})")
+        module = importlib.import_module(f"mlx_lm.models.{self.mlx_module or self.model_type}")
         try:
-            self.model = module.Model(module.ModelArgs.from_dict(config))
-        except (TypeError, KeyError, ValueError) as e:
+            self.model = module.Model(module.ModelArgs.from_dict(self.config))
+        except (TypeError, KeyError, ValueError, AssertionError) as e:
             raise ConvertError(f"config.json: cannot build a {self.model_type} model from it ({e})") from None
         from mlx.utils import tree_flatten
 
         params = dict(tree_flatten(self.model.parameters()))
         self.expert_params = {k: tuple(v.shape) for k, v in params.items() if ".switch_mlp." in k}
         self.resident_params = {k: (tuple(v.shape), v.dtype) for k, v in params.items() if ".switch_mlp." not in k}
-        # Modules mlx-lm would quantize (Linear, Embedding): their ``.weight`` is quantizable.
+        # Modules mlx-lm would quantize (Linear, Embedding, MultiLinear): their ``.weight`` is quantizable.
         self.quantizable = {f"{name}.weight" for name, m in self.model.named_modules()
                             if hasattr(m, "to_quantized") and ".switch_mlp" not in name}
+        pat = re.compile(r"^(.*\.layers\.(\d+)\.\w+)\.switch_mlp\.gate_proj\.weight$")
+        self._blocks = {int(m.group(2)): m.group(1) for k in self.expert_params if (m := pat.match(k))}
+        if not self._blocks:
+            raise ConvertError(f"config.json: not a Mixture-of-Experts config ({self.model_type} with "
+                               f"these settings has no expert layers)")
 
     # -- config ----------------------------------------------------------------------------------
+    def prepare_config(self, config: dict) -> dict:
+        """The config mlx-lm's ModelArgs is built from (and the pack's config.json)."""
+        return normalized_config(config, self.config_aliases)
+
     def cfg(self, key: str, default=None):
         return self.text_config.get(key, default)
 
     @property
     def num_experts(self) -> int:
-        return int(self.cfg("num_experts"))
+        return self.expert_params[f"{self.block_path(self.moe_layers()[0])}.switch_mlp.gate_proj.weight"][0]
 
     @property
     def top_k(self) -> int:
-        return int(self.cfg("num_experts_per_tok"))
+        return int(self.cfg(self.top_k_key))
 
     def moe_layers(self) -> list[int]:
-        pat = re.compile(r"\.layers\.(\d+)\.mlp\.switch_mlp\.gate_proj\.weight$")
-        return sorted(int(m.group(1)) for k in self.expert_params if (m := pat.search(k)))
+        return sorted(self._blocks)
+
+    def block_path(self, layer: int) -> str:
+        """mlx-lm's path of the layer's MoE block (``...layers.N.mlp`` or ``...block_sparse_moe``)."""
+        return self._blocks[layer]
 
     def layer_prefix(self, layer: int) -> str:
-        for k in self.expert_params:
-            if f".layers.{layer}.mlp.switch_mlp." in k:
-                return k.split(".mlp.switch_mlp.")[0]
-        raise KeyError(layer)
+        return self._blocks[layer].rsplit(".", 1)[0]
 
     def expert_shape(self, layer: int) -> tuple[int, int]:
         """(intermediate, hidden) of the layer's experts, from mlx-lm's model."""
-        e, i, h = self.expert_params[f"{self.layer_prefix(layer)}.mlp.switch_mlp.gate_proj.weight"]
+        e, i, h = self.expert_params[f"{self.block_path(layer)}.switch_mlp.gate_proj.weight"]
         return i, h
+
+    def pack_config(self) -> dict:
+        """The config.json written into the pack: the source's, with mlx-lm's field names filled in
+        (without an mlx-lm source's ``quantization``: the manifest says how the pack is quantized)."""
+        config = dict(self.config)
+        q = config.pop("quantization", None)
+        if q is not None and config.get("quantization_config") == q:
+            config.pop("quantization_config")
+        return config
 
     # -- names -----------------------------------------------------------------------------------
     def dropped(self, src: str, keep_mtp: bool) -> bool:
@@ -104,15 +160,19 @@ class MlxLmFamily:
 
     def target_name(self, src: str) -> str:
         """Source name -> mlx-lm name (the prefix rules of mlx-lm's sanitize)."""
-        raise NotImplementedError
+        return src
+
+    def derived_source(self, target: str) -> str | None:
+        """For a target that mlx-lm's sanitize computes from another tensor, that tensor's target name."""
+        return None
 
     def expert_source(self, layer: int, by_target: dict[str, str]) -> ExpertSource:
         """Find layer ``layer``'s experts among the source tensors (``by_target``: target -> source)."""
-        pre = self.layer_prefix(layer) + ".mlp"
+        pre = self.block_path(layer)
         n = self.num_experts
         fused = {"gate_up": f"{pre}.experts.gate_up_proj", "down": f"{pre}.experts.down_proj"}
         stacked = {p: f"{pre}.switch_mlp.{p}.weight" for p in PROJECTIONS}
-        per = {p: f"{pre}.experts.{{e}}.{p}.weight" for p in PROJECTIONS}
+        per = {p: f"{pre}.experts.{{e}}.{self.expert_names[p]}.weight" for p in PROJECTIONS}
         if all(t in by_target for t in fused.values()):
             return ExpertSource("fused", {k: by_target[t] for k, t in fused.items()}, n)
         for group in (fused, stacked):
@@ -154,22 +214,25 @@ def register(cls: type[MlxLmFamily]) -> type[MlxLmFamily]:
     return cls
 
 
+def _load_families() -> None:
+    for name in FAMILY_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+
+
 def family_for(config: dict, where: str = "config.json") -> MlxLmFamily:
     """The adapter for a checkpoint's ``model_type``, or a one-line error listing supported ones."""
-    from . import qwen3_5_moe  # noqa: F401  (registers itself)
-
+    _load_families()
     mt = config.get("model_type")
     if mt not in _FAMILIES:
-        raise ConvertError(f"{where}: model_type {mt!r} is not supported "
-                           f"(supported: {', '.join(sorted(_FAMILIES))})")
-    tc = config.get("text_config", config)
-    missing = [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if not tc.get(k)]
-    if missing:
-        raise ConvertError(f"{where}: not a Mixture-of-Experts config (missing {', '.join(missing)})")
-    return _FAMILIES[mt](config)
+        arch = "/".join(config.get("architectures") or []) or "no architectures field"
+        raise ConvertError(f"{where}: model_type {mt!r} is not supported ({arch}); "
+                           f"supported: {', '.join(sorted(_FAMILIES))}")
+    try:
+        return _FAMILIES[mt](config)
+    except ConvertError as e:
+        raise ConvertError(str(e).replace("config.json", where, 1)) from None
 
 
 def supported_families() -> list[str]:
-    from . import qwen3_5_moe  # noqa: F401
-
+    _load_families()
     return sorted(_FAMILIES)

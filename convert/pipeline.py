@@ -173,7 +173,7 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             if s is not None:
                 rows.append(report_row(_layer_of(t.target), t.target, _kind(t.target), t.bits, t.group_size,
                                        method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
-    extra = _copy_extra_files(src.folder, out)
+    extra = _copy_extra_files(src.folder, out, fam.pack_config())
     if cal is not None:
         method = f"{method}+calibration"  # as recorded in the report and manifest
         for r in rows:
@@ -272,13 +272,16 @@ def _convert_residents(pool, plan, src, out, fp, method, bar, cal=None):
     return [rfiles[f.file] for f in plan.resident_files], stats
 
 
-def _copy_extra_files(folder: Path, out: Path) -> list[str]:
+def _copy_extra_files(folder: Path, out: Path, config: dict) -> list[str]:
     copied = []
     for name in EXTRA_FILES:
         p = folder / name
         if p.is_file():
             tmp = out / (name + ".partial")
-            shutil.copyfile(p, tmp)
+            if name == "config.json":  # the source's, with the field names mlx-lm reads filled in
+                tmp.write_text(json.dumps(config, indent=2) + "\n")
+            else:
+                shutil.copyfile(p, tmp)
             os.replace(tmp, out / name)
             copied.append(name)
     return copied
@@ -302,7 +305,8 @@ def _layer_of(target: str) -> int | None:
 
 
 def _kind(target: str) -> str:
-    for key, kind in ((".mlp.gate.", "router"), ("shared_expert_gate", "router"), ("shared_expert.", "shared_expert"),
+    for key, kind in ((".mlp.gate.", "router"), (".block_sparse_moe.gate.", "router"), ("shared_expert_gate", "router"),
+                      ("shared_expert.", "shared_expert"), ("shared_experts.", "shared_expert"),
                       ("self_attn.", "attention"), ("linear_attn.", "linear_attention"),
                       ("embed_tokens", "embedding"), ("lm_head", "lm_head"), ("mtp.", "mtp"), ("norm", "norm")):
         if key in target:

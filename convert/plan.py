@@ -62,6 +62,7 @@ class ExpertLayerPlan:
     stride: int
     src_bytes: int
     file: str
+    repack: bool = False  # mlx-quantized source at these bits and group sizes: blocks copied, not requantized
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ResidentPlan:
     group_size: int | None
     dtype: str  # float dtype of the stored tensor (or of scales/biases)
     src_bytes: int
+    derived: bool = False  # computed from a whole source tensor by the family's transform
+    repack: bool = False  # mlx-quantized source at these bits and group size: copied, not requantized
 
 
 @dataclass
@@ -176,6 +179,8 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             dropped.append(name)
         elif name.endswith("weight_scale_inv"):
             continue  # consumed with its fp8 weight
+        elif name.endswith((".scales", ".biases")) and _quantized_weight(src, name):
+            continue  # consumed with its mlx-quantized weight
         else:
             by_target[family.target_name(name)] = name
     consumed: set[str] = set()
@@ -184,13 +189,13 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if name in consumed:
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
         dtype = src.info(name).dtype
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not src.quantized(name):
             raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
                                f"expected one of {', '.join(FLOAT_DTYPES)}")
         consumed.add(name)
-        scale = name + "_scale_inv"
-        if scale in src.where:
-            consumed.add(scale)
+        for side in (name + "_scale_inv", name[:-len("weight")] + "scales", name[:-len("weight")] + "biases"):
+            if side in src.where and (side.endswith("_scale_inv") or dtype == "U32"):
+                consumed.add(side)
 
     experts = []
     for layer in family.moe_layers():
@@ -209,8 +214,12 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         src_bytes = sum(src.info(n).nbytes for n in es.consumed())
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
+        repack = es.layout == "stacked" and all(
+            src.quantized(es.names[p]) == (o.bits, gd if p == "down_proj" else gu) for p in es.names)
+        if repack:
+            log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, o.bits, gu)
         experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                       src_bytes, f"experts/layer-{layer:03d}.bin"))
+                                       src_bytes, f"experts/layer-{layer:03d}.bin", repack))
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)
@@ -220,19 +229,24 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 expected[name] = (src.info(name).shape, None)
     for target, (shape, _) in expected.items():
         source = by_target.get(target)
+        derived = source is None and by_target.get(family.derived_source(target) or "") is not None
+        if derived:
+            source = by_target[family.derived_source(target)]
         if source is None:
             raise ConvertError(f"checkpoint: missing tensor {family.source_name_hint(target)} "
                                f"(expected by {family.model_type}, shape {list(shape)})")
-        consume(source)
-        sshape = src.info(source).shape
-        if int(np.prod(sshape)) != int(np.prod(shape)):
+        if not (derived and source in consumed):  # one source may feed several derived targets
+            consume(source)
+        sshape = src.shape(source)
+        if not derived and int(np.prod(sshape)) != int(np.prod(shape)):
             raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
                                f"expected {list(shape)}")
         bits, g = _resident_bits(family, target, shape, rbits, o.group_size)
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
-        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes)
+        repack = not derived and bits < 16 and src.quantized(source) == (bits, g)
+        plan = ResidentPlan(target, source, tuple(shape), bits, g, dtype, src.info(source).nbytes, derived, repack)
         files.setdefault(resident_file_for(target), ResidentFilePlan(resident_file_for(target))).tensors.append(plan)
 
     leftovers = sorted(src.names - consumed - set(dropped))
@@ -260,6 +274,11 @@ def _resident_bits(family: MlxLmFamily, target: str, shape: tuple, rbits: int, g
     return bits, group
 
 
+def _quantized_weight(src: SourceCheckpoint, side: str) -> bool:
+    weight = side.rsplit(".", 1)[0] + ".weight"
+    return weight in src.where and src.info(weight).dtype == "U32"
+
+
 def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int, layer: int) -> None:
     n = es.num_experts
     want = {"fused": {"gate_up": (n, 2 * i, h), "down": (n, h, i)},
@@ -269,7 +288,7 @@ def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int
         name = es.names[key]
         names = [name.format(e=e) for e in range(n)] if es.layout == "per_expert" else [name]
         for nm in names:
-            got = src.info(nm).shape
+            got = src.shape(nm)
             if tuple(got) != shape:
                 raise ConvertError(f"{src.file_of(nm)}: tensor {nm} has shape {list(got)}, expected "
                                    f"{list(shape)} (layer {layer}, {n} experts, intermediate {i}, hidden {h})")

@@ -5,6 +5,12 @@ A Hugging Face checkpoint is ``config.json`` plus one or more safetensors shards
 up front (so a truncated shard or a tensor the index promises but no shard holds fails before any
 output is written) and then serves float32 slices: one expert's rows of a fused tensor, or one 2-D
 tensor, never a whole fused tensor.
+
+mlx-lm's own conversions (e.g. mlx-community 4-bit folders) are sources too: config.json has
+``quantization`` (``group_size``, ``bits``, per-module overrides) and a quantized module stores
+``X.weight`` (uint32 codes) with ``X.scales`` and ``X.biases``. :meth:`SourceCheckpoint.quantized`
+names such tensors' bits and group size; float reads dequantize them (for requantizing), and
+:meth:`SourceCheckpoint.read_quantized_rows` hands out the stored arrays (for repacking unchanged).
 """
 
 from __future__ import annotations
@@ -130,6 +136,48 @@ class SourceCheckpoint:
     def file_of(self, name: str) -> Path:
         return self.folder / self.where[name]
 
+    def quantized(self, name: str) -> tuple[int, int] | None:
+        """(bits, group size) of an mlx-lm-quantized ``X.weight`` (uint32 + ``X.scales``/``X.biases``)."""
+        base = name[:-len(".weight")] if name.endswith(".weight") else None
+        if base is None or self.info(name).dtype != "U32" or f"{base}.scales" not in self.where:
+            return None
+        q = self.config.get("quantization") or {}
+        mod = q.get(base) if isinstance(q.get(base), dict) else q
+        if "group_size" not in mod or f"{base}.biases" not in self.where:
+            raise ConvertError(f"{self.file_of(name)}: {name} is uint32 but config.json has no affine "
+                               f"\"quantization\" (group_size, bits) for it")
+        group = int(mod["group_size"])
+        packed, groups = self.info(name).shape[-1], self.info(f"{base}.scales").shape[-1]
+        bits, rem = divmod(packed * 32, groups * group)
+        if rem or bits not in (2, 3, 4, 5, 6, 8) or ("bits" in mod and int(mod["bits"]) != bits):
+            raise ConvertError(f"{self.file_of(name)}: {name} has {packed} words per row and {groups} groups: "
+                               f"not {mod.get('bits', '?')}-bit with group size {group}")
+        return bits, group
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's logical shape (for a quantized weight: columns before packing)."""
+        shape = self.info(name).shape
+        q = self.quantized(name)
+        return shape if q is None else (*shape[:-1], shape[-1] * 32 // q[0])
+
+    def read_quantized_rows(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows of a quantized weight as stored: ``weight`` (uint32), ``scales``, ``biases`` (raw)."""
+        base = name[:-len(".weight")]
+        return {part: self.readers[self.where[n]].read_rows(n, start, stop)
+                for part, n in (("weight", name), ("scales", f"{base}.scales"), ("biases", f"{base}.biases"))}
+
+    def _dequantize_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        import mlx.core as mx
+
+        bits, group = self.quantized(name)
+        parts = self.read_quantized_rows(name, start, stop)
+        base = name[:-len(".weight")]
+        sb = [decode_to_f32(parts[p], self.info(f"{base}.{p}").dtype, parts[p].shape) for p in ("scales", "biases")]
+        w = parts["weight"]
+        flat = mx.dequantize(mx.array(w.reshape(-1, w.shape[-1])), mx.array(sb[0].reshape(-1, sb[0].shape[-1])),
+                             mx.array(sb[1].reshape(-1, sb[1].shape[-1])), group_size=group, bits=bits)
+        return np.array(flat.astype(mx.float32)).reshape(*w.shape[:-1], -1)
+
     def float_dtype(self) -> str:
         """The checkpoint's float type (bf16 for fp8 releases): the dtype of scales and biases."""
         counts: dict[str, int] = {}
@@ -145,6 +193,8 @@ class SourceCheckpoint:
     def read_rows_f32(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of tensor ``name`` as float32 (fp8 dequantized with its block scales)."""
         info = self.info(name)
+        if info.dtype == "U32" and self.quantized(name):
+            return self._dequantize_rows(name, start, stop)
         if info.dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{self.file_of(name)}: tensor {name} has dtype {info.dtype}, expected a float type")
         raw = self.readers[self.where[name]].read_rows(name, start, stop)

@@ -11,11 +11,12 @@ import numpy as np
 from moestream.layouts import SafetensorsWriter
 from moestream.quant import ErrorStats, f32_to_bf16, quantize_with_error
 from moestream.quant.calibration import Calibration
+from moestream.quant.dtypes import decode_to_f32
 from moestream.quant.gptq import gptq_quantize
 
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
-from .source import SourceCheckpoint
+from .source import ConvertError, SourceCheckpoint
 
 CHUNK_PARAMS = 8 << 20  # resident tensors are processed this many parameters at a time
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -51,6 +52,22 @@ def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, 
     return {p: src.read_f32(n.format(e=e)) for p, n in s.names.items()}
 
 
+def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored float array (raw storage of tensor ``name``) as ``dtype``'s storage: unchanged when
+    the dtypes agree, else decoded and re-encoded."""
+    st = src.info(name).dtype
+    if ST_DTYPE.get(dtype) == st:
+        return raw
+    return store_float(decode_to_f32(raw, st, raw.shape), dtype)
+
+
+def repacked(src: SourceCheckpoint, name: str, start: int, stop: int, dtype: str) -> dict[str, np.ndarray]:
+    """Rows of an mlx-quantized weight as stored (codes unchanged; scales/biases in ``dtype``)."""
+    base = name[:-len(".weight")]
+    parts = src.read_quantized_rows(name, start, stop)
+    return {"weight": parts["weight"], **{p: stored_as(src, f"{base}.{p}", parts[p], dtype) for p in ("scales", "biases")}}
+
+
 def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, method: str,
                  dtype: str, cal: Calibration | None = None) -> tuple[np.ndarray, dict[str, ErrorStats]]:
     """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats.
@@ -62,7 +79,10 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
     stats = {}
     for proj, w in read_expert(src, x, e).items():
         w = np.ascontiguousarray(w)
-        if bits >= 16:
+        if x.repack:  # already in this layout: the source's codes, no requantization (no added error)
+            arrays = {k: v[0] for k, v in repacked(src, x.source.names[proj], e, e + 1, dtype).items()}
+            stats[proj] = passthrough_stats(w, w, "float32")
+        elif bits >= 16:
             arrays = {"weight": store_float(w, dtype)}
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
         else:
@@ -120,19 +140,19 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
 
 
 def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress, cal=None):
-    info = src.info(t.source)
-    rows = info.shape[0] if info.shape else 1
-    per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
-    step = max(1, CHUNK_PARAMS // per_row)
-    if info.dtype == "F8_E4M3":
-        step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
-    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
     total = ErrorStats()
     side: dict[str, list[np.ndarray]] = {"scales": [], "biases": []}
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
-        x = family.transform(t.target, x, hf_layout)
+    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+    if t.repack:  # mlx-quantized source at these bits and group size: copied as stored
+        info = src.info(t.source)
+        parts = repacked(src, t.source, 0, info.shape[0], t.dtype)
+        for part in ("weight", "scales", "biases"):
+            w.write(f"{base}.{part}", parts[part])
+        x = src.read_f32(t.source)
+        if progress:
+            progress(info.nbytes)
+        return passthrough_stats(x, x, "float32")
+    for x, nbytes in _chunks(src, family, t, hf_layout):
         if t.bits >= 16:
             stored = store_float(x, t.dtype)
             total.merge(passthrough_stats(x, stored, t.dtype))
@@ -145,8 +165,29 @@ def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf
             side["scales"].append(sc)
             side["biases"].append(bi)
         if progress:
-            progress(info.nbytes * (r1 - r0) // max(rows, 1))
+            progress(nbytes)
     for part in ("scales", "biases"):
         for arr in side[part]:
             w.write(f"{base}.{part}", arr)
     return total if total.count else None
+
+
+def _chunks(src, family, t: ResidentPlan, hf_layout):
+    """float32 row chunks of the target tensor, each with the source bytes it stands for."""
+    info = src.info(t.source)
+    if t.derived:  # small tensors that sanitize reshapes or splits: the whole source at once
+        x = family.transform(t.target, src.read_f32(t.source), hf_layout)
+        if tuple(x.shape) != tuple(t.shape):
+            raise ConvertError(f"{src.file_of(t.source)}: {t.source} gives {t.target} of shape "
+                               f"{list(x.shape)}, expected {list(t.shape)}")
+        yield x, info.nbytes
+        return
+    rows = info.shape[0] if info.shape else 1
+    per_row = max(1, int(np.prod(info.shape[1:])) if info.shape else 1)
+    step = max(1, CHUNK_PARAMS // per_row)
+    if info.dtype == "F8_E4M3":
+        step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
+        yield family.transform(t.target, x, hf_layout), info.nbytes * (r1 - r0) // max(rows, 1)

@@ -207,9 +207,9 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     model, p = load_resident_model(pack, dtype="float32")
     p.close()
     if experts_per_token:
-        from .model import moe_blocks
+        from .model import moe_blocks, set_experts_per_token
         for mlp in moe_blocks(model).values():
-            mlp.top_k = experts_per_token
+            set_experts_per_token(mlp, experts_per_token)
     decode_run(model, None, 16, 2, vocab, seed=7)
     base["mlx_lm"] = decode_run(model, None, prompt_tokens, max(8, gen_tokens // 4), vocab, seed=0)
     del model

@@ -33,7 +33,7 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
     """
     m = pack.manifest
     config = json.loads((pack.root / "config.json").read_text())
-    module = importlib.import_module(f"mlx_lm.models.{m.model_type}")
+    module = importlib.import_module(f"mlx_lm.models.{mlx_module(m.model_type)}")
     model = module.Model(module.ModelArgs.from_dict(config))
     q = m.quantization["experts"]
 
@@ -53,16 +53,21 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
     return model
 
 
+def mlx_module(model_type: str) -> str:
+    """mlx-lm's module for a model_type (``kimi_k2`` runs on ``deepseek_v3``)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
 def _fix_expert_groups(model: nn.Module, pack: Pack) -> None:
     """Layers whose experts fell back to group size 32 get their switch layers' group size set."""
+    from .model import moe_blocks
+
+    blocks = moe_blocks(model)
     for x in pack.manifest.experts:
-        mlp = _layer_mlp(model, x.layer)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            getattr(mlp.switch_mlp, proj).group_size = x.component(f"{proj}.weight").group_size
-
-
-def _layer_mlp(model: nn.Module, layer: int) -> nn.Module:
-    return model.layers[layer].mlp
+            getattr(blocks[x.layer].switch_mlp, proj).group_size = x.component(f"{proj}.weight").group_size
 
 
 def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
@@ -101,10 +106,10 @@ def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.
     weights: list[tuple[str, mx.array]] = []
     for f in pack.manifest.resident_files:
         weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
-    prefix = switch_prefix(model)
+    paths = switch_paths(model)
     for x in pack.manifest.experts:
         for name, arr in expert_weights(pack, x.layer).items():
-            weights.append((f"{prefix}.layers.{x.layer}.mlp.switch_mlp.{name}", arr))
+            weights.append((f"{paths[x.layer]}.{name}", arr))
     model.load_weights(weights, strict=True)
     if dtype:
         target = MX_DTYPE[dtype]
@@ -114,13 +119,14 @@ def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.
     return model, pack
 
 
-def switch_prefix(model: nn.Module) -> str:
+def switch_paths(model: nn.Module) -> dict[int, str]:
+    """Layer index -> parameter path of its ``switch_mlp`` (``model.layers.3.block_sparse_moe.switch_mlp``)."""
+    import re
+
     from mlx.utils import tree_flatten
 
-    for k, _ in tree_flatten(model.parameters()):
-        if ".layers.0." in k:
-            return k.split(".layers.0.")[0]
-    raise ValueError("model has no layers")
+    pat = re.compile(r"^(.*\.layers\.(\d+)\.\w+\.switch_mlp)\.")
+    return {int(m.group(2)): m.group(1) for k, _ in tree_flatten(model.parameters()) if (m := pat.match(k))}
 
 
 def cast_floats(params, dtype):

@@ -91,13 +91,33 @@ def load_tokenizer(root: Path):
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> the layer's sparse MoE block (the module holding ``switch_mlp``)."""
+    """Layer index -> the layer's sparse MoE block: the child holding ``switch_mlp`` (``mlp`` in most
+    families, ``block_sparse_moe`` in Mixtral)."""
     out = {}
     for i, layer in enumerate(model.layers):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and hasattr(mlp, "switch_mlp"):
-            out[i] = mlp
+        for child in layer.children().values():
+            if isinstance(child, nn.Module) and hasattr(child, "switch_mlp"):
+                out[i] = child
+                break
     return out
+
+
+# Where a block keeps its top-k: Qwen's ``top_k``, Mixtral's ``num_experts_per_tok``, DeepSeek's
+# router (``gate.top_k``), which does the selection itself.
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+SHARED_EXPERT_ATTRS = ("shared_expert", "shared_experts")
+
+
+def set_experts_per_token(block: nn.Module, k: int) -> None:
+    """Override a MoE block's top-k wherever its family keeps it."""
+    found = False
+    for owner in (block, getattr(block, "gate", None)):
+        for attr in TOP_K_ATTRS:
+            if owner is not None and isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, k)
+                found = True
+    if not found:
+        raise PackError(f"{type(block).__name__}: no top-k attribute to override")
 
 
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
@@ -145,7 +165,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         for i, mlp in blocks.items():
             mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels)
             if experts_per_token:
-                mlp.top_k = experts_per_token
+                set_experts_per_token(mlp, experts_per_token)
         weights = []
         for f in pack.manifest.resident_files:
             weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
@@ -154,9 +174,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             model.update(cast_floats(model.parameters(), cdt))
         mx.eval(model.parameters())
         for mlp in blocks.values():  # after loading: the wrapper renames the shared expert's parameters
-            if isinstance(getattr(mlp, "shared_expert", None), nn.Module):
-                mlp.shared_expert = EarlySharedExpert(mlp.shared_expert)
-                mlp.switch_mlp.overlap_with(mlp.shared_expert)
+            for attr in SHARED_EXPERT_ATTRS:
+                if isinstance(getattr(mlp, attr, None), nn.Module):
+                    setattr(mlp, attr, EarlySharedExpert(getattr(mlp, attr)))
+                    mlp.switch_mlp.overlap_with(getattr(mlp, attr))
         if cpu_kernels:
             use_cpu_kernels(model)
         model.eval()
