@@ -102,24 +102,32 @@ class Calibration:
         return sums.sum(0) / counts.sum() if counts.sum() > 0 else None
 
     def expert_hessian(self, layer: int, expert: int, proj: str) -> np.ndarray | None:
-        """E[x x^T] of one expert's ``proj`` inputs: its own matrix, or the layer's pooled
-        correlation rescaled by the expert's diagonal; None without matrices."""
+        """E[x x^T] of one expert's ``proj`` inputs, or None without matrices.
+
+        Routing is skewed, so many experts see few calibration tokens, and a matrix estimated from
+        fewer tokens than its dimension is singular: GPTQ would fit those few tokens exactly and do
+        worse on others. So the expert's own matrix is shrunk towards the layer's pooled
+        correlation rescaled by the expert's own diagonal, weighted n / (n + 2 dim).
+        """
         p, kind = f"experts.{layer}.", "down" if proj == "down_proj" else "gate_up"
         counts = self.arrays.get(p + "count")
-        if counts is None:
-            return None
-        if p + kind + "_cov" in self.arrays and counts[expert] > 0:
-            return self.arrays[p + kind + "_cov"][expert] / counts[expert]
-        pooled = self.arrays.get(p + kind + "_pcov")
-        if pooled is None and p + kind + "_cov" in self.arrays:
-            pooled = self.arrays[p + kind + "_cov"].sum(0)  # an expert never routed to: the layer's
         diag = self.expert_importance(layer, expert, proj)
-        if pooled is None or diag is None:
+        if counts is None or diag is None:
+            return None
+        own = self.arrays.get(p + kind + "_cov")
+        pooled = self.arrays.get(p + kind + "_pcov")
+        if pooled is None and own is not None:
+            pooled = own.sum(0)
+        if pooled is None:
             return None
         d = np.sqrt(np.maximum(np.diag(pooled), 1e-30))
-        corr = pooled / np.outer(d, d)
         r = np.sqrt(np.maximum(diag, 0))
-        return corr * np.outer(r, r)
+        prior = pooled / np.outer(d, d) * np.outer(r, r)
+        n = counts[expert]
+        if own is None or n <= 0:
+            return prior
+        a = n / (n + 2 * len(diag))
+        return a * own[expert] / n + (1 - a) * prior
 
     def _linear(self, tensor: str) -> tuple[str, float]:
         base = tensor[:-len(".weight")] if tensor.endswith(".weight") else tensor
