@@ -108,6 +108,15 @@ TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
 SHARED_EXPERT_ATTRS = ("shared_expert", "shared_experts")
 
 
+def get_experts_per_token(block: nn.Module) -> int:
+    """A MoE block's current top-k, wherever its family keeps it."""
+    for owner in (block, getattr(block, "gate", None)):
+        for attr in TOP_K_ATTRS:
+            if owner is not None and isinstance(getattr(owner, attr, None), int):
+                return getattr(owner, attr)
+    raise PackError(f"{type(block).__name__}: no top-k attribute")
+
+
 def set_experts_per_token(block: nn.Module, k: int) -> None:
     """Override a MoE block's top-k wherever its family keeps it."""
     found = False

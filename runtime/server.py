@@ -29,7 +29,7 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from .model import Runtime, load, moe_blocks, output_head
+from .model import Runtime, get_experts_per_token, load, moe_blocks, output_head, set_experts_per_token
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,14 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
     @contextlib.contextmanager
     def _experts_per_token(self, k: int | None):
         blocks = list(moe_blocks(self.model_provider.model).values()) if k else []
-        saved = [b.top_k for b in blocks]
+        saved = [get_experts_per_token(b) for b in blocks]
         for b in blocks:
-            b.top_k = k
+            set_experts_per_token(b, k)
         try:
             yield
         finally:
             for b, s in zip(blocks, saved):
-                b.top_k = s
+                set_experts_per_token(b, s)
 
     def _checkpoint_history(self, req, args, stream) -> int | None:
         """Run the conversation history into a cache and store it under its tokens.

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="needs the test extras: openai")
 from mlx_lm import server as mlx_server  # noqa: E402
 
 from moestream.runtime import load  # noqa: E402
-from moestream.runtime.model import moe_blocks  # noqa: E402
+from moestream.runtime.model import get_experts_per_token, moe_blocks  # noqa: E402
 from moestream.runtime.server import build_server  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -234,13 +234,13 @@ def test_per_request_experts_per_token(server, client, pack):
     tok = server[0].generator.model_provider.tokenizer
     msgs = [{"role": "user", "content": "count"}]
     blocks = moe_blocks(server[0].generator.model_provider.model).values()
-    k0 = [b.top_k for b in blocks]
+    k0 = [get_experts_per_token(b) for b in blocks]
     r = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
                                        extra_body={"experts_per_token": 1, **THINK_OFF})
     got = [x.model_extra["id"] for x in r.choices[0].logprobs.content]
     assert got == _reference_tokens(pack, tok, msgs, len(got), experts_per_token=1)
     assert got != _reference_tokens(pack, tok, msgs, len(got))  # K matters for this prompt, so it was applied
-    assert k0 and [b.top_k for b in blocks] == k0 and k0[0] != 1  # the pack's own K again afterwards
+    assert k0 and [get_experts_per_token(b) for b in blocks] == k0 and k0[0] != 1  # the pack's own K again afterwards
 
 
 @pytest.mark.parametrize("body,status,code,param", [
