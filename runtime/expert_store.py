@@ -63,12 +63,13 @@ class StoreStats:
 
 
 def parse_cache(spec: str) -> tuple[str, int]:
-    """``os`` | ``none`` | ``mmap`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix) -> (policy, bytes)."""
-    if spec in ("os", "none", "mmap"):
+    """``os`` | ``none`` | ``mmap`` | ``mmap-none`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix)
+    -> (policy, bytes)."""
+    if spec in ("os", "none", "mmap", "mmap-none"):
         return spec, 0
     m = re.fullmatch(r"lru:(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", spec)
     if not m:
-        raise PackError(f"--cache {spec}: expected os, none, mmap or lru:SIZE (e.g. lru:8G)")
+        raise PackError(f"--cache {spec}: expected os, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
     return "lru", int(float(m.group(1)) * mult)
 
@@ -122,6 +123,7 @@ class MappedLayer:
     """
 
     def __init__(self, path: str, x: ExpertLayer):
+        self.path = path
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.numpy: dict[str, np.ndarray] = {}
@@ -134,6 +136,15 @@ class MappedLayer:
 
     def settle(self) -> None:
         pass
+
+    def drop(self) -> None:
+        """Unmap this process's pages and drop the file from the page cache (a model beyond RAM)."""
+        self._mm.madvise(mmap.MADV_DONTNEED)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.numpy.clear()
@@ -175,7 +186,7 @@ class ExpertStore:
         self._lock = threading.Lock()
         m = pack.manifest
         n = m.num_experts
-        if self.policy == "mmap":
+        if self.policy.startswith("mmap"):
             self._mapped = {x.layer: MappedLayer(str(pack.root / x.file), x) for x in m.experts}
         elif self.policy == "lru":
             per_layer = self.cache_bytes // max(1, len(m.experts))
@@ -241,10 +252,12 @@ class ExpertStore:
         if self.policy == "lru":
             yield from self._fetch_lru(layer, experts, overlap if overlap is not None else [])
             return
-        if self.policy == "mmap":
+        if self.policy.startswith("mmap"):
             _run_overlap(overlap or [])
             self.stats.misses += len(experts)
             yield self._mapped[layer], experts, experts
+            if self.policy == "mmap-none":  # after the caller computed from the pages
+                self._mapped[layer].drop()
             return
         overlap = overlap if overlap is not None else []
         x = self._layers[layer]

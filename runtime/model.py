@@ -164,7 +164,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if cpu_kernels is None:
             cpu_kernels = on_cpu
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16
-        if store.policy == "mmap" and not cpu_kernels:
+        if store.policy.startswith("mmap") and not cpu_kernels:
             raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
         blocks = moe_blocks(model)
