@@ -274,15 +274,18 @@ def _print_stats(s) -> None:
 @click.option("--no-think", is_flag=True, help="Turn Qwen3.5's thinking off.")
 @click.option("--raw", is_flag=True, help="No chat template: continue the prompt text.")
 @click.option("--stats", is_flag=True, help="Print speed, bytes read per token, cache hit rate, peak RSS.")
+@click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save every MoE layer's routing (.npz; see notebooks/routing.ipynb).")
 @_runtime_options
 @one_line_errors
-def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, experts_per_token,
-             cache, threads, no_verify):
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing,
+             experts_per_token, cache, threads, no_verify):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    trace = rt.trace_routing() if trace_routing else None
     try:
         for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
                          stop=tuple(stop), raw=raw, think=not no_think):
@@ -292,6 +295,9 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
             _print_stats(chunk.stats)
     finally:
         rt.close()
+    if trace is not None:
+        trace.save(trace_routing)
+        click.echo(f"routing trace: {trace_routing}", err=True)
 
 
 @cli.command()
@@ -396,10 +402,12 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--sweep-k", default=None, help="Comma-separated K values (e.g. 2,4,6,8): one evaluation each, "
                                               "with expert bytes read per token, in one table.")
+@click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save every MoE layer's routing over the text (.npz; see notebooks/routing.ipynb).")
 @_runtime_options
 @one_line_errors
-def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, experts_per_token,
-             cache, threads, no_verify):
+def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing,
+             experts_per_token, cache, threads, no_verify):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
@@ -413,11 +421,14 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
     results = []
     for k in ks:
         rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify)
+        trace = rt.trace_routing() if trace_routing else None
         try:
             res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
                            reference_backend=reference_backend)
         finally:
             rt.close()
+        if trace is not None:  # with --sweep-k, the last K's
+            trace.save(trace_routing)
         k = k or rt.pack.manifest.top_k
         results.append({"k": k, "expert_bytes_per_token": k * per_k, **res})
     if not sweep_k:

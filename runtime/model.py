@@ -40,6 +40,15 @@ class Runtime:
         self.store.close()
         self.pack.close()
 
+    def trace_routing(self):
+        """Start recording every MoE layer's routing; returns the :class:`RoutingTrace`."""
+        from .routing import RoutingTrace
+
+        trace = RoutingTrace(self.pack.manifest.num_experts)
+        for mlp in moe_blocks(self.model).values():
+            mlp.switch_mlp.trace = trace
+        return trace
+
     @contextmanager
     def prefill_logits_last(self):
         """Within this block, a multi-token forward computes logits for its last position only

@@ -85,6 +85,7 @@ class StreamedSwitchGLU(nn.Module):
         self._quantized = x.component("gate_proj.weight").bits < 16
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
+        self.trace = None  # a RoutingTrace: records the router's choices
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -92,6 +93,8 @@ class StreamedSwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         inds = np.array(indices)  # the router's choice: a sync point, as in any streaming design
+        if self.trace is not None:
+            self.trace.record(self._layer, inds)
         experts = np.unique(inds)
         glu = self._glu.module
         out = None
