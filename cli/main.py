@@ -246,6 +246,9 @@ def _runtime_options(fn):
         click.option("--cache", default="os", show_default=True, help="os | none | lru:SIZE (e.g. lru:8G)."),
         click.option("--threads", type=int, default=None, help="Reader threads."),
         click.option("--no-verify", is_flag=True, help="Skip the per-read checksum of expert blocks."),
+        click.option("--kernels", type=click.Choice(["auto", "metal", "mlx"]), default="auto", show_default=True,
+                     help="Expert kernels: auto (Metal's on Apple silicon, numba's on the CPU), metal, or mlx "
+                          "(MLX's built-in quantized ops)."),
     ]):
         fn = opt(fn)
     return fn
@@ -275,12 +278,13 @@ def _print_stats(s) -> None:
 @_runtime_options
 @one_line_errors
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, experts_per_token,
-             cache, threads, no_verify):
+             cache, threads, no_verify, kernels):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+              kernels=kernels)
     try:
         for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
                          stop=tuple(stop), raw=raw, think=not no_think):
@@ -301,12 +305,13 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
 @click.option("--hide-think", is_flag=True, help="Do not show the thinking, only the answer.")
 @_runtime_options
 @one_line_errors
-def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify):
+def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify, kernels):
     """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+              kernels=kernels)
     history: list[dict] = []
     try:
         while True:
@@ -365,12 +370,14 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
 @click.option("--json", "as_json", is_flag=True)
 @_runtime_options
 @one_line_errors
-def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, experts_per_token, cache, threads, no_verify):
+def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, experts_per_token, cache, threads,
+             no_verify, kernels):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.runtime import evaluate, load
     from moestream.runtime.evaluate import format_eval
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+              kernels=kernels)
     try:
         res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
                        reference_backend=reference_backend)
@@ -389,13 +396,14 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @_runtime_options
 @one_line_errors
 def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, experts_per_token, cache, threads,
-          no_verify):
+          no_verify, kernels):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
     r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
-            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines)
+            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
+            kernels=kernels)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
@@ -409,17 +417,19 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
               help="Require 'Authorization: Bearer KEY' (401 otherwise); also from $MOESTREAM_API_KEY.")
 @_runtime_options
 @one_line_errors
-def serve(pack, host, port, temp, max_tokens, api_key, experts_per_token, cache, threads, no_verify):
+def serve(pack, host, port, temp, max_tokens, api_key, experts_per_token, cache, threads, no_verify, kernels):
     """OpenAI-compatible HTTP server (mlx-lm's) over a streamed pack: /v1/chat/completions, /v1/models."""
     from moestream.layouts import open_pack
+    from moestream.runtime.model import check_kernels
     from moestream.runtime.server import serve as run
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
+    check_kernels(kernels)  # likewise --kernels metal without a Metal device
     extra = (["--temp", str(temp)] if temp is not None else []) + \
             (["--max-tokens", str(max_tokens)] if max_tokens is not None else [])
     click.echo(f"serving {pack} at http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", err=True)
     run(str(pack), host, port, extra, api_key=api_key, cache=cache, experts_per_token=experts_per_token, threads=threads,
-        verify=not no_verify)
+        verify=not no_verify, kernels=kernels)
 
 
 def main() -> None:

@@ -104,6 +104,17 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
+def check_kernels(kernels: str) -> bool:
+    """Validate a ``kernels`` choice; returns whether the Metal expert kernels will run."""
+    from moestream import metal
+
+    if kernels not in ("auto", "metal", "mlx"):
+        raise MoestreamError(f"--kernels {kernels}: expected auto, metal or mlx")
+    if kernels == "metal" and not metal.available():
+        raise MoestreamError("--kernels metal: no Metal device here (Apple silicon only); use --kernels auto or mlx")
+    return kernels == "metal" or (kernels == "auto" and metal.available())
+
+
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
          threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
          cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto") -> Runtime:
@@ -129,13 +140,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
         >>> for r in generate(rt, "Hello"): print(r.text, end="")
     """
-    from moestream import metal
-
-    if kernels not in ("auto", "metal", "mlx"):
-        raise MoestreamError(f"--kernels {kernels}: expected auto, metal or mlx")
-    if kernels == "metal" and not metal.available():
-        raise MoestreamError("--kernels metal: no Metal device here (Apple silicon only); use --kernels auto or mlx")
-    use_metal = kernels == "metal" or (kernels == "auto" and metal.available())
+    use_metal = check_kernels(kernels)
     pack = open_pack(path)
     store = None
     try:
