@@ -3,7 +3,7 @@
 //   else: y[k, h] = down_k[h] . hmid[k]                        (y [K, H], per expert)
 // Inputs: hmid [K, I] float32 (from gate_up); down_w [slots, H, I*BITS/32] uint32; down_s, down_b
 // [slots, H, I/GS]; slots [K] uint32; weights [K] float32. Template: T (y's type), BITS, GS, H, I,
-// K, ROWS (H % ROWS == 0), SUM.
+// K, ROWS (H % ROWS == 0), SUM (0 or 1).
 // Each simdgroup owns ROWS output rows across all K experts, so the weighted sum needs no atomics
 // and is deterministic; the threadgroup stages one expert's hmid at a time. Header: common.metal.
 threadgroup float xs[32 * MS_STAGE_STRIDE(I)];

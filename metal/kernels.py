@@ -99,7 +99,7 @@ def plan(h: int, i: int, k: int, gate_up: tuple[int, int], down: tuple[int, int]
                    _grid(k * i), tg, ((k, i),), (mx.float32,))
     second = Launch("down", DOWN_INPUTS, ("y",),
                     (("T", out_dtype), ("BITS", down[0]), ("GS", down[1]), ("H", h), ("I", i), ("K", k),
-                     ("ROWS", ROWS), ("SUM", weighted_sum)),
+                     ("ROWS", ROWS), ("SUM", int(weighted_sum))),  # int, not bool: MLX writes template bools as 1/0
                     _grid(h), tg, ((h,) if weighted_sum else (k, h),), (out_dtype,))
     return first, second
 

@@ -7,6 +7,11 @@ whose parameters are the named inputs and outputs and the Metal attributes the b
 by substring, as MLX does), with the template arguments as constants; then an ``extern "C"`` entry that
 runs it over the grid. Device buffers become bounds-checked pointers. :meth:`Emulator.launch` has the
 signature of :func:`moestream.metal.kernels.launch`, so the tests can put it in its place.
+
+Two differences from MLX's generated source, neither visible to the body: template arguments become
+``constexpr`` constants (``using`` for types) of one function per instantiation (so its threadgroup
+arrays are plain statics the emulator can poison), and inputs MLX would pass in the ``constant`` address
+space (fewer than 8 elements) are device pointers like the rest (both spaces are empty words here).
 """
 
 from __future__ import annotations
