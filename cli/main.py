@@ -248,6 +248,9 @@ def _runtime_options(fn):
         click.option("--cache", default="os", show_default=True, help="os | none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages after use)."),
         click.option("--threads", type=int, default=None, help="Reader threads."),
         click.option("--no-verify", is_flag=True, help="Skip the per-read checksum of expert blocks."),
+        click.option("--kernels", type=click.Choice(["auto", "metal", "mlx"]), default="auto", show_default=True,
+                     help="Expert kernels: auto (Metal's on Apple silicon, numba's on the CPU), metal, or mlx "
+                          "(MLX's built-in quantized ops)."),
     ]):
         fn = opt(fn)
     return fn
@@ -279,12 +282,13 @@ def _print_stats(s) -> None:
 @_runtime_options
 @one_line_errors
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing,
-             experts_per_token, cache, threads, no_verify):
+             experts_per_token, cache, threads, no_verify, kernels):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+              kernels=kernels)
     trace = rt.trace_routing() if trace_routing else None
     try:
         for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
@@ -309,12 +313,13 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
 @click.option("--hide-think", is_flag=True, help="Do not show the thinking, only the answer.")
 @_runtime_options
 @one_line_errors
-def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify):
+def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify, kernels):
     """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+              kernels=kernels)
     history: list[dict] = []
     try:
         while True:
@@ -407,7 +412,7 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 @_runtime_options
 @one_line_errors
 def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing,
-             experts_per_token, cache, threads, no_verify):
+             experts_per_token, cache, threads, no_verify, kernels):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
@@ -420,7 +425,7 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
     per_k = sum(x.stride for x in Manifest.load(pack).experts)
     results = []
     for k in ks:
-        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify)
+        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify, kernels=kernels)
         trace = rt.trace_routing() if trace_routing else None
         try:
             res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
@@ -453,13 +458,14 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @_runtime_options
 @one_line_errors
 def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, experts_per_token, cache, threads,
-          no_verify):
+          no_verify, kernels):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
     r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
-            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines)
+            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
+            kernels=kernels)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
@@ -482,22 +488,25 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, expert
 @_runtime_options
 @one_line_errors
 def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,
-          prompt_cache_bytes, experts_per_token, cache, threads, no_verify):
+          prompt_cache_bytes, experts_per_token, cache, threads, no_verify, kernels):
     """OpenAI-compatible HTTP server over a streamed pack.
 
     Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
     """
     from moestream.layouts import open_pack
+    from moestream.runtime.model import check_kernels
     from moestream.runtime.server import build_server
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
+    check_kernels(kernels)  # likewise --kernels metal without a Metal device
     extra = (["--temp", str(temp)] if temp is not None else []) + \
             (["--max-tokens", str(max_tokens)] if max_tokens is not None else []) + \
             ["--prompt-cache-size", str(prompt_cache_size)] + \
             (["--prompt-cache-bytes", str(prompt_cache_bytes)] if prompt_cache_bytes else [])
     server = build_server(str(pack), host, port, api_key=api_key, max_concurrency=max_concurrency,
                           max_context=max_context, mlx_args=extra, cache=cache,
-                          experts_per_token=experts_per_token, threads=threads, verify=not no_verify)
+                          experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
+                          kernels=kernels)
     click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
     server.serve_forever()
 

@@ -143,18 +143,19 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
 
 def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
           experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True) -> dict:
-    """Run the benchmark; returns every figure (the CLI prints them)."""
+          baselines: bool = True, kernels: str = "auto") -> dict:
+    """Run the benchmark; returns every figure (the CLI prints them). ``kernels`` as in ``load``."""
     from .model import load
 
     pack = Path(pack)
     m = Manifest.load(pack)
     k = experts_per_token or m.top_k
     vocab = int(m.config.get("vocab_size", 1000))
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False)
+    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False,
+              kernels=kernels)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
-                 "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels}
+                 "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
     expert_bytes = k * sum(x.stride for x in m.experts)
     res_bytes = resident_bytes_per_token(m)
     out["mem_gbps"] = memory_bandwidth() / 1e9
@@ -198,7 +199,8 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
         return base
     gc.collect()
     # Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first.
-    rt = load(pack, cache=f"lru:{all_experts + (1 << 20)}", experts_per_token=experts_per_token, tokenizer=False)
+    rt = load(pack, cache=f"lru:{all_experts + (1 << 20)}", experts_per_token=experts_per_token, tokenizer=False,
+              kernels=out["kernels"])
     try:
         rt.store.prefetch_all()
         decode_run(rt.model, rt.store, prompt_tokens, 8, vocab, seed=7, rt=rt)

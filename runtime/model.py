@@ -5,6 +5,10 @@ as the manifest says, loads the resident safetensors strictly by name, and repla
 layer's ``switch_mlp`` with a :class:`~moestream.runtime.streamed.StreamedSwitchGLU` over one shared
 :class:`~moestream.runtime.expert_store.ExpertStore`. On the CPU (Linux) float parameters are cast
 to float32: MLX's CPU kernels are fastest, or only work, in float32.
+
+Kernels (``kernels=``): ``auto`` runs moestream's Metal expert kernels on a Metal device and its numba
+kernels on the CPU; ``metal`` insists on the Metal ones; ``mlx`` uses MLX's built-in quantized ops
+everywhere (the reference the others are tested against).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moestream.layouts import Pack, PackError, open_pack
+from moestream.layouts.errors import MoestreamError
 
 from .expert_store import ExpertStore
 from .loader import build_model, cast_floats
@@ -138,9 +143,20 @@ def set_experts_per_token(block: nn.Module, k: int) -> None:
         raise PackError(f"{type(block).__name__}: no top-k attribute to override")
 
 
+def check_kernels(kernels: str) -> bool:
+    """Validate a ``kernels`` choice; returns whether the Metal expert kernels will run."""
+    from moestream import metal
+
+    if kernels not in ("auto", "metal", "mlx"):
+        raise MoestreamError(f"--kernels {kernels}: expected auto, metal or mlx")
+    if kernels == "metal" and not metal.available():
+        raise MoestreamError("--kernels metal: no Metal device here (Apple silicon only); use --kernels auto or mlx")
+    return kernels == "metal" or (kernels == "auto" and metal.available())
+
+
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
          threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
-         cpu_kernels: bool | None = None, max_slots: int | None = None) -> Runtime:
+         cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto") -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -153,13 +169,17 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         trace: record every read (for I/O accounting tests).
         verify: check each block read against its manifest checksum.
         cpu_kernels: compute quantized linears and experts with moestream's numba kernels (default: when
-            MLX runs on the CPU; MLX's own CPU quantized matmul is several times slower).
+            MLX runs on the CPU and ``kernels`` is not ``mlx``; MLX's own CPU quantized matmul is several
+            times slower).
         max_slots: experts held at once per slab with ``os``/``none`` (see ExpertStore).
+        kernels: ``auto`` (Metal expert kernels on a Metal device), ``metal`` (those, or an error where
+            there is no Metal device) or ``mlx`` (MLX's built-in quantized ops).
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
         >>> for r in generate(rt, "Hello"): print(r.text, end="")
     """
+    use_metal = check_kernels(kernels)
     pack = open_pack(path)
     store = None
     try:
@@ -171,8 +191,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if dtype is None and on_cpu:
             dtype = "float32"
         if cpu_kernels is None:
-            cpu_kernels = on_cpu
-        cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16
+            cpu_kernels = on_cpu and kernels != "mlx"
+        cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
         if store.policy.startswith("mmap") and not cpu_kernels:
             raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
@@ -181,7 +201,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if missing:
             raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
         for i, mlp in blocks.items():
-            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels)
+            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels, metal_kernels=use_metal)
             if experts_per_token:
                 set_experts_per_token(mlp, experts_per_token)
         weights = []
@@ -198,6 +218,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                     mlp.switch_mlp.overlap_with(getattr(mlp, attr))
         if cpu_kernels:
             use_cpu_kernels(model)
+        log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
         return Runtime(model, tok, pack, store, cpu_kernels)

@@ -4,10 +4,13 @@ mlx-lm's sparse MoE block computes the router, then calls ``switch_mlp(x, inds)`
 result by the router scores. :class:`StreamedSwitchGLU` takes that call: it reads the union of the
 routed experts (one read each, all in flight together), maps expert ids to slab slots, and runs
 mlx-lm's own ``SwitchGLU`` (quantized switch linears, the same kernels as a fully resident model)
-with the slab arrays as its weights. Everything else in the model is mlx-lm's code.
+with the slab arrays as its weights. Everything else in the model is mlx-lm's code. On a Metal device
+a one-token call runs moestream's fused expert kernels instead (:mod:`moestream.metal.kernels`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,6 +22,7 @@ from moestream.layouts import ExpertLayer
 from .expert_store import ExpertStore
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+log = logging.getLogger(__name__)
 
 
 class _Hidden:
@@ -71,11 +75,12 @@ class StreamedSwitchGLU(nn.Module):
     """Drop-in for ``mlp.switch_mlp``: ``(x [..., H], inds [..., k]) -> [..., k, H]``.
 
     With ``shared`` (the block's :class:`EarlySharedExpert`), the shared expert is evaluated while
-    this layer's routed experts are being read.
+    this layer's routed experts are being read. With ``metal_kernels``, one-token calls (decode) run
+    the Metal expert kernels; larger batches, and shapes the kernels do not take, run mlx-lm's layer.
     """
 
     def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None,
-                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False):
+                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False, metal_kernels: bool = False):
         super().__init__()
         self._store, self._layer = store, layer
         self._shared = _Hidden(shared)
@@ -86,6 +91,7 @@ class StreamedSwitchGLU(nn.Module):
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
+        self._metal = metal_kernels and self._quantized and self._metal_shapes(x)
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -103,6 +109,8 @@ class StreamedSwitchGLU(nn.Module):
         overlap = [lambda: shared.start(x)] if shared is not None else []
         if self._cpu:
             return self._cpu_call(x, inds, experts, overlap)
+        if self._metal and x.size == x.shape[-1]:
+            return self._metal_call(x, inds, experts, overlap)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             lookup = np.zeros(int(experts.max()) + 1, np.int32)
             lookup[part] = slots
@@ -123,6 +131,45 @@ class StreamedSwitchGLU(nn.Module):
             slab.pending.append(y)
             out = y if out is None else out + y
         return out
+
+    def _metal_shapes(self, x: ExpertLayer) -> bool:
+        from moestream.metal.kernels import unsupported
+
+        g, u, d = (x.component(f"{p}.weight") for p in PROJS)
+        h, i = d.shape[0], g.shape[0]
+        why = unsupported(h, i, (g.bits, g.group_size), (d.bits, d.group_size))
+        if why is None and (u.bits, u.group_size) != (g.bits, g.group_size):
+            why = "gate and up quantized differently"
+        if why:
+            log.info("layer %d: MLX's kernels, not Metal's (%s)", self._layer, why)
+        return why is None
+
+    def _metal_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
+        """One token: each slab group's experts through the fused Metal kernels, outputs [..., k, H].
+
+        mlx-lm's block owns the router scores and weights the experts itself, so the kernels keep the
+        experts apart here (their weighted-sum mode serves callers that hold the scores).
+        """
+        from moestream.metal.kernels import routed_experts
+
+        glu = self._glu.module
+        gu = (glu.gate_proj.bits, glu.gate_proj.group_size)
+        dn = (glu.down_proj.bits, glu.down_proj.group_size)
+        flat = inds.reshape(-1)
+        xs = x.reshape(-1)
+        pieces, order = [], []
+        for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+            slot_of = dict(zip(part.tolist(), slots.tolist()))
+            pos = [j for j, e in enumerate(flat.tolist()) if e in slot_of]
+            y = routed_experts(xs, slab.arrays, mx.array(np.array([slot_of[int(flat[j])] for j in pos], np.uint32)),
+                               gu, dn)
+            slab.pending.append(y)
+            pieces.append(y)
+            order += pos
+        out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+        if order != list(range(len(flat))):
+            out = out[mx.array(np.argsort(np.array(order)))]
+        return out.reshape(*inds.shape, x.shape[-1])
 
     def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
         """The same computation with the numba kernels, reading the slabs through numpy views."""
