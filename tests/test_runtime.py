@@ -390,7 +390,7 @@ def test_synth_zipf_routing_makes_hot_experts(tmp_path):
 
 
 def test_chat_thinking_hidden_or_dimmed(capsys):
-    from moestream.main import _echo_thinking
+    from moestream.runtime_commands import _echo_thinking
 
     state = _echo_thinking("plan the answer</think>The answer", True, hide=True)
     assert capsys.readouterr().out == "The answer" and state is False
