@@ -235,6 +235,8 @@ def demo(workdir):
     click.echo(f"streamed generation from {pack4} (every routed expert read from disk, --cache none):")
     text, st = demo_generate(pack4)
     click.echo(f"  output (random weights, so random text): {text[:120]!r}")
+    from .runtime_commands import _print_stats
+
     _print_stats(st)
     click.echo("")
     click.echo(f"next: moestream inspect {pack4}   |   moestream generate {pack4} -p 'Hi' --stats   |   moestream report "

@@ -80,3 +80,10 @@ def test_clip_beats_rtn_on_real_experts(trained_tiny, tmp_path):
     clip = load_report(tmp_path / "clip")["per_kind"]["experts"]["rel_rmse"]
     # Measured 0.393 -> 0.318 (-19%); the exact per-group optimum of this layout is 0.3176 (see the note).
     assert clip < 0.82 * rtn, (rtn, clip)
+
+
+def test_demo_runs(tmp_path):
+    """README's first command: the demo builds, converts, verifies, compares and streams end to end."""
+    r = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "streamed generation" in r.output and "decode:" in r.output and "mean KL" in r.output
