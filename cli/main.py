@@ -74,7 +74,8 @@ def _human(n: float) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing pack at OUTPUT.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, bytes per token); write nothing.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Statistics from `moestream calibrate`: clip weights each column by its input's mean square.")
+              help="Statistics from `moestream calibrate`: GPTQ (default) or, with --method clip, a clip search "
+                   "weighting each column by its input's mean square.")
 @one_line_errors
 def convert(source, output, bits, group_size, method, resident_bits, dtype, alignment, revision, keep_mtp, jobs,
             resume, force, dry_run, calibration):

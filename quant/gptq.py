@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .affine import SCALE_DTYPES, _from_storage, quantize
+from .affine import _from_storage, _to_storage, quantize
 from .errors import ErrorStats
 
 
@@ -95,14 +95,5 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, scal
     stats = ErrorStats(count=w0.size, sum_w=float(w0.sum(dtype=np.float64)),
                        sum_w2=float(np.square(w0, dtype=np.float64).sum()), sum_err2=float((d * d).sum()),
                        max_abs_err=float(np.abs(d).max()))
-    return wq, _store(scales, sdt), _store(biases, sdt), stats
+    return wq, _to_storage(scales, sdt), _to_storage(biases, sdt), stats
 
-
-def _store(x: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """Values already rounded to the dtype (they came from it): convert exactly."""
-    if scale_dtype == "float32":
-        return x
-    if scale_dtype == "float16":
-        return x.astype(np.float16)
-    assert scale_dtype in SCALE_DTYPES
-    return (x.view(np.uint32) >> np.uint32(16)).astype(np.uint16)

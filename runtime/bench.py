@@ -10,7 +10,8 @@ expert bytes per token, achieved read GB/s, cache hit rate, peak RSS; and the ro
   ``1 / ((expert + resident bytes) / memory bandwidth)``.
 
 Baselines in the same run, as ratios: the same pack with every expert held in RAM (our own
-no-streaming speed) and mlx-lm's model on the same weights with MLX's own kernels.
+no-streaming speed), mlx-lm's model on the same weights with MLX's own kernels, and (on the CPU
+path) the naive streaming of llama.cpp: the expert files mmap'd and read by page faults.
 """
 
 from __future__ import annotations
@@ -232,14 +233,9 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
     from .model import load
 
     gc.collect()
-    for x in m.experts:
-        fd = os.open(pack / x.file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
     rt = load(pack, cache=policy, experts_per_token=experts_per_token, tokenizer=False)
     try:
+        rt.store.drop_page_cache()
         return decode_run(rt.model, rt.store, prompt_tokens, max(8, gen_tokens // 2), vocab, seed=0, rt=rt)
     finally:
         rt.close()

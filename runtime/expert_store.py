@@ -122,10 +122,8 @@ class MappedLayer:
     Only the CPU kernels can compute from it (MLX arrays cannot wrap foreign memory without a copy).
     """
 
-    def __init__(self, path: str, x: ExpertLayer):
-        self.path = path
-        with open(path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def __init__(self, fd: int, x: ExpertLayer):
+        self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         self.numpy: dict[str, np.ndarray] = {}
         for c in x.components:
             dt = np.dtype(NP_STORAGE[c.dtype])
@@ -137,14 +135,9 @@ class MappedLayer:
     def settle(self) -> None:
         pass
 
-    def drop(self) -> None:
-        """Unmap this process's pages and drop the file from the page cache (a model beyond RAM)."""
+    def unmap_pages(self) -> None:
+        """Release this process's pages (the page cache can then drop them)."""
         self._mm.madvise(mmap.MADV_DONTNEED)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         self.numpy.clear()
@@ -186,8 +179,9 @@ class ExpertStore:
         self._lock = threading.Lock()
         m = pack.manifest
         n = m.num_experts
+        self._mapped: dict[int, MappedLayer] = {}
         if self.policy.startswith("mmap"):
-            self._mapped = {x.layer: MappedLayer(str(pack.root / x.file), x) for x in m.experts}
+            self._mapped = {x.layer: MappedLayer(self._fds[x.layer], x) for x in m.experts}
         elif self.policy == "lru":
             per_layer = self.cache_bytes // max(1, len(m.experts))
             self._lru = {x.layer: _LayerCache(Slab(x, max(1, min(n, per_layer // x.stride)))) for x in m.experts}
@@ -257,7 +251,7 @@ class ExpertStore:
             self.stats.misses += len(experts)
             yield self._mapped[layer], experts, experts
             if self.policy == "mmap-none":  # after the caller computed from the pages
-                self._mapped[layer].drop()
+                self.drop_page_cache(layer)
             return
         overlap = overlap if overlap is not None else []
         x = self._layers[layer]
@@ -324,9 +318,17 @@ class ExpertStore:
             for _ in self._fetch_lru(layer, np.arange(n), []):
                 pass
 
+    def drop_page_cache(self, layer: int | None = None) -> None:
+        """Drop the expert files (or one layer's) from the page cache, unmapping mapped pages first:
+        the next read of any expert goes to the disk."""
+        for i in ([layer] if layer is not None else list(self._fds)):
+            if i in self._mapped:
+                self._mapped[i].unmap_pages()
+            os.posix_fadvise(self._fds[i], 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for mapped in getattr(self, "_mapped", {}).values():
+        for mapped in self._mapped.values():
             mapped.close()
         for fd in self._fds.values():
             os.close(fd)

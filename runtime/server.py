@@ -161,6 +161,15 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
                               generated_tokens=last["generated_tokens"])
             self.stats.last, self.stats.running = last, None
 
+    def _tokenize(self, tokenizer, request, args):
+        """mlx-lm's tokenization, done once per request (the history checkpoint needs it before
+        mlx-lm's own serving code asks again)."""
+        done = getattr(request, "_moestream_tokens", None)
+        if done is None:
+            done = super()._tokenize(tokenizer, request, args)
+            request._moestream_tokens = done
+        return done
+
     @contextlib.contextmanager
     def _experts_per_token(self, k: int | None):
         blocks = list(moe_blocks(self.model_provider.model).values()) if k else []

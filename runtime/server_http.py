@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import logging
+from pathlib import Path
 
 from mlx_lm import server as mlx_server
 
@@ -121,8 +122,6 @@ class StreamingAPIHandler(mlx_server.APIHandler):
             self._error(_RequestError(404, f"no route {self.path!r}", "not_found"))
 
     def _model_id(self) -> str:
-        from pathlib import Path
-
         return Path(self.config.pack).name
 
     def _model_object(self, name: str) -> dict:
