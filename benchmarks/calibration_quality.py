@@ -27,6 +27,10 @@ CONFIGS = [  # name, convert options
     ("2-bit gptq, residents 8", dict(bits=2, method="gptq", resident_bits=8, calibration=True)),
     ("all 4-bit clip", dict(bits=4, method="clip")),
     ("all 4-bit gptq", dict(bits=4, method="gptq", calibration=True)),
+    # importance-weighted clip: the calibration's diagonal only (imatrix-style)
+    ("4-bit wclip, residents 8", dict(bits=4, method="clip", resident_bits=8, calibration=True)),
+    ("3-bit wclip, residents 8", dict(bits=3, method="clip", resident_bits=8, calibration=True)),
+    ("2-bit wclip, residents 8", dict(bits=2, method="clip", resident_bits=8, calibration=True)),
 ]
 
 
@@ -77,6 +81,10 @@ def main() -> None:
     if not (wd / "held.st").exists():
         calibrate(wd / "p8", text[100_000:200_000], max_tokens=4096).save(wd / "held.st")
     cal, held = Calibration.load(wd / "cal.st"), Calibration.load(wd / "held.st")
+    for layer in cal.layers:
+        n = cal.arrays[f"experts.{layer}.count"]
+        print(f"layer {layer}: routings per expert min {n.min():.0f}, median {np.median(n):.0f}, max {n.max():.0f} "
+              f"of {n.sum():.0f}")
     for bits in (2, 4):
         e = held_out_error(cal, held, bits)
         print(f"held-out output error of expert gate projections, {bits}-bit: clip {e['clip']:.1f}, "
