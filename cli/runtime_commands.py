@@ -156,9 +156,9 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
     """
     from moestream.runtime.calibrate import calibrate as run
 
-    from moestream.runtime.expert_store import parse_cache
+    from moestream.runtime.expert_store import parse_size
 
-    budget = parse_cache(f"lru:{matrix_bytes}")[1]  # the same SIZE syntax as --cache lru:SIZE
+    budget = parse_size(matrix_bytes, "--matrix-bytes")
     cal = run(pack, text_file.read()[skip_chars:], max_tokens=max_tokens, window=window, matrix_bytes=budget)
     cal.save(output)
     routed = sum(int(cal.arrays[f"experts.{i}.count"].sum()) for i in cal.layers)

@@ -62,17 +62,21 @@ class StoreStats:
             self.log.clear()
 
 
+def parse_size(text: str, option: str) -> int:
+    """``SIZE`` in bytes, or with a K/M/G suffix (``8G``, ``512M``); ``option`` names the flag in errors."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", text)
+    if not m:
+        raise PackError(f"{option} {text}: expected a size such as 512M or 8G")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
+
+
 def parse_cache(spec: str) -> tuple[str, int]:
-    """``os`` | ``none`` | ``mmap`` | ``mmap-none`` | ``lru:SIZE`` (SIZE in bytes, or with K/M/G suffix)
-    -> (policy, bytes)."""
+    """``os`` | ``none`` | ``mmap`` | ``mmap-none`` | ``lru:SIZE`` (see :func:`parse_size`) -> (policy, bytes)."""
     if spec in ("os", "none", "mmap", "mmap-none"):
         return spec, 0
-    m = re.fullmatch(r"lru:(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", spec)
-    if not m:
+    if not spec.startswith("lru:"):
         raise PackError(f"--cache {spec}: expected os, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return "lru", int(float(m.group(1)) * mult)
-
+    return "lru", parse_size(spec[4:], "--cache lru:SIZE, SIZE =")
 
 class Slab:
     """``capacity`` expert slots of one block layout, as one MLX array per component."""

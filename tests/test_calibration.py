@@ -169,3 +169,13 @@ def test_convert_with_calibration(tiny, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "y"), "--calibration", str(bad)])
     assert r.exit_code == 1 and "bad.st" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "y").exists()  # refused before anything was written
+
+
+def test_calibrate_refuses_a_bad_size_in_one_line(tiny, tmp_path):
+    d, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("hello " * 20)
+    r = CliRunner().invoke(cli, ["calibrate", str(d / "p8"), "--text", str(text), "-o", str(tmp_path / "c.st"),
+                                 "--matrix-bytes", "12Q"])
+    assert r.exit_code == 1 and r.output == "error: --matrix-bytes 12Q: expected a size such as 512M or 8G\n"
+    assert not (tmp_path / "c.st").exists()
