@@ -29,7 +29,7 @@ from moestream.quant import ErrorStats
 from moestream.quant.report import report_row, write_report
 
 from .family import family_for
-from .plan import ConversionPlan, ExpertLayerPlan, Options, build_plan
+from .plan import ConversionPlan, ExpertLayerPlan, Options, build_plan, tensor_kind
 from .source import EXTRA_FILES, ConvertError, SourceCheckpoint, resolve_source
 from .writers import expert_block, write_resident_file
 from moestream.quant.calibration import Calibration
@@ -141,7 +141,8 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
     o, fam = plan.options, plan.family
     fp = _fingerprint(plan, src)
     method = o.resolved_method()
-    cal = Calibration.load(o.calibration) if o.calibration else None
+    # Calibration weights the quantizers unless the recipe uses it only to choose tiers.
+    cal = Calibration.load(o.calibration) if o.calibration and o.weighted else None
     bar = tqdm(total=plan.src_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
     rows: list[dict] = []
     layers: list[ExpertLayer] = []
@@ -149,20 +150,20 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
     rtensors: dict[str, ResidentTensor] = {}
     with ThreadPoolExecutor(jobs, thread_name_prefix="convert") as pool:
         for x in plan.experts:
-            side = _load_sidecar(out, f"layer-{x.layer:03d}", fp)
+            side = _load_sidecar(out, Path(x.file).stem, fp)
             if side and verify_expert_file(out, ExpertLayer.from_dict(side["entry"]), o.alignment) is None:
                 log.info("layer %d: already converted, skipped (--resume)", x.layer)
                 entry, stats = ExpertLayer.from_dict(side["entry"]), side["stats"]
                 bar.update(x.src_bytes)
             else:
-                entry, st = _convert_layer(pool, jobs, src, x, o.bits, method, plan.float_dtype, o.alignment, out, bar,
-                                           cal)
+                entry, st = _convert_layer(pool, jobs, src, x, method, plan.float_dtype, o.alignment, out, bar, cal)
                 stats = {p: s.to_dict() for p, s in st.items()}
-                _save_sidecar(out, f"layer-{x.layer:03d}", fp, entry=asdict(entry), stats=stats)
+                _save_sidecar(out, Path(x.file).stem, fp, entry=asdict(entry), stats=stats)
             layers.append(entry)
             for proj, s in stats.items():
                 g = x.group_down if proj == "down_proj" else x.group_gate_up
-                rows.append(report_row(x.layer, f"experts.{proj}", f"experts.{proj}", o.bits, g, method,
+                rows.append(report_row(x.layer, f"experts.{proj}" + (f".tier{x.tier}" if x.expert_ids else ""),
+                                       f"experts.{proj}", x.down_bits if proj == "down_proj" else x.bits, g, method,
                                        ErrorStats.from_dict(s)))
         rfiles, stats_by_file = _convert_residents(pool, plan, src, out, fp, method, bar, cal)
     bar.close()
@@ -171,7 +172,7 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             rtensors[t.target] = ResidentTensor(f.file, list(t.shape), t.dtype, t.bits, t.group_size)
             s = stats_by_file[f.file].get(t.target)
             if s is not None:
-                rows.append(report_row(_layer_of(t.target), t.target, _kind(t.target), t.bits, t.group_size,
+                rows.append(report_row(_layer_of(t.target), t.target, tensor_kind(t.target), t.bits, t.group_size,
                                        method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
     extra = _copy_extra_files(src.folder, out, fam.pack_config())
     if cal is not None:
@@ -191,14 +192,16 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
     return m
 
 
-def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, alignment, out: Path, bar, cal=None):
-    writer = ExpertLayerWriter(out / x.file, x.layer, x.source.num_experts, x.components, x.block_bytes, alignment)
+def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, method, dtype, alignment, out: Path, bar, cal=None):
+    ids = x.ids()
+    writer = ExpertLayerWriter(out / x.file, x.layer, len(ids), x.components, x.block_bytes, alignment, x.tier,
+                               x.expert_ids)
     stats = {p: ErrorStats() for p in ("gate_proj", "up_proj", "down_proj")}
-    per_expert = x.src_bytes // x.source.num_experts
+    per_expert = x.src_bytes // len(ids)
 
-    def one(e: int) -> dict[str, ErrorStats]:
-        block, st = expert_block(src, x, e, bits, method, dtype, cal)
-        writer.write_expert(e, block)
+    def one(j: int) -> dict[str, ErrorStats]:
+        block, st = expert_block(src, x, ids[j], method, dtype, cal)
+        writer.write_expert(j, block)
         bar.update(per_expert)
         return st
 
@@ -206,9 +209,9 @@ def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, bits, method, dtype, ali
     try:
         writer.open()
         nxt = 0
-        while nxt < x.source.num_experts or pending:
+        while nxt < len(ids) or pending:
             # Keep a bounded number of experts in flight: memory stays a few experts per worker.
-            while nxt < x.source.num_experts and len(pending) < 2 * jobs:
+            while nxt < len(ids) and len(pending) < 2 * jobs:
                 pending.add(pool.submit(one, nxt))
                 nxt += 1
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -292,7 +295,11 @@ def _quant_summary(plan: ConversionPlan, method: str) -> dict:
     rb = o.resident_bits or o.bits
     return {
         "experts": {"bits": o.bits, "group_size": None if o.bits >= 16 else o.group_size, "mode": "affine",
-                    "method": method, "scale_dtype": plan.float_dtype},
+                    "method": method, "scale_dtype": plan.float_dtype, "down_bits": o.down_bits or o.bits,
+                    "tiers": plan.summary()["tiers"], "bits_per_weight_budget": o.bits_per_weight,
+                    "layer_widths": {str(k): v for k, v in (o.layer_widths or {}).items()} or None},
+        "recipe": o.recipe,
+        "resident_kinds": o.resident_kinds,
         "resident": {"bits": rb, "group_size": None if rb >= 16 else o.group_size, "mode": "affine",
                      "method": method, "router_bits": None if rb >= 16 else max(8, rb)},
         "dtype": plan.float_dtype,
@@ -302,16 +309,6 @@ def _quant_summary(plan: ConversionPlan, method: str) -> dict:
 def _layer_of(target: str) -> int | None:
     parts = target.split(".layers.")
     return int(parts[1].split(".")[0]) if len(parts) == 2 and parts[1].split(".")[0].isdigit() else None
-
-
-def _kind(target: str) -> str:
-    for key, kind in ((".mlp.gate.", "router"), (".block_sparse_moe.gate.", "router"), ("shared_expert_gate", "router"),
-                      ("shared_expert.", "shared_expert"), ("shared_experts.", "shared_expert"),
-                      ("self_attn.", "attention"), ("linear_attn.", "linear_attention"),
-                      ("embed_tokens", "embedding"), ("lm_head", "lm_head"), ("mtp.", "mtp"), ("norm", "norm")):
-        if key in target:
-            return kind
-    return "other"
 
 
 __all__ = ["convert", "plan_conversion"]

@@ -37,12 +37,20 @@ class Options:
     alignment: int = 16384
     keep_mtp: bool = False
     calibration: str | None = None  # a `moestream calibrate` file: importance-weighted clip everywhere
+    # Recipes (convert/recipes.py) fill these; the defaults give one width for every expert.
+    down_bits: int | None = None  # down_proj's bits when they differ from gate/up's
+    tier_widths: list[str] | None = None  # per-expert widths to choose from, e.g. ["2g128", "4g64", "8g64"]
+    bits_per_weight: float | None = None  # the tiers' budget: mean stored bits per expert weight
+    layer_widths: dict[int, str] | None = None  # one width for all experts of these layers
+    resident_kinds: dict[str, int] | None = None  # resident bits by tensor kind (router, embedding, ...)
+    weighted: bool = True  # with calibration and clip: weight the clip search by input statistics
+    recipe: str | None = None  # the recipe's name or file, as recorded in the manifest
 
     def resolved_method(self) -> str:
         # At 8 bits clip cuts the trained fixture's mean KL from 0.0068 to 0.0039 (benchmarks/RESULTS.md).
         if self.method == "gptq" and not self.calibration:
             raise ConvertError("--method gptq needs --calibration STATS (from `moestream calibrate`)")
-        if self.calibration:
+        if self.calibration and self.weighted:
             if self.method == "rtn":
                 raise ConvertError("--calibration weights the clip search and GPTQ; it cannot be used with --method rtn")
             return self.method or "gptq"
@@ -63,6 +71,17 @@ class ExpertLayerPlan:
     src_bytes: int
     file: str
     repack: bool = False  # mlx-quantized source at these bits and group sizes: blocks copied, not requantized
+    bits: int = 16  # gate/up
+    down_bits: int = 16
+    tier: int = 0
+    expert_ids: list[int] | None = None  # a tier's experts (the model's ids, in block order); None: all
+
+    @property
+    def num_blocks(self) -> int:
+        return self.source.num_experts if self.expert_ids is None else len(self.expert_ids)
+
+    def ids(self) -> list[int]:
+        return list(range(self.source.num_experts)) if self.expert_ids is None else self.expert_ids
 
 
 @dataclass
@@ -96,7 +115,7 @@ class ConversionPlan:
 
     @property
     def expert_bytes(self) -> int:
-        return sum(HEADER_PAGE(self.options.alignment) + x.source.num_experts * x.stride for x in self.experts)
+        return sum(HEADER_PAGE(self.options.alignment) + x.num_blocks * x.stride for x in self.experts)
 
     @property
     def resident_out_bytes(self) -> int:
@@ -108,14 +127,15 @@ class ConversionPlan:
 
     def bytes_per_token(self, top_k: int | None = None) -> int:
         k = self.family.top_k if top_k is None else top_k
-        return sum(k * x.stride for x in self.experts)
+        return round(sum(k * x.stride * x.num_blocks / x.source.num_experts for x in self.experts))
 
     def summary(self) -> dict:
         """What ``--dry-run`` prints."""
         o = self.options
         return {
             "model_type": self.family.model_type, "bits": o.bits, "group_size": o.group_size,
-            "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits,
+            "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits, "recipe": o.recipe,
+            "down_bits": o.down_bits or o.bits, "tiers": _tier_counts(self.experts),
             "float_dtype": self.float_dtype, "alignment": o.alignment,
             "moe_layers": len(self.experts), "num_experts": self.family.num_experts, "top_k": self.family.top_k,
             "expert_stride": self.experts[0].stride if self.experts else 0,
@@ -125,6 +145,15 @@ class ConversionPlan:
             "files": [x.file for x in self.experts] + [f.file for f in self.resident_files],
             "dropped_tensors": len(self.dropped),
         }
+
+
+def _tier_counts(experts: list[ExpertLayerPlan]) -> dict[str, int] | None:
+    """Experts per width over all layers, when the widths vary."""
+    counts: dict[str, int] = {}
+    for x in experts:
+        key = f"{x.bits}g{x.group_gate_up}" if x.bits < 16 else "16"
+        counts[key] = counts.get(key, 0) + x.num_blocks
+    return counts if len(counts) > 1 or any(x.expert_ids is not None for x in experts) else None
 
 
 def HEADER_PAGE(alignment: int) -> int:
@@ -197,6 +226,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             if side in src.where and (side.endswith("_scale_inv") or dtype == "U32"):
                 consumed.add(side)
 
+    widths = _expert_widths(src, family, o, float_dtype)
     experts = []
     for layer in family.moe_layers():
         es = family.expert_source(layer, by_target)
@@ -204,22 +234,28 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         _check_expert_shapes(src, es, i, h, layer)
         for n in es.consumed():
             consume(n)
-        gu, gd = (None, None) if o.bits >= 16 else (_group_for(h, o.group_size), _group_for(i, o.group_size))
-        if o.bits < 16 and (gu is None or gd is None):
-            bad = "gate_proj/up_proj (hidden %d)" % h if gu is None else "down_proj (intermediate %d)" % i
-            raise ConvertError(f"layer {layer} experts {bad}: not divisible by group size {o.group_size} or 32")
-        if o.bits < 16 and (gu != o.group_size or gd != o.group_size):
-            log.warning("layer %d: experts use group size %s/%s (fallback)", layer, gu, gd)
-        comps, block = expert_block_layout(h, i, o.bits, gu, gd, float_dtype)
         src_bytes = sum(src.info(n).nbytes for n in es.consumed())
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
-        repack = es.layout == "stacked" and all(
-            src.quantized(es.names[p]) == (o.bits, gd if p == "down_proj" else gu) for p in es.names)
-        if repack:
-            log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, o.bits, gu)
-        experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                       src_bytes, f"experts/layer-{layer:03d}.bin", repack))
+        tiers = widths.get(layer)  # None: the layer-wide --bits/--group-size
+        groups = [(None, o.bits, o.down_bits or o.bits, o.group_size)] if tiers is None else [
+            (ids, w.bits, w.bits, w.group_size) for w, ids in tiers]
+        for t, (ids, bits, dbits, group) in enumerate(groups):
+            gu, gd = (None, None) if bits >= 16 else (_group_for(h, group), _group_for(i, group))
+            if bits < 16 and (gu is None or gd is None):
+                bad = "gate_proj/up_proj (hidden %d)" % h if gu is None else "down_proj (intermediate %d)" % i
+                raise ConvertError(f"layer {layer} experts {bad}: not divisible by group size {group} or 32")
+            if bits < 16 and (gu != group or gd != group):
+                log.warning("layer %d: experts use group size %s/%s (fallback)", layer, gu, gd)
+            comps, block = expert_block_layout(h, i, bits, gu, gd, float_dtype, dbits)
+            repack = es.layout == "stacked" and ids is None and bits == dbits and all(
+                src.quantized(es.names[p]) == (bits, gd if p == "down_proj" else gu) for p in es.names)
+            if repack:
+                log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, bits, gu)
+            name = f"experts/layer-{layer:03d}.bin" if ids is None else f"experts/layer-{layer:03d}-{bits}g{group}.bin"
+            share = src_bytes if ids is None else src_bytes * len(ids) // es.num_experts
+            experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
+                                           share, name, repack, bits, dbits, t, ids))
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)
@@ -241,7 +277,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if not derived and int(np.prod(sshape)) != int(np.prod(shape)):
             raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
                                f"expected {list(shape)}")
-        bits, g = _resident_bits(family, target, shape, rbits, o.group_size)
+        bits, g = _resident_bits(family, target, shape, rbits, o.group_size, o.resident_kinds)
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
@@ -258,7 +294,45 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                           dropped)
 
 
-def _resident_bits(family: MlxLmFamily, target: str, shape: tuple, rbits: int, g: int) -> tuple[int, int | None]:
+def _expert_widths(src: SourceCheckpoint, family: MlxLmFamily, o: Options, float_dtype: str
+                   ) -> dict[int, list[tuple["Width", list[int] | None]]]:
+    """layer -> [(width, expert ids)] for layers that do not use the layer-wide bits: per-layer
+    widths (ids None: every expert) and per-expert tiers (ids of each tier, narrowest first)."""
+    from moestream.quant.calibration import Calibration
+    from moestream.quant.tiers import Width
+
+    from .tiers import plan_widths
+
+    try:
+        fixed = {int(k): Width.parse(v) for k, v in (o.layer_widths or {}).items()}
+        tier_widths = [Width.parse(w) for w in o.tier_widths or []]
+    except ValueError as e:
+        raise ConvertError(f"recipe: {e}") from None
+    out = {layer: [(w, None)] for layer, w in fixed.items()}
+    if not tier_widths:
+        return out
+    if not o.calibration:
+        raise ConvertError("per-expert tiers choose widths from routing counts: pass --calibration STATS "
+                           "(from `moestream calibrate`)")
+    if o.bits_per_weight is None:
+        raise ConvertError("per-expert tiers need a budget (bits_per_weight in the recipe)")
+    layers = [layer for layer in family.moe_layers() if layer not in fixed]
+    names = {n for n in src.names}
+    by_target = {family.target_name(n): n for n in names if not family.dropped(n, o.keep_mtp)}
+    sources = {layer: (family.expert_source(layer, by_target), family.expert_shape(layer)[0]) for layer in layers}
+    method = o.resolved_method() if o.resolved_method() in ("rtn", "clip") else "clip"
+    chosen = plan_widths(src, sources, tier_widths, o.bits_per_weight, Calibration.load(o.calibration),
+                         o.calibration, method, float_dtype)
+    for layer, ws in chosen.items():
+        out[layer] = [(w, [e for e, we in enumerate(ws) if we == w]) for w in sorted(set(ws),
+                                                                                  key=lambda w: w.bits_per_weight())]
+    return out
+
+
+def _resident_bits(family: MlxLmFamily, target: str, shape: tuple, rbits: int, g: int,
+                   kinds: dict[str, int] | None = None) -> tuple[int, int | None]:
+    if kinds and tensor_kind(target) in kinds:
+        rbits = kinds[tensor_kind(target)]
     if rbits >= 16 or len(shape) < 2:
         return 16, None
     if target not in family.quantizable and not (target.startswith("mtp.") and target.endswith("weight")
@@ -292,3 +366,18 @@ def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int
             if tuple(got) != shape:
                 raise ConvertError(f"{src.file_of(nm)}: tensor {nm} has shape {list(got)}, expected "
                                    f"{list(shape)} (layer {layer}, {n} experts, intermediate {i}, hidden {h})")
+
+
+RESIDENT_KINDS = ("router", "shared_expert", "attention", "linear_attention", "embedding", "lm_head", "mtp", "norm",
+                  "other")
+
+
+def tensor_kind(target: str) -> str:
+    """The kind of a resident tensor, as reports group them and recipes set their bits."""
+    for key, kind in ((".mlp.gate.", "router"), (".block_sparse_moe.gate.", "router"), ("shared_expert_gate", "router"),
+                      ("shared_expert.", "shared_expert"), ("shared_experts.", "shared_expert"),
+                      ("self_attn.", "attention"), ("linear_attn.", "linear_attention"),
+                      ("embed_tokens", "embedding"), ("lm_head", "lm_head"), ("mtp.", "mtp"), ("norm", "norm")):
+        if key in target:
+            return kind
+    return "other"

@@ -68,7 +68,7 @@ def repacked(src: SourceCheckpoint, name: str, start: int, stop: int, dtype: str
     return {"weight": parts["weight"], **{p: stored_as(src, f"{base}.{p}", parts[p], dtype) for p in ("scales", "biases")}}
 
 
-def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, method: str,
+def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str,
                  dtype: str, cal: Calibration | None = None) -> tuple[np.ndarray, dict[str, ErrorStats]]:
     """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats.
 
@@ -82,11 +82,11 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, bits: int, m
         if x.repack:  # already in this layout: the source's codes, no requantization (no added error)
             arrays = {k: v[0] for k, v in repacked(src, x.source.names[proj], e, e + 1, dtype).items()}
             stats[proj] = passthrough_stats(w, w, "float32")
-        elif bits >= 16:
+        elif x.bits >= 16:
             arrays = {"weight": store_float(w, dtype)}
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
         else:
-            g = x.group_down if proj == "down_proj" else x.group_gate_up
+            g, bits = (x.group_down, x.down_bits) if proj == "down_proj" else (x.group_gate_up, x.bits)
             wq, sc, bi, stats[proj] = _quantize(w, bits, g, dtype, method, cal, (x.layer, e, proj))
             arrays = {"weight": wq, "scales": sc, "biases": bi}
         for part, arr in arrays.items():

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from .errors import PackError
-from .manifest import COMPONENT_ALIGNMENT, FORMAT_VERSION, Component, ExpertLayer
+from .manifest import COMPONENT_ALIGNMENT, EXPERT_FILE_VERSION, Component, ExpertLayer
 
 MAGIC = b"MOESTRM\0"
 HEADER = struct.Struct("<8sIIIIQQQ")
@@ -43,32 +43,36 @@ def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None) ->
 
 
 def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up: int | None,
-                        group_down: int | None, float_dtype: str) -> tuple[list[Component], int]:
+                        group_down: int | None, float_dtype: str, down_bits: int | None = None
+                        ) -> tuple[list[Component], int]:
     """Components of one expert block, in file order, and the block's size in bytes.
 
     Args:
         hidden: model hidden size H (gate/up are ``[I, H]``, down is ``[H, I]``).
         intermediate: expert intermediate size I.
-        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights.
+        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (gate and up).
         group_gate_up, group_down: quantization group sizes along H and I.
         float_dtype: dtype of scales and biases (or of the weights at 16 bits).
+        down_bits: bits of down_proj when they differ from gate/up's (a recipe's choice).
     """
-    mats = {"gate_proj": (intermediate, hidden, group_gate_up),
-            "up_proj": (intermediate, hidden, group_gate_up),
-            "down_proj": (hidden, intermediate, group_down)}
+    db = bits if down_bits is None else down_bits
+    if (bits >= 16) != (db >= 16):
+        raise ValueError("gate/up and down must be both quantized or both unquantized")
+    mats = {"gate_proj": (intermediate, hidden, group_gate_up, bits),
+            "up_proj": (intermediate, hidden, group_gate_up, bits),
+            "down_proj": (hidden, intermediate, group_down, db)}
     order = ([("gate_proj", p) for p in ("weight",)] + [("up_proj", "weight")]) if bits >= 16 else [
         ("gate_proj", "weight"), ("up_proj", "weight"), ("gate_proj", "scales"), ("up_proj", "scales"),
         ("gate_proj", "biases"), ("up_proj", "biases")]
     order += [("down_proj", p) for p in (("weight",) if bits >= 16 else ("weight", "scales", "biases"))]
     comps, off = [], 0
     for mat, part in order:
-        rows, cols, g = mats[mat]
-        shape, dtype = quantized_shapes(rows, cols, bits, g)[part]
+        rows, cols, g, b = mats[mat]
+        shape, dtype = quantized_shapes(rows, cols, b, g)[part]
         dtype = dtype or float_dtype
         nbytes = int(np.prod(shape)) * (4 if dtype in ("uint32", "float32") else 2)
         off = round_up(off, COMPONENT_ALIGNMENT)
-        comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, bits,
-                               None if bits >= 16 else g))
+        comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g))
         off += nbytes
     return comps, off
 
@@ -83,7 +87,7 @@ def checksum(block: np.ndarray | memoryview | bytes, pad: int = 0) -> str:
 
 
 def pack_header(layer: int, num_experts: int, alignment: int, offset: int, stride: int, block_bytes: int) -> bytes:
-    return HEADER.pack(MAGIC, FORMAT_VERSION, layer, num_experts, alignment, offset, stride, block_bytes)
+    return HEADER.pack(MAGIC, EXPERT_FILE_VERSION, layer, num_experts, alignment, offset, stride, block_bytes)
 
 
 def check_header(raw: bytes, x: ExpertLayer, alignment: int, where: str) -> None:
@@ -91,8 +95,8 @@ def check_header(raw: bytes, x: ExpertLayer, alignment: int, where: str) -> None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise PackError(f"{where}: not a moestream expert file (bad magic)")
     _, ver, layer, n, a, off, stride, bb = HEADER.unpack(raw[:HEADER.size])
-    if ver != FORMAT_VERSION:
-        raise PackError(f"{where}: expert file version {ver}, expected {FORMAT_VERSION}")
+    if ver != EXPERT_FILE_VERSION:
+        raise PackError(f"{where}: expert file version {ver}, expected {EXPERT_FILE_VERSION}")
     if (layer, n, a, off, stride, bb) != (x.layer, x.num_experts, alignment, x.offset, x.stride, x.block_bytes):
         raise PackError(f"{where}: header (layer {layer}, {n} experts, stride {stride}) disagrees with manifest")
 
@@ -105,11 +109,12 @@ class ExpertLayerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, layer: int, num_experts: int, components: list[Component],
-                 block_bytes: int, alignment: int):
+                 block_bytes: int, alignment: int, tier: int = 0, expert_ids: list[int] | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.layer, self.num_experts, self.alignment = layer, num_experts, alignment
         self.components, self.block_bytes = components, block_bytes
+        self.tier, self.expert_ids = tier, expert_ids  # tiers: the model's ids of this file's blocks
         self.offset = round_up(HEADER.size, alignment)
         self.stride = round_up(block_bytes, alignment)
         self.file_size = self.offset + num_experts * self.stride
@@ -171,7 +176,8 @@ class ExpertLayerWriter:
         os.replace(self.partial, self.path)
         self.state = "closed"
         return ExpertLayer(self.layer, relname, self.offset, self.stride, self.block_bytes,
-                           self.num_experts, self.file_size, self.components, list(self._checksums))
+                           self.num_experts, self.file_size, self.components, list(self._checksums), self.tier,
+                           None if self.expert_ids is None else list(self.expert_ids))
 
     def abort(self) -> None:
         if self._fd >= 0:

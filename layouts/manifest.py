@@ -4,6 +4,11 @@ A pack is a folder. ``manifest.json`` is written last, so its presence is what m
 pack; everything else a reader needs (files, offsets, strides, component layout, quantization,
 checksums) is in it. Expert blocks of layer ``l`` sit at ``offset + e * stride`` in
 ``experts[l].file``; every offset and stride is a multiple of ``alignment``.
+
+Version 2 adds per-expert tiers: a layer may have several entries (``tier`` 0, 1, ...), one file each,
+every file uniform inside (one block layout, one stride) and holding the experts ``expert_ids`` in
+block order. An expert is still one aligned block, read in one request; the tiers only give the
+rarely-routed experts fewer bits. Version 1 packs (one entry per layer) read unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 from .errors import PackError
 
 FORMAT_NAME = "moestream-pack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+EXPERT_FILE_VERSION = 1  # the expert file header did not change with the manifest's version 2
 MANIFEST_NAME = "manifest.json"
 DEFAULT_ALIGNMENT = 16384  # Apple SSD page
 MIN_ALIGNMENT = 4096  # O_DIRECT needs at least the logical block size
@@ -67,13 +74,24 @@ class ExpertLayer:
     file_size: int
     components: list[Component]
     checksums: list[str]
+    tier: int = 0
+    expert_ids: list[int] | None = None  # the model's expert ids in block order; None: 0..num_experts-1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExpertLayer":
         return cls(**{**d, "components": [Component(**c) for c in d["components"]]})
 
     def expert_offset(self, expert: int) -> int:
+        """Offset of the block at position ``expert`` of this file (a local index for tiers)."""
         return self.offset + expert * self.stride
+
+    def ids(self) -> list[int]:
+        return list(range(self.num_experts)) if self.expert_ids is None else list(self.expert_ids)
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        """(gate/up bits, down bits); 16 for unquantized."""
+        return self.component("gate_proj.weight").bits, self.component("down_proj.weight").bits
 
     def component(self, name: str) -> Component:
         for c in self.components:
@@ -123,15 +141,48 @@ class Manifest:
 
     # -- derived figures -------------------------------------------------------------------------
     def expert_layer(self, layer: int) -> ExpertLayer:
-        for x in self.experts:
-            if x.layer == layer:
-                return x
-        raise PackError(f"{MANIFEST_NAME}: no expert file for layer {layer}")
+        """The layer's first (or only) expert file: shapes, which every tier shares."""
+        return self.expert_tiers(layer)[0]
+
+    def expert_tiers(self, layer: int) -> list[ExpertLayer]:
+        """The layer's expert files, by tier (one for packs without tiers)."""
+        xs = sorted((x for x in self.experts if x.layer == layer), key=lambda x: x.tier)
+        if not xs:
+            raise PackError(f"{MANIFEST_NAME}: no expert file for layer {layer}")
+        return xs
+
+    def moe_layers(self) -> list[int]:
+        return sorted({x.layer for x in self.experts})
+
+    def locate(self, layer: int, expert: int) -> tuple[ExpertLayer, int]:
+        """The file holding ``expert`` of ``layer`` and the expert's position in it."""
+        for x in self.expert_tiers(layer):
+            if x.expert_ids is None:
+                if 0 <= expert < x.num_experts:
+                    return x, expert
+            elif expert in x.expert_ids:
+                return x, x.expert_ids.index(expert)
+        raise PackError(f"{MANIFEST_NAME}: layer {layer} has no expert {expert}")
+
+    @property
+    def tiered(self) -> bool:
+        return any(x.expert_ids is not None for x in self.experts)
 
     def expert_bytes_per_token(self, top_k: int | None = None) -> int:
-        """Bytes read from disk per token when every routed expert misses the cache."""
+        """Bytes read from disk per token when every routed expert misses the cache (with tiers:
+        assuming uniform routing; the runtime's counters give the measured figure)."""
         k = self.top_k if top_k is None else top_k
-        return sum(k * x.stride for x in self.experts)
+        return round(sum(k * x.stride * x.num_experts / self.num_experts for x in self.experts))
+
+    def expert_bits_per_weight(self) -> float:
+        """Stored bits per expert weight, averaged over every expert of every layer (padding excluded)."""
+        params = bytes_ = 0
+        for x in self.experts:
+            g, d = x.component("gate_proj.weight"), x.component("down_proj.weight")
+            rows_i, rows_h = g.shape[0], d.shape[0]
+            params += x.num_experts * 3 * rows_i * rows_h
+            bytes_ += x.num_experts * x.block_bytes
+        return 8 * bytes_ / max(params, 1)
 
     def resident_bytes(self) -> int:
         return sum(f.size for f in self.resident_files)
@@ -144,7 +195,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
         if d.get("format") != FORMAT_NAME:
             raise PackError(f"{where}: not a moestream pack manifest (format={d.get('format')!r})")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise PackError(f"{where}: unsupported pack version {d.get('version')!r} "
                             f"(this moestream reads version {FORMAT_VERSION})")
         try:
@@ -199,12 +250,19 @@ class Manifest:
                 raise PackError(f"{f}: file_size {x.file_size} != offset + experts * stride")
             if len(x.checksums) != x.num_experts:
                 raise PackError(f"{f}: {len(x.checksums)} checksums for {x.num_experts} experts")
+            if x.expert_ids is not None and len(x.expert_ids) != x.num_experts:
+                raise PackError(f"{f}: {len(x.expert_ids)} expert ids for {x.num_experts} experts")
             for c in x.components:
                 if c.offset < 0 or c.offset + c.nbytes > x.block_bytes:
                     raise PackError(f"{f}: component {c.name} lies past the end of the block")
                 n = DTYPE_BYTES.get(c.dtype)
                 if n is None or n * _prod(c.shape) != c.nbytes:
                     raise PackError(f"{f}: component {c.name}: {c.nbytes} bytes for {c.dtype}{c.shape}")
+        for layer in {x.layer for x in self.experts}:
+            ids = sorted(e for x in self.experts if x.layer == layer for e in x.ids())
+            if ids != list(range(self.num_experts)):
+                raise PackError(f"{where}: layer {layer}'s expert files do not hold experts 0..{self.num_experts - 1} "
+                                f"exactly once")
         names = {r.file for r in self.resident_files}
         for k, t in self.resident_tensors.items():
             if t.file not in names:

@@ -39,29 +39,30 @@ class Pack:
 
     def __init__(self, root: Path, manifest: Manifest):
         self.root, self.manifest = root, manifest
-        self._fds: dict[int, int] = {}
+        self._fds: dict[str, int] = {}
 
     # -- expert blocks ---------------------------------------------------------------------------
-    def _fd(self, layer: int) -> int:
-        fd = self._fds.get(layer)
+    def _fd(self, x: ExpertLayer) -> int:
+        fd = self._fds.get(x.file)
         if fd is None:
-            fd = self._fds[layer] = os.open(self.root / self.manifest.expert_layer(layer).file, os.O_RDONLY)
+            fd = self._fds[x.file] = os.open(self.root / x.file, os.O_RDONLY)
         return fd
 
     def read_expert(self, layer: int, expert: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Expert ``expert`` of ``layer`` as ``block_bytes`` raw bytes, in one positioned read."""
-        x = self.manifest.expert_layer(layer)
-        if not 0 <= expert < x.num_experts:
-            raise PackError(f"{x.file}: layer {layer} has no expert {expert} ({x.num_experts} experts)")
-        buf = np.empty(x.block_bytes, np.uint8) if out is None else out
-        got = os.preadv(self._fd(layer), [memoryview(buf)[:x.block_bytes]], x.expert_offset(expert))
+        """Expert ``expert`` of ``layer`` as its file's ``block_bytes`` raw bytes, in one positioned read."""
+        if not 0 <= expert < self.manifest.num_experts:
+            raise PackError(f"{self.manifest.expert_layer(layer).file}: layer {layer} has no expert {expert} "
+                            f"({self.manifest.num_experts} experts)")
+        x, j = self.manifest.locate(layer, expert)
+        buf = np.empty(x.block_bytes, np.uint8) if out is None or out.nbytes < x.block_bytes else out
+        got = os.preadv(self._fd(x), [memoryview(buf)[:x.block_bytes]], x.expert_offset(j))
         if got != x.block_bytes:
             raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.block_bytes} bytes)")
         return buf
 
     def expert_arrays(self, layer: int, expert: int, block: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Views of one expert's components (bf16 as raw uint16), without copying the block."""
-        x = self.manifest.expert_layer(layer)
+        x, _ = self.manifest.locate(layer, expert)
         block = self.read_expert(layer, expert) if block is None else block
         return component_views(x, block)
 
@@ -73,7 +74,7 @@ class Pack:
             progress: called with the number of bytes just checked (for a progress bar).
         """
         for x in self.manifest.experts:
-            _verify_blocks(self._fd(x.layer), x, progress)
+            _verify_blocks(self._fd(x), x, progress)
         for f in self.manifest.resident_files:
             if file_checksum(self.root / f.file) != f.checksum:
                 raise PackError(f"{f.file}: checksum mismatch (corrupt resident file)")

@@ -83,6 +83,8 @@ class Slab:
 
     def __init__(self, x: ExpertLayer, capacity: int):
         self.capacity = capacity
+        self.layout = x  # an expert file of this block layout (bits and shapes of the slots)
+        self.key = block_key(x)
         self.arrays: dict[str, mx.array] = {}
         self.numpy: dict[str, np.ndarray] = {}  # the same memory, for the CPU kernels
         views: dict[str, memoryview] = {}
@@ -127,6 +129,7 @@ class MappedLayer:
     """
 
     def __init__(self, fd: int, x: ExpertLayer):
+        self.layout, self.key = x, block_key(x)
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         self.numpy: dict[str, np.ndarray] = {}
         for c in x.components:
@@ -178,18 +181,32 @@ class ExpertStore:
         self.verify = verify
         self.stats = StoreStats(log=[] if trace else None)
         self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")
-        self._fds = {x.layer: self._open(x) for x in pack.manifest.experts}
-        self._layers = {x.layer: x for x in pack.manifest.experts}
-        self._lock = threading.Lock()
         m = pack.manifest
+        self._fds = {x.file: self._open(x) for x in m.experts}
+        self._tiers = {layer: m.expert_tiers(layer) for layer in m.moe_layers()}
+        # expert id -> (tier, position in its file), per layer
+        self._where: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for layer, xs in self._tiers.items():
+            tier, local = np.zeros(m.num_experts, np.int64), np.zeros(m.num_experts, np.int64)
+            for t, x in enumerate(xs):
+                tier[x.ids()], local[x.ids()] = t, np.arange(x.num_experts)
+            self._where[layer] = (tier, local)
+        self._lock = threading.Lock()
         n = m.num_experts
-        self._mapped: dict[int, MappedLayer] = {}
+        self._mapped: dict[str, MappedLayer] = {}
         if self.policy.startswith("mmap"):
-            self._mapped = {x.layer: MappedLayer(self._fds[x.layer], x) for x in m.experts}
+            self._mapped = {x.file: MappedLayer(self._fds[x.file], x) for x in m.experts}
         elif self.policy == "lru":
-            per_layer = self.cache_bytes // max(1, len(m.experts))
-            self._lru = {x.layer: _LayerCache(Slab(x, max(1, min(n, per_layer // x.stride)))) for x in m.experts}
-            if any(c.slab.capacity < m.top_k for c in self._lru.values()):
+            # Each layer gets an equal share; a tiered layer splits its share by its files' sizes.
+            per_layer = self.cache_bytes // max(1, len(self._tiers))
+            self._lru: dict[tuple[int, int], _LayerCache] = {}
+            for layer, xs in self._tiers.items():
+                total = sum(x.num_experts * x.stride for x in xs)
+                for t, x in enumerate(xs):
+                    slots = per_layer * x.num_experts // total
+                    self._lru[layer, t] = _LayerCache(Slab(x, max(1, min(x.num_experts, slots))))
+            if any(sum(c.slab.capacity for (lay, _), c in self._lru.items() if lay == layer) < m.top_k
+                   for layer in self._tiers):
                 log.warning("lru cache of %d bytes holds fewer than top-k experts per layer", self.cache_bytes)
         else:
             cap = min(n, max_slots or max(2 * m.top_k, 32))
@@ -197,7 +214,7 @@ class ExpertStore:
             self._shared: dict[tuple, list[Slab]] = {}
             self._turn: dict[tuple, int] = {}
             for x in m.experts:
-                key = _geometry(x)
+                key = block_key(x)
                 if key not in self._shared:
                     self._shared[key] = [Slab(x, cap), Slab(x, cap)]
                     self._turn[key] = 0
@@ -209,32 +226,39 @@ class ExpertStore:
             raise PackError(f"{x.file} (layer {x.layer}): cannot open ({e.strerror})") from None
 
     # -- reads -----------------------------------------------------------------------------------
-    def _read(self, layer: int, expert: int, slab: Slab, slot: int) -> None:
-        x = self._layers[layer]
-        off = x.offset + expert * x.stride
-        got = os.preadv(self._fds[layer], slab.iovecs[slot], off)
+    def _read(self, x: ExpertLayer, local: int, slab: Slab, slot: int) -> None:
+        """Block ``local`` of file ``x`` into ``slot`` of ``slab``: one aligned read of ``stride`` bytes."""
+        off = x.offset + local * x.stride
+        fd = self._fds[x.file]
+        got = os.preadv(fd, slab.iovecs[slot], off)
+        what = f"{x.file}: layer {x.layer} expert {x.ids()[local] if x.expert_ids else local}"
         if got != x.stride:
-            raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.stride} bytes)")
+            raise PackError(f"{what}: short read ({got} of {x.stride} bytes)")
         if self.verify:
             h = xxhash.xxh3_64()
             for v in slab.iovecs[slot]:
                 h.update(v)
-            if h.hexdigest() != x.checksums[expert]:
-                raise PackError(f"{x.file}: layer {layer} expert {expert}: checksum mismatch (corrupt block; "
-                                f"run moestream verify)")
+            if h.hexdigest() != x.checksums[local]:
+                raise PackError(f"{what}: checksum mismatch (corrupt block; run moestream verify)")
         if self.policy == "none":
-            os.posix_fadvise(self._fds[layer], off, x.stride, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, off, x.stride, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.stats.reads += 1
             self.stats.bytes_read += x.stride
             if self.stats.log is not None:
-                self.stats.log.append((layer, off, x.stride))
+                self.stats.log.append((x.layer, off, x.stride))
 
-    def _read_all(self, layer: int, todo: list[tuple[int, int]], slab: Slab, overlap: list) -> None:
-        futures = [self._pool.submit(self._read, layer, e, slab, s) for e, s in todo]
+    def _read_all(self, x: ExpertLayer, todo: list[tuple[int, int]], slab: Slab, overlap: list) -> None:
+        futures = [self._pool.submit(self._read, x, j, slab, s) for j, s in todo]
         _run_overlap(overlap)  # compute that needs no expert (the shared expert) runs while reads are in flight
         for f in futures:
             f.result()  # re-raises a short read or I/O error
+
+    def _by_tier(self, layer: int, experts: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(tier, expert ids, their positions in the tier's file) for the tiers ``experts`` touch."""
+        tier, local = self._where[layer]
+        t = tier[experts]
+        return [(k, experts[t == k], local[experts[t == k]]) for k in np.unique(t).tolist()]
 
     # -- the interface the streamed MoE layer uses -------------------------------------------------
     def fetch(self, layer: int, experts: np.ndarray, overlap: list | None = None
@@ -253,82 +277,93 @@ class ExpertStore:
         if self.policy.startswith("mmap"):
             _run_overlap(overlap or [])
             self.stats.misses += len(experts)
-            yield self._mapped[layer], experts, experts
+            for t, part, local in self._by_tier(layer, experts):
+                yield self._mapped[self._tiers[layer][t].file], part, local
             if self.policy == "mmap-none":  # after the caller computed from the pages
                 self.drop_page_cache(layer)
             return
         overlap = overlap if overlap is not None else []
-        x = self._layers[layer]
-        key = _geometry(x)
-        cap = self._shared[key][0].capacity
-        parts = [experts[g0:g0 + cap] for g0 in range(0, len(experts), cap)]
+        groups = []  # (file, slab key, experts, positions), at most a slab's capacity each
+        for t, part, local in self._by_tier(layer, experts):
+            x = self._tiers[layer][t]
+            key = block_key(x)
+            cap = self._shared[key][0].capacity
+            groups += [(x, key, part[g0:g0 + cap], local[g0:g0 + cap]) for g0 in range(0, len(part), cap)]
 
-        def issue(part: np.ndarray):
+        def issue(group):
+            x, key, part, local = group
             t = self._turn[key]
             self._turn[key] = 1 - t
             slab = self._shared[key][t]
             slab.settle()
             slots = np.arange(len(part))
-            futures = [self._pool.submit(self._read, layer, e, slab, s) for e, s in zip(part.tolist(), slots.tolist())]
+            futures = [self._pool.submit(self._read, x, j, slab, s) for j, s in zip(local.tolist(), slots.tolist())]
             self.stats.misses += len(part)
             return slab, part, slots, futures
 
         # Double buffering: group g + 1 is read into the other slab while the caller computes group g.
-        nxt = issue(parts[0])
+        nxt = issue(groups[0])
         _run_overlap(overlap)
-        for i in range(len(parts)):
+        for i in range(len(groups)):
             slab, part, slots, futures = nxt
             for f in futures:
                 f.result()  # re-raises a short read, I/O error or checksum mismatch
-            if i + 1 < len(parts):
-                nxt = issue(parts[i + 1])
+            if i + 1 < len(groups):
+                nxt = issue(groups[i + 1])
             yield slab, part, slots
 
     def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list):
-        lc = self._lru[layer]
-        cap = lc.slab.capacity
-        for g0 in range(0, len(experts), cap):
-            part = experts[g0:g0 + cap].tolist()
-            want = set(part)
-            todo, slots = [], []
-            free = [s for s in range(cap) if s not in set(lc.slots.values())]
-            for e in part:
-                if e in lc.slots:
-                    lc.slots.move_to_end(e)
-                    self.stats.hits += 1
-                else:
-                    if not free:  # evict the least recently used expert not needed by this group
-                        victim = next(v for v in lc.slots if v not in want)
-                        free.append(lc.slots.pop(victim))
-                    slot = free.pop()
-                    lc.slots[e] = slot
-                    todo.append((e, slot))
-                    self.stats.misses += 1
-                slots.append(lc.slots[e])
-            if todo:
-                lc.slab.settle()
-                self._read_all(layer, todo, lc.slab, overlap)
-            _run_overlap(overlap)
-            yield lc.slab, np.array(part), np.array(slots)
+        for t, tier_part, tier_local in self._by_tier(layer, experts):
+            lc = self._lru[layer, t]
+            x = self._tiers[layer][t]
+            cap = lc.slab.capacity
+            for g0 in range(0, len(tier_part), cap):
+                part = tier_part[g0:g0 + cap].tolist()
+                pos = dict(zip(part, tier_local[g0:g0 + cap].tolist()))
+                want = set(part)
+                todo, slots = [], []
+                free = [s for s in range(cap) if s not in set(lc.slots.values())]
+                for e in part:
+                    if e in lc.slots:
+                        lc.slots.move_to_end(e)
+                        self.stats.hits += 1
+                    else:
+                        if not free:  # evict the least recently used expert not needed by this group
+                            victim = next(v for v in lc.slots if v not in want)
+                            free.append(lc.slots.pop(victim))
+                        slot = free.pop()
+                        lc.slots[e] = slot
+                        todo.append((pos[e], slot))
+                        self.stats.misses += 1
+                    slots.append(lc.slots[e])
+                if todo:
+                    lc.slab.settle()
+                    self._read_all(x, todo, lc.slab, overlap)
+                _run_overlap(overlap)
+                yield lc.slab, np.array(part), np.array(slots)
+        _run_overlap(overlap)
 
     def prefetch_all(self) -> None:
         """lru mode: read every expert of every layer into the cache (it must hold them all)."""
         if self.policy != "lru":
             raise ValueError("prefetch_all needs an lru cache")
-        for layer, lc in self._lru.items():
-            n = self.pack.manifest.expert_layer(layer).num_experts
+        for (layer, t), lc in self._lru.items():
+            n = self._tiers[layer][t].num_experts
             if lc.slab.capacity < n:
-                raise ValueError(f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts")
-            for _ in self._fetch_lru(layer, np.arange(n), []):
+                raise ValueError(f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts "
+                                 f"(file {self._tiers[layer][t].file})")
+        for layer in self._tiers:
+            for _ in self._fetch_lru(layer, np.arange(self.pack.manifest.num_experts), []):
                 pass
 
     def drop_page_cache(self, layer: int | None = None) -> None:
         """Drop the expert files (or one layer's) from the page cache, unmapping mapped pages first:
         the next read of any expert goes to the disk."""
-        for i in ([layer] if layer is not None else list(self._fds)):
-            if i in self._mapped:
-                self._mapped[i].unmap_pages()
-            os.posix_fadvise(self._fds[i], 0, 0, os.POSIX_FADV_DONTNEED)
+        xs = self._tiers[layer] if layer is not None else [x for v in self._tiers.values() for x in v]
+        for x in xs:
+            if x.file in self._mapped:
+                self._mapped[x.file].unmap_pages()
+            os.posix_fadvise(self._fds[x.file], 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -345,5 +380,6 @@ def _run_overlap(overlap: list) -> None:
         mx.eval(overlap.pop(0)())
 
 
-def _geometry(x: ExpertLayer) -> tuple:
-    return (x.stride, tuple((c.name, c.offset, c.dtype, tuple(c.shape)) for c in x.components))
+def block_key(x: ExpertLayer) -> tuple:
+    """Files with equal keys share slabs: same stride, same components (names, places, bits)."""
+    return (x.stride, tuple((c.name, c.offset, c.dtype, tuple(c.shape), c.bits, c.group_size) for c in x.components))

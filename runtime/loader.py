@@ -48,8 +48,8 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
         return {"bits": t.bits, "group_size": t.group_size}
 
     nn.quantize(model, class_predicate=predicate)
-    if experts and q["bits"] < 16 and any(c.group_size != q["group_size"] for x in m.experts for c in x.components):
-        _fix_expert_groups(model, pack)
+    if experts:
+        _expert_modules(model, pack)
     return model
 
 
@@ -60,25 +60,42 @@ def mlx_module(model_type: str) -> str:
     return MODEL_REMAPPING.get(model_type, model_type)
 
 
-def _fix_expert_groups(model: nn.Module, pack: Pack) -> None:
-    """Layers whose experts fell back to group size 32 get their switch layers' group size set."""
+def _expert_modules(model: nn.Module, pack: Pack) -> None:
+    """Layers whose experts differ from the pack-wide setting get a matching ``switch_mlp``: a
+    TieredSwitchGLU for tiered layers, else a SwitchGLU built from the block layout (group size 32
+    fallbacks, a recipe's down_proj bits)."""
     from .model import moe_blocks
+    from .streamed import _switch_glu
+    from .tiered import TieredSwitchGLU
 
+    m = pack.manifest
+    q = m.quantization["experts"]
     blocks = moe_blocks(model)
-    for x in pack.manifest.experts:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            getattr(blocks[x.layer].switch_mlp, proj).group_size = x.component(f"{proj}.weight").group_size
+    for layer in m.moe_layers():
+        tiers = m.expert_tiers(layer)
+        if len(tiers) > 1 or tiers[0].expert_ids is not None:
+            blocks[layer].switch_mlp = TieredSwitchGLU(tiers, m.num_experts)
+        elif any((c.bits, c.group_size) != (q["bits"], q["group_size"]) for c in tiers[0].components
+                 if c.name.endswith(".weight") and c.bits < 16):
+            blocks[layer].switch_mlp = _switch_glu(tiers[0], m.num_experts)
 
 
 def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
-    """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component)."""
-    x = pack.manifest.expert_layer(layer)
-    stacks = {c.name: np.empty((x.num_experts, *c.shape), _np(c.dtype)) for c in x.components}
-    block = np.empty(x.block_bytes, np.uint8)
-    for e in range(x.num_experts):
-        for name, arr in pack.expert_arrays(layer, e, pack.read_expert(layer, e, block)).items():
-            stacks[name][e] = arr
-    return {name: _to_mx(a, c.dtype) for (name, a), c in zip(stacks.items(), x.components)}
+    """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component).
+
+    For a tiered layer the keys are ``tiers.T.<component>``, each tier's experts in file order (the
+    parameters of :class:`~moestream.runtime.tiered.TieredSwitchGLU`)."""
+    tiers = pack.manifest.expert_tiers(layer)
+    out = {}
+    for t, x in enumerate(tiers):
+        stacks = {c.name: np.empty((x.num_experts, *c.shape), _np(c.dtype)) for c in x.components}
+        block = np.empty(x.block_bytes, np.uint8)
+        for j, e in enumerate(x.ids()):
+            for name, arr in pack.expert_arrays(layer, e, pack.read_expert(layer, e, block)).items():
+                stacks[name][j] = arr
+        prefix = f"tiers.{t}." if len(tiers) > 1 or x.expert_ids is not None else ""
+        out.update({prefix + name: _to_mx(a, c.dtype) for (name, a), c in zip(stacks.items(), x.components)})
+    return out
 
 
 def _np(dtype: str):
@@ -107,9 +124,9 @@ def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.
     for f in pack.manifest.resident_files:
         weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
     paths = switch_paths(model)
-    for x in pack.manifest.experts:
-        for name, arr in expert_weights(pack, x.layer).items():
-            weights.append((f"{paths[x.layer]}.{name}", arr))
+    for layer in pack.manifest.moe_layers():
+        for name, arr in expert_weights(pack, layer).items():
+            weights.append((f"{paths[layer]}.{name}", arr))
     model.load_weights(weights, strict=True)
     if dtype:
         target = MX_DTYPE[dtype]

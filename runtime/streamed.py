@@ -19,7 +19,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, Switch
 
 from moestream.layouts import ExpertLayer
 
-from .expert_store import ExpertStore
+from .expert_store import ExpertStore, block_key
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 log = logging.getLogger(__name__)
@@ -32,18 +32,18 @@ class _Hidden:
         self.module = module
 
 
-def _switch_glu(x: ExpertLayer) -> SwitchGLU:
-    """An mlx-lm SwitchGLU whose linears match the pack's block layout (weights set per call)."""
+def _switch_glu(x: ExpertLayer, num_experts: int = 1) -> SwitchGLU:
+    """An mlx-lm SwitchGLU whose linears match the block layout of expert file ``x``."""
     i, h = x.component("gate_proj.weight").shape[0], x.component("down_proj.weight").shape[0]
-    glu = SwitchGLU(h, i, 1)
+    glu = SwitchGLU(h, i, num_experts)
     for p in PROJS:
         c = x.component(f"{p}.weight")
         if c.bits < 16:
             din = c.shape[1] * 32 // c.bits
-            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], 1, bias=False, group_size=c.group_size,
-                                                  bits=c.bits))
+            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], num_experts, bias=False,
+                                                  group_size=c.group_size, bits=c.bits))
         else:
-            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], 1, bias=False))
+            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], num_experts, bias=False))
     return glu
 
 
@@ -85,13 +85,14 @@ class StreamedSwitchGLU(nn.Module):
         self._store, self._layer = store, layer
         self._shared = _Hidden(shared)
         self._cpu = cpu_kernels
-        x = store.pack.manifest.expert_layer(layer)
-        self._glu = _Hidden(_switch_glu(x))
-        self._quantized = x.component("gate_proj.weight").bits < 16
+        tiers = store.pack.manifest.expert_tiers(layer)
+        # One mlx-lm SwitchGLU per block layout (several for a tiered layer), keyed as the store's slabs.
+        self._glus = _Hidden({block_key(x): _switch_glu(x) for x in tiers})
+        self._quantized = tiers[0].component("gate_proj.weight").bits < 16
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
-        self._metal = metal_kernels and self._quantized and self._metal_shapes(x)
+        self._metal = metal_kernels and self._quantized and all(self._metal_shapes(x) for x in tiers)
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -102,7 +103,6 @@ class StreamedSwitchGLU(nn.Module):
         if self.trace is not None:
             self.trace.record(self._layer, inds)
         experts = np.unique(inds)
-        glu = self._glu.module
         out = None
         shared = self._shared.module
         # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
@@ -112,6 +112,7 @@ class StreamedSwitchGLU(nn.Module):
         if self._metal and x.size == x.shape[-1]:
             return self._metal_call(x, inds, experts, overlap)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+            glu = self._glus.module[slab.key]
             lookup = np.zeros(int(experts.max()) + 1, np.int32)
             lookup[part] = slots
             mine = np.isin(inds, part)
@@ -152,13 +153,13 @@ class StreamedSwitchGLU(nn.Module):
         """
         from moestream.metal.kernels import routed_experts
 
-        glu = self._glu.module
-        gu = (glu.gate_proj.bits, glu.gate_proj.group_size)
-        dn = (glu.down_proj.bits, glu.down_proj.group_size)
         flat = inds.reshape(-1)
         xs = x.reshape(-1)
         pieces, order = [], []
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+            glu = self._glus.module[slab.key]
+            gu = (glu.gate_proj.bits, glu.gate_proj.group_size)
+            dn = (glu.down_proj.bits, glu.down_proj.group_size)
             slot_of = dict(zip(part.tolist(), slots.tolist()))
             pos = [j for j, e in enumerate(flat.tolist()) if e in slot_of]
             y = routed_experts(xs, slab.arrays, mx.array(np.array([slot_of[int(flat[j])] for j in pos], np.uint32)),
@@ -175,12 +176,12 @@ class StreamedSwitchGLU(nn.Module):
         """The same computation with the numba kernels, reading the slabs through numpy views."""
         from .cpu_kernels import as_f32, qmm, silu_mul
 
-        glu = self._glu.module
         h = x.shape[-1]
         xs = np.array(x.astype(mx.float32)).reshape(-1, h)
         flat = inds.reshape(xs.shape[0], -1)
         out = np.zeros((*flat.shape, h), np.float32)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+            glu = self._glus.module[slab.key]
             a = slab.numpy
             for e, slot in zip(part.tolist(), slots.tolist()):
                 t, j = np.nonzero(flat == e)
