@@ -75,17 +75,28 @@ def _human(n: float) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, sizes, bytes per token); write nothing.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Statistics from `moestream calibrate`: GPTQ (default) or, with --method clip, a clip search "
-                   "weighting each column by its input's mean square.")
+                   "weighting each column by its input's mean square; tiered recipes take routing counts from it.")
+@click.option("--recipe", default=None,
+              help="Bits per tensor kind, layer and expert: a preset (q4-tiered, q3-tiered, q2-tiered, q4, q3, "
+                   "q2-down3, q2) or a TOML file (see convert/recipes.py). Flags given explicitly win.")
+@click.pass_context
 @one_line_errors
-def convert(source, output, bits, group_size, method, resident_bits, dtype, alignment, revision, keep_mtp, jobs,
-            resume, force, dry_run, calibration):
+def convert(ctx, source, output, bits, group_size, method, resident_bits, dtype, alignment, revision, keep_mtp, jobs,
+            resume, force, dry_run, calibration, recipe):
     """Convert a Hugging Face checkpoint (folder or hub id) into a pack."""
-    from moestream.convert import convert as run
+    from click.core import ParameterSource
 
-    res = run(source, output, bits=int(bits), group_size=int(group_size), method=method,
-              resident_bits=int(resident_bits) if resident_bits else None, dtype=dtype, alignment=alignment,
-              revision=revision, keep_mtp=keep_mtp, jobs=jobs, resume=resume, force=force, dry_run=dry_run,
-              progress=sys.stderr.isatty(), calibration=str(calibration) if calibration else None)
+    from moestream.convert import convert as run
+    from moestream.convert.recipes import load_recipe
+
+    opts = dict(bits=int(bits), group_size=int(group_size), method=method,
+                resident_bits=int(resident_bits) if resident_bits else None)
+    if recipe:
+        given = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+        opts = {**opts, **{k: v for k, v in load_recipe(recipe).items() if k not in given}}
+    res = run(source, output, dtype=dtype, alignment=alignment, revision=revision, keep_mtp=keep_mtp, jobs=jobs,
+              resume=resume, force=force, dry_run=dry_run, progress=sys.stderr.isatty(),
+              calibration=str(calibration) if calibration else None, **opts)
     if dry_run:
         s = res.summary()
         click.echo(f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
@@ -94,12 +105,29 @@ def convert(source, output, bits, group_size, method, resident_bits, dtype, alig
                    f"(alignment {_human(s['alignment'])})")
         click.echo(f"  expert files {_human(s['expert_files_bytes'])}, resident {_human(s['resident_bytes'])}, "
                    f"source read {_human(s['source_bytes'])}")
-        click.echo(f"  bytes read per token at top-{s['top_k']}: {_human(s['bytes_per_token'])}")
+        if s["tiers"]:
+            click.echo("  experts per width: " + ", ".join(f"{w} {n}" for w, n in s["tiers"].items()))
+        click.echo(f"  bytes read per token at top-{s['top_k']}: {_human(s['bytes_per_token'])}"
+                   + (" if routing were uniform" if s["tiers"] else ""))
         click.echo(f"  files: {len(s['files'])} ({s['files'][0]} ... {s['files'][-1]}); "
                    f"dropped tensors: {s['dropped_tensors']}")
         return
     click.echo(f"wrote {output}: {len(res.experts)} expert files, {_human(res.resident_bytes())} resident, "
                f"{_human(res.expert_bytes_per_token())} read per token at top-{res.top_k}")
+
+
+def _tier_table(m) -> list[dict] | None:
+    """Experts per width over all layers, for packs whose experts do not all share one layout."""
+    if len({(x.bits, x.component("gate_proj.weight").group_size) for x in m.experts}) < 2 and not m.tiered:
+        return None
+    rows: dict[str, dict] = {}
+    for x in m.experts:
+        g, d = x.component("gate_proj.weight"), x.component("down_proj.weight")
+        width = f"{g.bits}g{g.group_size}" + ("" if d.bits == g.bits else f"/{d.bits}")
+        r = rows.setdefault(width, {"width": width, "experts": 0, "block_bytes": x.block_bytes, "stride": x.stride})
+        r["experts"] += x.num_experts
+    total = sum(r["experts"] for r in rows.values())
+    return [{**r, "share": r["experts"] / total} for r in sorted(rows.values(), key=lambda r: r["block_bytes"])]
 
 
 @cli.command()
@@ -116,13 +144,14 @@ def inspect(pack, as_json):
         info = {
             "format": m.format, "version": m.version, "model_type": m.model_type, "synthetic": m.synthetic,
             "alignment": m.alignment, "num_experts": m.num_experts, "top_k": m.top_k,
-            "moe_layers": len(m.experts), "quantization": m.quantization,
+            "moe_layers": len(m.moe_layers()), "quantization": m.quantization,
+            "expert_bits_per_weight": m.expert_bits_per_weight(), "tiers": _tier_table(m),
             "expert_block_bytes": x0.block_bytes if x0 else 0, "stride": x0.stride if x0 else 0,
             "stride_mod_alignment": (x0.stride % m.alignment) if x0 else 0,
             "expert_bytes_per_token": m.expert_bytes_per_token(),
             "resident_bytes": m.resident_bytes(),
-            "expert_files": [{"file": x.file, "layer": x.layer, "offset": x.offset, "stride": x.stride,
-                              "size": x.file_size} for x in m.experts],
+            "expert_files": [{"file": x.file, "layer": x.layer, "tier": x.tier, "experts": x.num_experts,
+                              "offset": x.offset, "stride": x.stride, "size": x.file_size} for x in m.experts],
             "resident_files": [{"file": f.file, "size": f.size} for f in m.resident_files],
             "components": [{"name": c.name, "offset": c.offset, "nbytes": c.nbytes, "shape": c.shape,
                             "dtype": c.dtype} for c in (x0.components if x0 else [])],
@@ -133,13 +162,21 @@ def inspect(pack, as_json):
         return
     q = m.quantization["experts"]
     click.echo(f"{pack}: {m.format} v{m.version}, {m.model_type}{' (synthetic)' if m.synthetic else ''}")
-    click.echo(f"  experts: {info['moe_layers']} layers x {m.num_experts}, top-{m.top_k}, {q['bits']}-bit "
-               f"g{q['group_size']} {q['method']}, scales {q['scale_dtype']}")
+    width = "per-expert widths" if info["tiers"] else f"{q['bits']}-bit g{q['group_size']}"
+    click.echo(f"  experts: {info['moe_layers']} layers x {m.num_experts}, top-{m.top_k}, {width} "
+               f"{q['method']}, scales {q['scale_dtype']}")
     click.echo(f"  block {_human(info['expert_block_bytes'])} ({info['expert_block_bytes']} B), stride "
                f"{info['stride']} B, alignment {m.alignment} B (stride % alignment = {info['stride_mod_alignment']})")
-    click.echo(f"  read per token at top-{m.top_k}: {_human(info['expert_bytes_per_token'])}; "
-               f"resident {_human(info['resident_bytes'])}; total {_human(info['total_bytes'])}")
-    click.echo("  block components:")
+    if m.quantization.get("recipe"):
+        click.echo(f"  recipe: {m.quantization['recipe']}")
+    for t in info["tiers"] or []:
+        click.echo(f"  tier {t['width']:>6}: {t['experts']:>6} experts ({t['share']:.1%}), block {_human(t['block_bytes'])}, "
+                   f"stride {_human(t['stride'])}")
+    uniform = " if routing were uniform (eval reports the routed figure)" if info["tiers"] else ""
+    click.echo(f"  experts stored at {info['expert_bits_per_weight']:.3f} bits per weight; read per token at "
+               f"top-{m.top_k}: {_human(info['expert_bytes_per_token'])}{uniform}")
+    click.echo(f"  resident {_human(info['resident_bytes'])}; total {_human(info['total_bytes'])}")
+    click.echo("  block components" + (" (first file)" if info["tiers"] else "") + ":")
     for c in info["components"]:
         click.echo(f"    {c['name']:<20} +{c['offset']:<10} {c['nbytes']:>10} B  {c['dtype']}{c['shape']}")
     click.echo(f"  files: {len(m.experts)} expert ({m.experts[0].file} ...), {len(m.resident_files)} resident")

@@ -80,6 +80,7 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
     if not wins:
         raise PackError("eval: the text has fewer than 2 tokens")
     ref = load_reference(reference, reference_backend) if reference else None
+    trace = _routing_trace(rt)
     nll, ref_nll, n = 0.0, 0.0, 0
     kls, agree = [], []
     for w in wins:
@@ -94,6 +95,11 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
             kls.append(np.array((mx.exp(lr) * (lr - lp)).sum(-1)))
             agree.append(np.array(lr.argmax(-1) == lp.argmax(-1)))
     out = {"tokens": n + len(wins), "windows": len(wins), "window": window, "ppl": float(np.exp(nll / n))}
+    if trace is not None and trace.layers:
+        from .routing import routed_bytes_per_token
+
+        out["expert_bytes_per_token"] = routed_bytes_per_token(trace.layers, rt.pack.manifest)
+        out["expert_bits_per_weight"] = rt.pack.manifest.expert_bits_per_weight()
     if ref is not None:
         kl = np.concatenate(kls)
         out.update(reference=str(reference), ref_ppl=float(np.exp(ref_nll / n)), kl_mean=float(kl.mean()),
@@ -102,8 +108,23 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
     return out
 
 
+def _routing_trace(rt):
+    """The streamed runtime's routing trace (the one already recording, or a new one); None for
+    other models."""
+    if not hasattr(rt, "trace_routing"):
+        return None
+    from .model import moe_blocks
+
+    blocks = list(moe_blocks(rt.model).values())
+    current = getattr(blocks[0].switch_mlp, "trace", None) if blocks else None
+    return current if current is not None else rt.trace_routing()
+
+
 def format_eval(res: dict) -> str:
     s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']})"
+    if "expert_bytes_per_token" in res:
+        s += (f"\nexperts: {res['expert_bits_per_weight']:.3f} bits per weight stored, "
+              f"{res['expert_bytes_per_token'] / 1e6:.3f} MB read per token (routed blocks, cache misses)")
     if "kl_mean" in res:
         s += (f"\nreference {res['reference']}: perplexity {res['ref_ppl']:.4f}\n"
               f"KL(reference || pack): mean {res['kl_mean']:.4f}, median {res['kl_median']:.4f}, "

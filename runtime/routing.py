@@ -73,3 +73,15 @@ def lru_hit_rate(trace: np.ndarray, capacity: int) -> float:
         while len(cache) > max(capacity, len(set(row.tolist()))):
             cache.popitem(last=False)
     return hits / total if total else 0.0
+
+
+def routed_bytes_per_token(layers: dict[int, np.ndarray], manifest) -> float:
+    """Mean bytes of expert blocks a token's routing reads when nothing is cached: per layer, the
+    strides of its K experts (which differ between tiers of a tiered pack), summed over layers."""
+    total = 0.0
+    for layer, trace in layers.items():
+        stride = np.zeros(manifest.num_experts)
+        for x in manifest.expert_tiers(layer):
+            stride[x.ids()] = x.stride
+        total += float(stride[trace].sum(-1).mean())
+    return total
