@@ -98,8 +98,16 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
     if trace is not None and trace.layers:
         from .routing import routed_bytes_per_token
 
-        out["expert_bytes_per_token"] = routed_bytes_per_token(trace.layers, rt.pack.manifest)
-        out["expert_bits_per_weight"] = rt.pack.manifest.expert_bits_per_weight()
+        m = rt.pack.manifest
+        out["expert_bytes_per_token"] = routed_bytes_per_token(trace.layers, m)
+        out["expert_bits_per_weight"] = m.expert_bits_per_weight()
+        # What a token's routing reads per weight, padding excluded: the figure that carries over to
+        # a model whose blocks are large (the tiny fixture's blocks are mostly alignment padding).
+        x = m.expert_layer(m.moe_layers()[0])
+        params = 3 * x.component("gate_proj.weight").shape[0] * x.component("down_proj.weight").shape[0]
+        k = next(iter(trace.layers.values())).shape[-1]
+        out["expert_read_bits_per_weight"] = 8 * routed_bytes_per_token(trace.layers, m, padded=False) / (
+            params * k * len(trace.layers))
     if ref is not None:
         kl = np.concatenate(kls)
         out.update(reference=str(reference), ref_ppl=float(np.exp(ref_nll / n)), kl_mean=float(kl.mean()),
@@ -124,7 +132,8 @@ def format_eval(res: dict) -> str:
     s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']})"
     if "expert_bytes_per_token" in res:
         s += (f"\nexperts: {res['expert_bits_per_weight']:.3f} bits per weight stored, "
-              f"{res['expert_bytes_per_token'] / 1e6:.3f} MB read per token (routed blocks, cache misses)")
+              f"{res['expert_read_bits_per_weight']:.3f} per weight read; {res['expert_bytes_per_token'] / 1e6:.3f} MB "
+              f"read per token (routed blocks with their padding, cache misses)")
     if "kl_mean" in res:
         s += (f"\nreference {res['reference']}: perplexity {res['ref_ppl']:.4f}\n"
               f"KL(reference || pack): mean {res['kl_mean']:.4f}, median {res['kl_median']:.4f}, "

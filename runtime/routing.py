@@ -75,13 +75,44 @@ def lru_hit_rate(trace: np.ndarray, capacity: int) -> float:
     return hits / total if total else 0.0
 
 
-def routed_bytes_per_token(layers: dict[int, np.ndarray], manifest) -> float:
+def routed_bytes_per_token(layers: dict[int, np.ndarray], manifest, padded: bool = True) -> float:
     """Mean bytes of expert blocks a token's routing reads when nothing is cached: per layer, the
-    strides of its K experts (which differ between tiers of a tiered pack), summed over layers."""
+    strides of its K experts (which differ between tiers of a tiered pack), summed over layers.
+    ``padded=False`` counts the blocks without their alignment padding."""
     total = 0.0
     for layer, trace in layers.items():
         stride = np.zeros(manifest.num_experts)
         for x in manifest.expert_tiers(layer):
-            stride[x.ids()] = x.stride
+            stride[x.ids()] = x.stride if padded else x.block_bytes
         total += float(stride[trace].sum(-1).mean())
     return total
+
+
+def lru_miss_bytes_per_token(layers: dict[int, np.ndarray], manifest, fraction: float) -> float:
+    """Bytes a token reads from disk with a per-layer LRU cache holding ``fraction`` of each layer's
+    expert bytes (blocks without padding), replaying the trace. Unlike a count-based LRU this weighs
+    experts by size, so a tiered pack's wide hot experts take more of the cache than its narrow ones."""
+    total = 0.0
+    tokens = 0
+    for layer, trace in layers.items():
+        size = np.zeros(manifest.num_experts)
+        for x in manifest.expert_tiers(layer):
+            size[x.ids()] = x.block_bytes
+        cap = fraction * size.sum()
+        cache: OrderedDict[int, None] = OrderedDict()
+        held = miss = 0.0
+        for row in trace:
+            want = list(dict.fromkeys(row.tolist()))
+            for e in want:
+                if e in cache:
+                    cache.move_to_end(e)
+                else:
+                    miss += size[e]
+                    cache[e] = None
+                    held += size[e]
+            while held > cap and len(cache) > len(want):
+                victim, _ = cache.popitem(last=False)
+                held -= size[victim]
+        total += miss
+        tokens = len(trace)
+    return total / max(tokens, 1)
