@@ -35,6 +35,14 @@ def packs(tmp_path_factory) -> dict[int, Path]:
     for bits in (4, 3):
         convert(str(src), d / f"p{bits}", bits=bits, alignment=4096)
         out[bits] = d / f"p{bits}"
+    # Per-expert tiers: each layer's experts in files of 2, 4 and 8 bits (skewed routing counts).
+    from moestream.quant.calibration import Calibration
+
+    counts = np.array([2000, 900, 500, 300, 200, 120, 80, 60, 40, 30, 20, 10, 5, 2, 1, 0], float)
+    Calibration({f"experts.{layer}.count": np.roll(counts, 3 * layer) for layer in range(2)}).save(d / "cal.st")
+    convert(str(src), d / "tiered", alignment=4096, method="clip", calibration=str(d / "cal.st"), weighted=False,
+            tier_widths=["2g64", "4g64", "8g64"], bits_per_weight=4.5)
+    out["tiered"] = d / "tiered"
     return out
 
 
@@ -79,9 +87,10 @@ def test_kernel_choice_without_metal(packs):
 
 @pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None,
                     reason="the Metal emulator needs Linux and g++")
-@pytest.mark.parametrize("bits,cache", [(4, "os"), (3, "lru:40K")])
+@pytest.mark.parametrize("bits,cache", [(4, "os"), (3, "lru:40K"), ("tiered", "none")])
 def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cache):
-    """lru:40K holds one expert per layer, so each token's 4 experts come in 4 slab groups."""
+    """lru:40K holds one expert per layer, so each token's 4 experts come in 4 slab groups; the
+    tiered pack sends each tier's experts to the kernels at that tier's width."""
     from metal_emu import Emulator
 
     emu = Emulator(tmp_path)
@@ -103,6 +112,8 @@ def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cac
     rt = load(packs[bits], cache=cache, kernels="metal")
     try:
         assert all(s._metal for s in _streamed(rt))
+        if bits == "tiered":
+            assert all(len(rt.pack.manifest.expert_tiers(layer)) > 1 for layer in (0, 1))
         for j in range(x.shape[1]):
             got = np.array(rt.model(x[:, j:j + 1]))
             np.testing.assert_allclose(got, want[j], rtol=0, atol=1e-4 * np.abs(want[j]).max())
