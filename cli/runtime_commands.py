@@ -6,6 +6,7 @@ Registered on the click group of :mod:`moestream.main`; they share the runtime o
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -139,7 +140,7 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
 
 
 @cli.command()
-@click.argument("pack", type=click.Path(path_type=Path))
+@click.argument("pack")
 @click.option("--text", "text_file", required=True, type=click.File("r", encoding="utf-8"), help="Calibration text.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics file to write (safetensors).")
@@ -148,18 +149,35 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
 @click.option("--skip-chars", type=int, default=0, help="Start this far into the text (keep it apart from eval text).")
 @click.option("--matrix-bytes", default="1G", show_default=True,
               help="Budget for full E[x x^T] matrices (what GPTQ needs): per expert if all fit, else per layer.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With a checkpoint (not a pack): where to write its temporary 8-bit pack "
+                   "(default: next to OUTPUT; removed afterwards).")
 @one_line_errors
-def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_bytes):
+def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_bytes, work):
     """Record per-expert and per-linear input statistics (and routing counts) on calibration text.
 
-    Run it on an 8-bit pack of the model, then `moestream convert SOURCE --calibration STATS`.
+    PACK is a pack (preferably 8-bit) or a Hugging Face checkpoint (folder or hub id), which is first
+    converted to a temporary 8-bit pack. Then `moestream convert SOURCE --calibration STATS`.
     """
-    from moestream.runtime.calibrate import calibrate as run
+    import shutil
 
+    from moestream.runtime.calibrate import calibrate as run
     from moestream.runtime.expert_store import parse_size
 
     budget = parse_size(matrix_bytes, "--matrix-bytes")
-    cal = run(pack, text_file.read()[skip_chars:], max_tokens=max_tokens, window=window, matrix_bytes=budget)
+    text = text_file.read()[skip_chars:]
+    if (Path(pack) / "manifest.json").is_file():
+        cal = run(Path(pack), text, max_tokens=max_tokens, window=window, matrix_bytes=budget)
+    else:
+        from moestream.convert import convert
+
+        tmp = work or output.parent / f".{output.name}.pack8"
+        click.echo(f"{pack} is not a pack: converting it to an 8-bit pack at {tmp} first", err=True)
+        convert(pack, tmp, bits=8, force=work is None and tmp.exists(), progress=sys.stderr.isatty())
+        try:
+            cal = run(tmp, text, max_tokens=max_tokens, window=window, matrix_bytes=budget)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     cal.save(output)
     routed = sum(int(cal.arrays[f"experts.{i}.count"].sum()) for i in cal.layers)
     click.echo(f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.layers)} MoE layers ({routed} expert "

@@ -179,3 +179,21 @@ def test_calibrate_refuses_a_bad_size_in_one_line(tiny, tmp_path):
                                  "--matrix-bytes", "12Q"])
     assert r.exit_code == 1 and r.output == "error: --matrix-bytes 12Q: expected a size such as 512M or 8G\n"
     assert not (tmp_path / "c.st").exists()
+
+
+def test_calibrate_a_checkpoint_through_a_temporary_8bit_pack(tiny, tmp_path):
+    """`calibrate SOURCE`: the same statistics as calibrating its 8-bit pack, and no pack left behind."""
+    d, src = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("for i in range(3):\n    print(i * i)\n" * 10)
+    args = ["--text", str(text), "--max-tokens", "100", "--window", "50"]
+    r1 = CliRunner().invoke(cli, ["calibrate", str(src), "-o", str(tmp_path / "a.st"), *args])
+    assert r1.exit_code == 0, r1.output
+    r2 = CliRunner().invoke(cli, ["calibrate", str(d / "p8"), "-o", str(tmp_path / "b.st"), *args])
+    assert r2.exit_code == 0, r2.output
+    a, b = Calibration.load(tmp_path / "a.st"), Calibration.load(tmp_path / "b.st")
+    assert set(a.arrays) == set(b.arrays)
+    for k in a.arrays:
+        np.testing.assert_allclose(a.arrays[k], b.arrays[k], rtol=1e-5, atol=1e-6)
+    assert a.arrays["experts.0.count"].sum() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.st", "b.st", "t.txt"]
