@@ -218,6 +218,9 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                     mlp.switch_mlp.overlap_with(getattr(mlp, attr))
         if cpu_kernels:
             use_cpu_kernels(model)
+            from .cpu_delta import use_cpu_delta
+
+            use_cpu_delta(model)
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
