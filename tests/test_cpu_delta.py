@@ -67,3 +67,14 @@ def test_only_the_given_model_is_switched(tmp_path):
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     want = np.array(theirs(x))
     np.testing.assert_allclose(np.array(ours(x)), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_depthwise_conv_matches_mlx():
+    import mlx.nn as nn
+
+    rng = np.random.default_rng(5)
+    conv = nn.Conv1d(48, 48, 4, groups=48, bias=False)
+    conv.weight = mx.array(rng.standard_normal((48, 4, 1)).astype(np.float32))
+    x = mx.array(rng.standard_normal((2, 19, 48)).astype(np.float32))
+    assert cpu_delta._is_depthwise(conv) and not cpu_delta._is_depthwise(nn.Conv1d(48, 48, 4, bias=False))
+    np.testing.assert_allclose(np.array(cpu_delta.CpuDepthwiseConv1d(conv)(x)), np.array(conv(x)), rtol=1e-5, atol=1e-5)
