@@ -174,7 +174,7 @@ class StreamedSwitchGLU(nn.Module):
 
     def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
         """The same computation with the numba kernels, reading the slabs through numpy views."""
-        from .cpu_kernels import as_f32, qmm, silu_mul
+        from .cpu_kernels import qmm, silu_mul
 
         h = x.shape[-1]
         xs = np.array(x.astype(mx.float32)).reshape(-1, h)
@@ -189,7 +189,7 @@ class StreamedSwitchGLU(nn.Module):
                 y = []
                 for p in PROJS:
                     lin = getattr(glu, p)
-                    y.append((a[f"{p}.weight"][slot], as_f32(a[f"{p}.scales"][slot]), as_f32(a[f"{p}.biases"][slot]),
+                    y.append((a[f"{p}.weight"][slot], a[f"{p}.scales"][slot], a[f"{p}.biases"][slot],
                               lin.bits, lin.group_size))
                 gate = qmm(xe, *y[0])
                 up = qmm(xe, *y[1])

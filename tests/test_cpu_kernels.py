@@ -23,6 +23,9 @@ def test_qmm_matches_mlx_dequantize(bits, group, tokens):
     got = qmm(x, np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16))), bits, group)
     assert got.shape == (tokens, n)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # bf16 scales passed as stored (raw uint16), as the expert slabs hold them
+    raw = qmm(x, np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16)), bits, group)
+    np.testing.assert_allclose(raw, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 def test_scales_in_float32_and_float16():
