@@ -317,6 +317,12 @@ def _expert_widths(src: SourceCheckpoint, family: MlxLmFamily, o: Options, float
     if o.bits_per_weight is None:
         raise ConvertError("per-expert tiers need a budget (bits_per_weight in the recipe)")
     layers = [layer for layer in family.moe_layers() if layer not in fixed]
+    for layer in layers:  # a fallback group size would break the budget's arithmetic: refuse instead
+        i, h = family.expert_shape(layer)
+        bad = [w for w in tier_widths if h % w.group_size or i % w.group_size]
+        if bad:
+            raise ConvertError(f"recipe: width {bad[0]}: group size {bad[0].group_size} does not divide the experts' "
+                               f"hidden {h} and intermediate {i} (layer {layer})")
     names = {n for n in src.names}
     by_target = {family.target_name(n): n for n in names if not family.dropped(n, o.keep_mtp)}
     sources = {layer: (family.expert_source(layer, by_target), family.expert_shape(layer)[0]) for layer in layers}

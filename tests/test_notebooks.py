@@ -28,7 +28,7 @@ def source(tmp_path_factory) -> Path:
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"pack_anatomy.ipynb", "routing.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"pack_anatomy.ipynb", "routing.ipynb", "quant_error.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
