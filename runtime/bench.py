@@ -65,23 +65,26 @@ def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int 
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(seed)
-    picks = [(m.experts[rng.integers(len(m.experts))], int(rng.integers(m.num_experts))) for _ in range(reads)]
-    fds = {x.layer: os.open(pack / x.file, os.O_RDONLY) for x in m.experts}
+    picks = []  # (expert file, block position): every block of every file (tiers too) equally likely
+    for _ in range(reads):
+        x = m.experts[rng.integers(len(m.experts))]
+        picks.append((x, int(rng.integers(x.num_experts))))
+    fds = {x.file: os.open(pack / x.file, os.O_RDONLY) for x in m.experts}
     try:
         for x, e in picks:
-            os.posix_fadvise(fds[x.layer], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
-        bufs = [bytearray(m.experts[0].stride) for _ in range(threads)]
+            os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+        bufs = [bytearray(max(x.stride for x in m.experts)) for _ in range(threads)]
 
         def one(i: int) -> int:
             x, e = picks[i]
-            return os.preadv(fds[x.layer], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
+            return os.preadv(fds[x.file], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
 
         with ThreadPoolExecutor(threads) as pool:
             t = time.perf_counter()
             total = sum(pool.map(one, range(reads), chunksize=1))
             dt = time.perf_counter() - t
         for x, e in picks:
-            os.posix_fadvise(fds[x.layer], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -157,10 +160,10 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
                  "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
-    expert_bytes = k * sum(x.stride for x in m.experts)
+    expert_bytes = m.expert_bytes_per_token(k)  # tiered packs: as if routing were uniform
     res_bytes = resident_bytes_per_token(m)
     out["mem_gbps"] = memory_bandwidth() / 1e9
-    out["raw_read_gbps"] = read_bandwidth(pack, m, reads=max(64, 4 * k * len(m.experts)), threads=nthreads) / 1e9
+    out["raw_read_gbps"] = read_bandwidth(pack, m, reads=max(64, 4 * k * len(m.moe_layers())), threads=nthreads) / 1e9
     try:
         decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
@@ -169,6 +172,10 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     best = max(runs, key=lambda r: r["decode_tps"])
     out.update(best)
     out["peak_rss_bytes"] = peak_rss()
+    if m.tiered and best["hit_rate"] == 0.0:
+        # A tiered pack's blocks differ in size: the routing decides what a token reads, so the
+        # roofline uses the bytes this run's decode read per token.
+        expert_bytes = best["bytes_per_token"]
     t_io = expert_bytes / (out["raw_read_gbps"] * 1e9)
     t_mem = res_bytes / (out["mem_gbps"] * 1e9)
     out.update(expert_bytes_per_token=expert_bytes, resident_bytes_per_token=res_bytes, t_io_ms=1e3 * t_io,
