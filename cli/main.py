@@ -99,8 +99,9 @@ def convert(ctx, source, output, bits, group_size, method, resident_bits, dtype,
               calibration=str(calibration) if calibration else None, **opts)
     if dry_run:
         s = res.summary()
+        width = "per-expert widths" if s["tiers"] else f"{s['bits']}-bit g{s['group_size']}"
         click.echo(f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
-                   f"{s['bits']}-bit g{s['group_size']} ({s['method']}), residents {s['resident_bits']}-bit")
+                   f"{width} ({s['method']}), residents {s['resident_bits']}-bit")
         click.echo(f"  expert block {_human(s['expert_block_bytes'])}, stride {_human(s['expert_stride'])} "
                    f"(alignment {_human(s['alignment'])})")
         click.echo(f"  expert files {_human(s['expert_files_bytes'])}, resident {_human(s['resident_bytes'])}, "

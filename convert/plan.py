@@ -137,7 +137,7 @@ class ConversionPlan:
             "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits, "recipe": o.recipe,
             "down_bits": o.down_bits or o.bits, "tiers": _tier_counts(self.experts),
             "float_dtype": self.float_dtype, "alignment": o.alignment,
-            "moe_layers": len(self.experts), "num_experts": self.family.num_experts, "top_k": self.family.top_k,
+            "moe_layers": len({x.layer for x in self.experts}), "num_experts": self.family.num_experts, "top_k": self.family.top_k,
             "expert_stride": self.experts[0].stride if self.experts else 0,
             "expert_block_bytes": self.experts[0].block_bytes if self.experts else 0,
             "expert_files_bytes": self.expert_bytes, "resident_bytes": self.resident_out_bytes,

@@ -293,3 +293,12 @@ def test_tiered_presets_meet_the_quality_targets_on_the_trained_fixture(tmp_path
         # Residents are quantized too: every matrix (norms, biases and the tiny conv1d stay float).
         mats = {k: t for k, t in rt.pack.manifest.resident_tensors.items() if len(t.shape) == 2}
         assert mats and all(t.bits <= 8 for t in mats.values())
+
+
+def test_dry_run_shows_the_tiers(tiered, tmp_path):
+    d, src, _ = tiered
+    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--recipe", str(d / "r.toml"),
+                                   "--calibration", str(d / "cal.st"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "2 MoE layers x 8 experts, per-expert widths" in res.output and "experts per width: " in res.output
+    assert not (tmp_path / "x").exists()
