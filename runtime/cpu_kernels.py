@@ -219,6 +219,53 @@ def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bi
     return out
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _experts_pow2(xk, xg, w, s, b, slots, bits, group, out, lut):
+    # Row j of x times expert slots[j]'s matrix: one parallel region over (j, row chunk), so a decode
+    # step's K experts share one launch instead of one per expert.
+    J, per, W = xk.shape
+    N = w.shape[1]
+    wpg = group // per
+    nch = max(1, min(N, 128 // max(J, 1)))
+    for c in prange(J * nch):
+        j, ch = c // nch, c % nch
+        e = slots[j]
+        acc = np.empty(W, np.float32)
+        for n in range(ch * N // nch, (ch + 1) * N // nch):
+            if bits == 4:
+                _row4(w[e, n], xk[j], acc)
+            elif bits == 2:
+                _row2(w[e, n], xk[j], acc)
+            else:
+                _row8(w[e, n], xk[j], acc)
+            out[j, n] = _finish(acc, s[e, n], b[e, n], xg[j], wpg, lut)
+
+
+def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray, bits: int,
+                group_size: int) -> np.ndarray:
+    """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack of experts' weights (a slab).
+
+    Args:
+        x: float32 [J, in], one input row per (token, expert) pair.
+        w: uint32 codes [S, out, in * bits / 32]; scales, biases [S, out, in / group_size] (bf16 as
+            raw uint16, float16 or float32).
+        slots: int [J], which of the S matrices row j uses.
+        bits: 2, 4 or 8 (3-bit goes through :func:`qmm` per row).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    J, K = x.shape
+    out = np.empty((J, w.shape[1]), np.float32)
+    if bits == 3 or scales.dtype == np.float16:
+        for j in range(J):
+            qmm(x[j:j + 1], w[slots[j]], scales[slots[j]], biases[slots[j]], bits, group_size, out[j:j + 1])
+        return out
+    per = 32 // bits
+    xk = np.ascontiguousarray(x.reshape(J, K // per, per).transpose(0, 2, 1))
+    _experts_pow2(xk, _group_sums(x, group_size), w.view(np.int32), scales, biases,
+                  np.ascontiguousarray(slots, dtype=np.int64), bits, group_size, out, _BF16)
+    return out
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SwiGLU: silu(gate) * up, in place into ``gate``."""

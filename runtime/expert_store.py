@@ -322,7 +322,8 @@ class ExpertStore:
                 pos = dict(zip(part, tier_local[g0:g0 + cap].tolist()))
                 want = set(part)
                 todo, slots = [], []
-                free = [s for s in range(cap) if s not in set(lc.slots.values())]
+                used = set(lc.slots.values())  # once: inside the comprehension it was rebuilt per slot
+                free = [s for s in range(cap) if s not in used]
                 for e in part:
                     if e in lc.slots:
                         lc.slots.move_to_end(e)

@@ -75,3 +75,26 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path):
             assert toks == [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
         finally:
             rt.close()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_qmm_experts_matches_mlx_dequantize(bits):
+    """Each row against its own expert's matrix, as MLX dequantizes it (fresh random weights and slots)."""
+    from moestream.runtime.cpu_kernels import qmm_experts
+
+    rng = np.random.default_rng(40 + bits)
+    S, n, k = 5, 48, 256
+    w = rng.standard_normal((S, n, k)).astype(np.float32)
+    q = [mx.quantize(mx.array(w[e]).astype(mx.bfloat16), group_size=64, bits=bits) for e in range(S)]
+    codes = np.stack([np.array(a) for a, _, _ in q])
+    sc = np.stack([np.array(s.view(mx.uint16)) for _, s, _ in q])
+    bi = np.stack([np.array(b.view(mx.uint16)) for _, _, b in q])
+    slots = np.array([3, 0, 4, 3])
+    x = rng.standard_normal((len(slots), k)).astype(np.float32)
+    got = qmm_experts(x, codes, sc, bi, slots, bits, 64)
+    for j, e in enumerate(slots):
+        _, s, b = q[e]
+        deq = np.array(mx.dequantize(mx.array(codes[e]), s.astype(mx.float32), b.astype(mx.float32), group_size=64,
+                                     bits=bits))
+        want = x[j].astype(np.float64) @ deq.astype(np.float64).T
+        np.testing.assert_allclose(got[j], want, rtol=0, atol=2e-5 * np.abs(want).max())
