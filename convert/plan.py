@@ -63,6 +63,13 @@ class ExpertLayerPlan:
     src_bytes: int
     file: str
     repack: bool = False  # mlx-quantized source at these bits and group sizes: blocks copied, not requantized
+    mode: str = "affine"  # "mxfp4": the source's MXFP4 experts, copied (gpt-oss hub releases)
+    linear_bias: bool = False  # the experts' projections have bias vectors (gpt-oss)
+
+    @property
+    def bits(self) -> int:
+        """The experts' stored bits (``--bits``, or 4 for passed-through MXFP4)."""
+        return next(c.bits for c in self.components if c.name == "gate_proj.weight")
 
 
 @dataclass
@@ -115,6 +122,7 @@ class ConversionPlan:
         o = self.options
         return {
             "model_type": self.family.model_type, "bits": o.bits, "group_size": o.group_size,
+            "expert_mode": self.experts[0].mode if self.experts else "affine",
             "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits,
             "float_dtype": self.float_dtype, "alignment": o.alignment,
             "moe_layers": len(self.experts), "num_experts": self.family.num_experts, "top_k": self.family.top_k,
@@ -185,11 +193,11 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             by_target[family.target_name(name)] = name
     consumed: set[str] = set()
 
-    def consume(name: str) -> None:
+    def consume(name: str, raw: bool = False) -> None:
         if name in consumed:
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
         dtype = src.info(name).dtype
-        if dtype not in FLOAT_DTYPES and not src.quantized(name):
+        if dtype not in FLOAT_DTYPES and not raw and not src.quantized(name):
             raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
                                f"expected one of {', '.join(FLOAT_DTYPES)}")
         consumed.add(name)
@@ -201,16 +209,29 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
     for layer in family.moe_layers():
         es = family.expert_source(layer, by_target)
         i, h = family.expert_shape(layer)
-        _check_expert_shapes(src, es, i, h, layer)
+        if es.reader is not None:
+            es.reader.check(src, es.num_experts, layer)
+        else:
+            _check_expert_shapes(src, es, i, h, layer)
+        mxfp4 = es.reader is not None and es.reader.mxfp4
         for n in es.consumed():
-            consume(n)
+            consume(n, raw=mxfp4)  # MXFP4 blocks and scales are uint8 (the reader checked them)
+        bias = es.reader is not None
+        if mxfp4:
+            log.info("layer %d: MXFP4 experts passed through (no requantization; --bits applies to residents)",
+                     layer)
+            comps, block = expert_block_layout(h, i, 4, 32, 32, float_dtype, "mxfp4", bias)
+            experts.append(ExpertLayerPlan(layer, es, i, h, 32, 32, comps, block, round_up(block, o.alignment),
+                                           sum(src.info(n).nbytes for n in es.names.values()),
+                                           f"experts/layer-{layer:03d}.bin", mode="mxfp4", linear_bias=bias))
+            continue
         gu, gd = (None, None) if o.bits >= 16 else (_group_for(h, o.group_size), _group_for(i, o.group_size))
         if o.bits < 16 and (gu is None or gd is None):
             bad = "gate_proj/up_proj (hidden %d)" % h if gu is None else "down_proj (intermediate %d)" % i
             raise ConvertError(f"layer {layer} experts {bad}: not divisible by group size {o.group_size} or 32")
         if o.bits < 16 and (gu != o.group_size or gd != o.group_size):
             log.warning("layer %d: experts use group size %s/%s (fallback)", layer, gu, gd)
-        comps, block = expert_block_layout(h, i, o.bits, gu, gd, float_dtype)
+        comps, block = expert_block_layout(h, i, o.bits, gu, gd, float_dtype, linear_bias=bias)
         src_bytes = sum(src.info(n).nbytes for n in es.consumed())
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
@@ -219,7 +240,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if repack:
             log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, o.bits, gu)
         experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                       src_bytes, f"experts/layer-{layer:03d}.bin", repack))
+                                       src_bytes, f"experts/layer-{layer:03d}.bin", repack, linear_bias=bias))
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)

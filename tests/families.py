@@ -56,6 +56,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         # Hard grouped routing flips experts under small input noise in a random model: at std 0.1,
         # 8-bit mean KL 0.0087 (16-bit still exact); at 0.07, 0.003.
         "initializer_range": 0.07}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        # sliding (window 8, shorter than the test sequences) and full attention layers, the hub's
+        # yarn rope; H=64 != I=96 so a transposed expert layout cannot pass by accident
+        "num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 8, "head_dim": 16, "intermediate_size": 96, "num_local_experts": 8,
+        "num_experts_per_tok": 2}),
 }
 
 
@@ -81,6 +87,9 @@ def build_family_model(family: str, seed: int = 0, **overrides):
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith("e_score_correction_bias"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif family == "gpt_oss" and name.endswith(("bias", "sinks")):
+                # transformers starts biases at zero: noise so that a dropped bias shows in the logits
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model.float().eval()
 
 
