@@ -15,15 +15,17 @@ import importlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
 
 from .source import ConvertError
 
 # Expert projections, in pack order.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Modules that register a family (imported on first use).
-FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next", "deepseek_v3")
+FAMILY_MODULES = ("qwen3_5_moe", "qwen3_moe", "mixtral", "qwen3_next", "deepseek_v3", "gpt_oss")
 
 
 @dataclass
@@ -31,12 +33,15 @@ class ExpertSource:
     """Where one layer's experts are in the checkpoint.
 
     ``layout`` is ``fused`` (``gate_up`` [E, 2I, H] gate rows first, ``down`` [E, H, I]), ``stacked``
-    (``gate``/``up``/``down`` 3-D, one per projection) or ``per_expert`` (names formatted with ``e``).
+    (``gate``/``up``/``down`` 3-D, one per projection) or ``per_expert`` (names formatted with ``e``);
+    a family with its own layout gives a ``reader`` (see :class:`~moestream.convert.gpt_oss.GptOssExperts`:
+    ``check``, ``floats``, ``biases``, and ``codes`` when ``mxfp4`` experts pass through unchanged).
     """
 
     layout: str
     names: dict[str, str]
     num_experts: int
+    reader: Any = None
 
     def consumed(self) -> list[str]:
         if self.layout != "per_expert":
@@ -99,13 +104,17 @@ class MlxLmFamily:
         from mlx.utils import tree_flatten
 
         params = dict(tree_flatten(self.model.parameters()))
-        self.expert_params = {k: tuple(v.shape) for k, v in params.items() if ".switch_mlp." in k}
-        self.resident_params = {k: (tuple(v.shape), v.dtype) for k, v in params.items() if ".switch_mlp." not in k}
+        # The experts are mlx-lm's SwitchGLU: ``switch_mlp`` in most families, ``experts`` in gpt-oss.
+        pat = re.compile(r"^.*\.layers\.(\d+)\.\w+\.\w+$")
+        self._switch = {int(m.group(1)): name for name, mod in self.model.named_modules()
+                        if isinstance(mod, SwitchGLU) and (m := pat.match(name))}
+        under = tuple(f"{p}." for p in self._switch.values())
+        self.expert_params = {k: tuple(v.shape) for k, v in params.items() if k.startswith(under)}
+        self.resident_params = {k: (tuple(v.shape), v.dtype) for k, v in params.items() if not k.startswith(under)}
         # Modules mlx-lm would quantize (Linear, Embedding, MultiLinear): their ``.weight`` is quantizable.
         self.quantizable = {f"{name}.weight" for name, m in self.model.named_modules()
-                            if hasattr(m, "to_quantized") and ".switch_mlp" not in name}
-        pat = re.compile(r"^(.*\.layers\.(\d+)\.\w+)\.switch_mlp\.gate_proj\.weight$")
-        self._blocks = {int(m.group(2)): m.group(1) for k in self.expert_params if (m := pat.match(k))}
+                            if hasattr(m, "to_quantized") and not f"{name}.".startswith(under)}
+        self._blocks = {layer: path.rsplit(".", 1)[0] for layer, path in self._switch.items()}
         if not self._blocks:
             raise ConvertError(f"config.json: not a Mixture-of-Experts config ({self.model_type} with "
                                f"these settings has no expert layers)")
@@ -120,7 +129,7 @@ class MlxLmFamily:
 
     @property
     def num_experts(self) -> int:
-        return self.expert_params[f"{self.block_path(self.moe_layers()[0])}.switch_mlp.gate_proj.weight"][0]
+        return self.expert_params[f"{self.switch_path(self.moe_layers()[0])}.gate_proj.weight"][0]
 
     @property
     def top_k(self) -> int:
@@ -133,12 +142,16 @@ class MlxLmFamily:
         """mlx-lm's path of the layer's MoE block (``...layers.N.mlp`` or ``...block_sparse_moe``)."""
         return self._blocks[layer]
 
+    def switch_path(self, layer: int) -> str:
+        """mlx-lm's path of the layer's SwitchGLU (``...mlp.switch_mlp``; gpt-oss: ``...mlp.experts``)."""
+        return self._switch[layer]
+
     def layer_prefix(self, layer: int) -> str:
         return self._blocks[layer].rsplit(".", 1)[0]
 
     def expert_shape(self, layer: int) -> tuple[int, int]:
         """(intermediate, hidden) of the layer's experts, from mlx-lm's model."""
-        e, i, h = self.expert_params[f"{self.block_path(layer)}.switch_mlp.gate_proj.weight"]
+        e, i, h = self.expert_params[f"{self.switch_path(layer)}.gate_proj.weight"]
         return i, h
 
     def pack_config(self) -> dict:
@@ -171,7 +184,7 @@ class MlxLmFamily:
         pre = self.block_path(layer)
         n = self.num_experts
         fused = {"gate_up": f"{pre}.experts.gate_up_proj", "down": f"{pre}.experts.down_proj"}
-        stacked = {p: f"{pre}.switch_mlp.{p}.weight" for p in PROJECTIONS}
+        stacked = {p: f"{self.switch_path(layer)}.{p}.weight" for p in PROJECTIONS}
         per = {p: f"{pre}.experts.{{e}}.{self.expert_names[p]}.weight" for p in PROJECTIONS}
         if all(t in by_target for t in fused.values()):
             return ExpertSource("fused", {k: by_target[t] for k, t in fused.items()}, n)

@@ -163,8 +163,8 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             for proj, s in stats.items():
                 g = x.group_down if proj == "down_proj" else x.group_gate_up
                 rows.append(report_row(x.layer, f"experts.{proj}" + (f".tier{x.tier}" if x.expert_ids else ""),
-                                       f"experts.{proj}", x.down_bits if proj == "down_proj" else x.bits, g, method,
-                                       ErrorStats.from_dict(s)))
+                                       f"experts.{proj}", x.down_bits if proj == "down_proj" else x.bits, g,
+                                       "passthrough" if x.mode == "mxfp4" else method, ErrorStats.from_dict(s)))
         rfiles, stats_by_file = _convert_residents(pool, plan, src, out, fp, method, bar, cal)
     bar.close()
     for f in plan.resident_files:
@@ -293,11 +293,16 @@ def _copy_extra_files(folder: Path, out: Path, config: dict) -> list[str]:
 def _quant_summary(plan: ConversionPlan, method: str) -> dict:
     o = plan.options
     rb = o.resident_bits or o.bits
+    experts = {"bits": o.bits, "group_size": None if o.bits >= 16 else o.group_size, "mode": "affine",
+               "method": method, "scale_dtype": plan.float_dtype, "down_bits": o.down_bits or o.bits,
+               "tiers": plan.summary()["tiers"], "bits_per_weight_budget": o.bits_per_weight,
+               "layer_widths": {str(k): v for k, v in (o.layer_widths or {}).items()} or None}
+    if plan.experts and plan.experts[0].mode == "mxfp4":  # the source's MXFP4 experts, copied
+        experts = {"bits": 4, "group_size": 32, "mode": "mxfp4", "method": "passthrough", "scale_dtype": "uint8"}
+    if plan.experts and plan.experts[0].linear_bias:
+        experts["linear_bias"] = True
     return {
-        "experts": {"bits": o.bits, "group_size": None if o.bits >= 16 else o.group_size, "mode": "affine",
-                    "method": method, "scale_dtype": plan.float_dtype, "down_bits": o.down_bits or o.bits,
-                    "tiers": plan.summary()["tiers"], "bits_per_weight_budget": o.bits_per_weight,
-                    "layer_widths": {str(k): v for k, v in (o.layer_widths or {}).items()} or None},
+        "experts": experts,
         "recipe": o.recipe,
         "resident_kinds": o.resident_kinds,
         "resident": {"bits": rb, "group_size": None if rb >= 16 else o.group_size, "mode": "affine",

@@ -71,10 +71,12 @@ class ExpertLayerPlan:
     src_bytes: int
     file: str
     repack: bool = False  # mlx-quantized source at these bits and group sizes: blocks copied, not requantized
-    bits: int = 16  # gate/up
+    bits: int = 16  # gate/up (4 for passed-through MXFP4)
     down_bits: int = 16
     tier: int = 0
     expert_ids: list[int] | None = None  # a tier's experts (the model's ids, in block order); None: all
+    mode: str = "affine"  # "mxfp4": the source's MXFP4 experts, copied (gpt-oss hub releases)
+    linear_bias: bool = False  # the experts' projections have bias vectors (gpt-oss)
 
     @property
     def num_blocks(self) -> int:
@@ -134,6 +136,7 @@ class ConversionPlan:
         o = self.options
         return {
             "model_type": self.family.model_type, "bits": o.bits, "group_size": o.group_size,
+            "expert_mode": self.experts[0].mode if self.experts else "affine",
             "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits, "recipe": o.recipe,
             "down_bits": o.down_bits or o.bits, "tiers": _tier_counts(self.experts),
             "float_dtype": self.float_dtype, "alignment": o.alignment,
@@ -214,11 +217,11 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             by_target[family.target_name(name)] = name
     consumed: set[str] = set()
 
-    def consume(name: str) -> None:
+    def consume(name: str, raw: bool = False) -> None:
         if name in consumed:
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
         dtype = src.info(name).dtype
-        if dtype not in FLOAT_DTYPES and not src.quantized(name):
+        if dtype not in FLOAT_DTYPES and not raw and not src.quantized(name):
             raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
                                f"expected one of {', '.join(FLOAT_DTYPES)}")
         consumed.add(name)
@@ -231,12 +234,26 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
     for layer in family.moe_layers():
         es = family.expert_source(layer, by_target)
         i, h = family.expert_shape(layer)
-        _check_expert_shapes(src, es, i, h, layer)
+        if es.reader is not None:
+            es.reader.check(src, es.num_experts, layer)
+        else:
+            _check_expert_shapes(src, es, i, h, layer)
+        mxfp4 = es.reader is not None and es.reader.mxfp4
         for n in es.consumed():
-            consume(n)
+            consume(n, raw=mxfp4)  # MXFP4 blocks and scales are uint8 (the reader checked them)
+        bias = es.reader is not None
         src_bytes = sum(src.info(n).nbytes for n in es.consumed())
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
+        if mxfp4:
+            log.info("layer %d: MXFP4 experts passed through (no requantization; --bits applies to residents)",
+                     layer)
+            comps, block = expert_block_layout(h, i, 4, 32, 32, float_dtype, mode="mxfp4", linear_bias=bias)
+            experts.append(ExpertLayerPlan(layer, es, i, h, 32, 32, comps, block, round_up(block, o.alignment),
+                                           sum(src.info(n).nbytes for n in es.names.values()),
+                                           f"experts/layer-{layer:03d}.bin", False, 4, 4, mode="mxfp4",
+                                           linear_bias=bias))
+            continue
         tiers = widths.get(layer)  # None: the layer-wide --bits/--group-size
         groups = [(None, o.bits, o.down_bits or o.bits, o.group_size)] if tiers is None else [
             (ids, w.bits, w.bits, w.group_size) for w, ids in tiers]
@@ -247,7 +264,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 raise ConvertError(f"layer {layer} experts {bad}: not divisible by group size {group} or 32")
             if bits < 16 and (gu != group or gd != group):
                 log.warning("layer %d: experts use group size %s/%s (fallback)", layer, gu, gd)
-            comps, block = expert_block_layout(h, i, bits, gu, gd, float_dtype, dbits)
+            comps, block = expert_block_layout(h, i, bits, gu, gd, float_dtype, dbits, linear_bias=bias)
             repack = es.layout == "stacked" and ids is None and bits == dbits and all(
                 src.quantized(es.names[p]) == (bits, gd if p == "down_proj" else gu) for p in es.names)
             if repack:
@@ -255,7 +272,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             name = f"experts/layer-{layer:03d}.bin" if ids is None else f"experts/layer-{layer:03d}-{bits}g{group}.bin"
             share = src_bytes if ids is None else src_bytes * len(ids) // es.num_experts
             experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                           share, name, repack, bits, dbits, t, ids))
+                                           share, name, repack, bits, dbits, t, ids, linear_bias=bias))
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)

@@ -43,6 +43,8 @@ def passthrough_stats(w: np.ndarray, stored: np.ndarray, dtype: str) -> ErrorSta
 def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, np.ndarray]:
     """Expert ``e``'s float32 gate [I, H], up [I, H] and down [H, I], read as one slice each."""
     s = x.source
+    if s.reader is not None:  # a family's own layout (gpt-oss)
+        return s.reader.floats(src, e)
     if s.layout == "fused":
         gu = src.read_rows_f32(s.names["gate_up"], e, e + 1)[0]
         return {"gate_proj": gu[:x.intermediate], "up_proj": gu[x.intermediate:],
@@ -77,9 +79,14 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str,
     block = np.zeros(x.block_bytes, np.uint8)
     comps = {c.name: c for c in x.components}
     stats = {}
+    codes = x.source.reader.codes(src, e) if x.mode == "mxfp4" else None
+    biases = x.source.reader.biases(src, e) if x.linear_bias else None
     for proj, w in read_expert(src, x, e).items():
         w = np.ascontiguousarray(w)
-        if x.repack:  # already in this layout: the source's codes, no requantization (no added error)
+        if codes is not None:  # MXFP4 source: its bytes, no requantization (w is their dequantization)
+            arrays = codes[proj]
+            stats[proj] = passthrough_stats(w, w, "float32")
+        elif x.repack:  # already in this layout: the source's codes, no requantization (no added error)
             arrays = {k: v[0] for k, v in repacked(src, x.source.names[proj], e, e + 1, dtype).items()}
             stats[proj] = passthrough_stats(w, w, "float32")
         elif x.bits >= 16:
@@ -89,6 +96,8 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str,
             g, bits = (x.group_down, x.down_bits) if proj == "down_proj" else (x.group_gate_up, x.bits)
             wq, sc, bi, stats[proj] = _quantize(w, bits, g, dtype, method, cal, (x.layer, e, proj))
             arrays = {"weight": wq, "scales": sc, "biases": bi}
+        if x.linear_bias:
+            arrays["bias"] = store_float(np.ascontiguousarray(biases[proj]), dtype)
         for part, arr in arrays.items():
             c = comps[f"{proj}.{part}"]
             block[c.offset:c.offset + c.nbytes] = arr.reshape(-1).view(np.uint8)

@@ -1,9 +1,10 @@
 """Expert layer files: the block layout inside one expert and the writer of one layer's file.
 
 A layer file is a header page followed by ``num_experts`` blocks of ``stride`` bytes. Block ``e``
-holds expert ``e``'s gate, up and down projections in MLX's affine layout (uint32 codes packed
-LSB-first, then per-group scales and biases), so the runtime hands the bytes straight to MLX's
-quantized kernels. Gate and up arrays are adjacent (gate rows first), so ``gate_proj.X`` followed by
+holds expert ``e``'s gate, up and down projections in MLX's quantized layout (affine: uint32 codes
+packed LSB-first, then per-group scales and biases; mxfp4: FP4 codes and uint8 E8M0 scales), and
+for families whose experts have them (gpt-oss), the projections' bias vectors, so the runtime hands
+the bytes straight to MLX's quantized kernels. Gate and up arrays are adjacent (gate rows first), so ``gate_proj.X`` followed by
 ``up_proj.X`` is also the fused gate-up array ``[2I, ...]``.
 
 Header (little-endian, at byte 0, zero-padded to ``offset``)::
@@ -23,7 +24,11 @@ import numpy as np
 import xxhash
 
 from .errors import PackError
+<<<<<<< HEAD
 from .manifest import COMPONENT_ALIGNMENT, EXPERT_FILE_VERSION, Component, ExpertLayer
+=======
+from .manifest import COMPONENT_ALIGNMENT, DTYPE_BYTES, FORMAT_VERSION, READ_VERSIONS, Component, ExpertLayer
+>>>>>>> 9f5daff
 
 MAGIC = b"MOESTRM\0"
 HEADER = struct.Struct("<8sIIIIQQQ")
@@ -33,23 +38,35 @@ def round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None) -> dict[str, tuple[list[int], str]]:
-    """Shapes of the arrays MLX stores for one ``[rows, cols]`` weight (bits 16: the weight alone)."""
+def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None,
+                     mode: str = "affine") -> dict[str, tuple[list[int], str]]:
+    """Shapes of the arrays MLX stores for one ``[rows, cols]`` weight (bits 16: the weight alone).
+
+    ``mode="mxfp4"``: 4-bit E2M1 codes and one uint8 E8M0 scale per 32 inputs, no biases.
+    """
     if bits >= 16:
         return {"weight": ([rows, cols], "")}
+    if mode == "mxfp4":
+        return {"weight": ([rows, cols * 4 // 32], "uint32"), "scales": ([rows, cols // 32], "uint8")}
     return {"weight": ([rows, cols * bits // 32], "uint32"),
             "scales": ([rows, cols // group_size], ""),
             "biases": ([rows, cols // group_size], "")}
 
 
 def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up: int | None,
+<<<<<<< HEAD
                         group_down: int | None, float_dtype: str, down_bits: int | None = None
                         ) -> tuple[list[Component], int]:
+=======
+                        group_down: int | None, float_dtype: str, mode: str = "affine",
+                        linear_bias: bool = False) -> tuple[list[Component], int]:
+>>>>>>> 9f5daff
     """Components of one expert block, in file order, and the block's size in bytes.
 
     Args:
         hidden: model hidden size H (gate/up are ``[I, H]``, down is ``[H, I]``).
         intermediate: expert intermediate size I.
+<<<<<<< HEAD
         bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (gate and up).
         group_gate_up, group_down: quantization group sizes along H and I.
         float_dtype: dtype of scales and biases (or of the weights at 16 bits).
@@ -69,10 +86,43 @@ def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up
     for mat, part in order:
         rows, cols, g, b = mats[mat]
         shape, dtype = quantized_shapes(rows, cols, b, g)[part]
+=======
+        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (4 for ``mxfp4``).
+        group_gate_up, group_down: quantization group sizes along H and I (32 for ``mxfp4``).
+        float_dtype: dtype of scales and biases (or of the weights at 16 bits).
+        mode: ``affine`` or ``mxfp4`` (MLX's quantization modes).
+        linear_bias: the projections have their own bias vectors (``X.bias``: [I], [I], [H]).
+    """
+    if mode == "mxfp4":
+        bits, group_gate_up, group_down = 4, 32, 32
+    mats = {"gate_proj": (intermediate, hidden, group_gate_up),
+            "up_proj": (intermediate, hidden, group_gate_up),
+            "down_proj": (hidden, intermediate, group_down)}
+    parts = ("weight",) if bits >= 16 else ("weight", "scales") if mode == "mxfp4" else ("weight", "scales", "biases")
+    # Gate and up adjacent per part, so gate_proj.X followed by up_proj.X is the fused [2I, ...] array.
+    order = [(m, p) for p in parts for m in ("gate_proj", "up_proj")]
+    order += [(m, "bias") for m in ("gate_proj", "up_proj") if linear_bias]
+    order += [("down_proj", p) for p in parts] + ([("down_proj", "bias")] if linear_bias else [])
+    comps, off = [], 0
+    for mat, part in order:
+        rows, cols, g = mats[mat]
+        if part == "bias":
+            shape, dtype = [rows], float_dtype
+        else:
+            shape, dtype = quantized_shapes(rows, cols, bits, g, mode)[part]
+>>>>>>> 9f5daff
         dtype = dtype or float_dtype
-        nbytes = int(np.prod(shape)) * (4 if dtype in ("uint32", "float32") else 2)
+        nbytes = int(np.prod(shape)) * DTYPE_BYTES[dtype]
         off = round_up(off, COMPONENT_ALIGNMENT)
+<<<<<<< HEAD
         comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g))
+=======
+        if part == "bias":  # a plain float vector, whatever the weights' quantization
+            comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype))
+        else:
+            comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, bits,
+                                   None if bits >= 16 else g, mode if bits < 16 else "affine"))
+>>>>>>> 9f5daff
         off += nbytes
     return comps, off
 
@@ -95,8 +145,13 @@ def check_header(raw: bytes, x: ExpertLayer, alignment: int, where: str) -> None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise PackError(f"{where}: not a moestream expert file (bad magic)")
     _, ver, layer, n, a, off, stride, bb = HEADER.unpack(raw[:HEADER.size])
+<<<<<<< HEAD
     if ver != EXPERT_FILE_VERSION:
         raise PackError(f"{where}: expert file version {ver}, expected {EXPERT_FILE_VERSION}")
+=======
+    if ver not in READ_VERSIONS:
+        raise PackError(f"{where}: expert file version {ver}, expected one of {READ_VERSIONS}")
+>>>>>>> 9f5daff
     if (layer, n, a, off, stride, bb) != (x.layer, x.num_experts, alignment, x.offset, x.stride, x.block_bytes):
         raise PackError(f"{where}: header (layer {layer}, {n} experts, stride {stride}) disagrees with manifest")
 

@@ -22,16 +22,25 @@ from typing import Any
 from .errors import PackError
 
 FORMAT_NAME = "moestream-pack"
+<<<<<<< HEAD
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 EXPERT_FILE_VERSION = 1  # the expert file header did not change with the manifest's version 2
+=======
+# 2: expert components carry a quantization ``mode`` (``affine`` or ``mxfp4``, uint8 E8M0 scales) and
+# may include the projections' own ``bias`` vectors (gpt-oss). Version 1 packs (affine, no biases) read
+# unchanged: a component without ``mode`` is affine.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+>>>>>>> 9f5daff
 MANIFEST_NAME = "manifest.json"
 DEFAULT_ALIGNMENT = 16384  # Apple SSD page
 MIN_ALIGNMENT = 4096  # O_DIRECT needs at least the logical block size
 CHECKSUM_ALGO = "xxh3_64"
 COMPONENT_ALIGNMENT = 64  # components inside a block start on a cache line
 
-DTYPE_BYTES = {"uint32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"uint32": 4, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
+MODES = ("affine", "mxfp4")
 
 
 @dataclass
@@ -50,7 +59,12 @@ class QuantSpec:
 
 @dataclass
 class Component:
-    """One array inside an expert block, e.g. ``gate_proj.weight``, at ``offset`` within the block."""
+    """One array inside an expert block, e.g. ``gate_proj.weight``, at ``offset`` within the block.
+
+    ``mode`` is MLX's quantization mode: ``affine`` (codes, scales and biases) or ``mxfp4`` (FP4
+    E2M1 codes, uint8 E8M0 scales per 32, no biases). ``X.bias`` components are the projection's
+    own additive bias (gpt-oss), not quantization biases (``X.biases``).
+    """
 
     name: str
     offset: int
@@ -59,6 +73,7 @@ class Component:
     dtype: str
     bits: int = 16
     group_size: int | None = None
+    mode: str = "affine"
 
 
 @dataclass
@@ -195,9 +210,13 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
         if d.get("format") != FORMAT_NAME:
             raise PackError(f"{where}: not a moestream pack manifest (format={d.get('format')!r})")
+<<<<<<< HEAD
         if d.get("version") not in READABLE_VERSIONS:
+=======
+        if d.get("version") not in READ_VERSIONS:
+>>>>>>> 9f5daff
             raise PackError(f"{where}: unsupported pack version {d.get('version')!r} "
-                            f"(this moestream reads version {FORMAT_VERSION})")
+                            f"(this moestream reads versions {', '.join(map(str, READ_VERSIONS))})")
         try:
             d = dict(d)
             d["experts"] = [ExpertLayer.from_dict(x) for x in d["experts"]]
@@ -255,6 +274,8 @@ class Manifest:
             for c in x.components:
                 if c.offset < 0 or c.offset + c.nbytes > x.block_bytes:
                     raise PackError(f"{f}: component {c.name} lies past the end of the block")
+                if c.mode not in MODES:
+                    raise PackError(f"{f}: component {c.name}: unknown quantization mode {c.mode!r}")
                 n = DTYPE_BYTES.get(c.dtype)
                 if n is None or n * _prod(c.shape) != c.nbytes:
                     raise PackError(f"{f}: component {c.name}: {c.nbytes} bytes for {c.dtype}{c.shape}")

@@ -25,7 +25,7 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     ``matrix_bytes``: budget for full second-moment matrices (GPTQ's input), per expert if they all
     fit, else pooled per MoE layer; the resident linears' only if they fit what remains.
     """
-    from .model import load, moe_blocks
+    from .model import get_switch, load, moe_blocks
     from .streamed import CpuQuantizedLinear
 
     rt = load(pack, cpu_kernels=True)
@@ -46,7 +46,7 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
         cal = Calibration(meta={"pack": str(pack), "window": window, "expert_matrices": full,
                                 "linear_matrices": full_linears})
         for layer, mlp in blocks.items():
-            mlp.switch_mlp.recorder = cal.expert_recorder(layer, m.num_experts, *dims[layer], full=full)
+            get_switch(mlp).recorder = cal.expert_recorder(layer, m.num_experts, *dims[layer], full=full)
         for name, mod in linears.items():
             mod.recorder = cal.linear_recorder(name, widths[name], full=full_linears)
         ids = rt.tokenizer.encode(text)[:max_tokens]

@@ -275,3 +275,75 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         v = g[i]
         g[i] = v / (np.float32(1.0) + np.exp(-v)) * u[i]
     return gate
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def swiglu_oai(gate: np.ndarray, up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """gpt-oss's clamped SwiGLU, in place into ``gate``: gate clipped from above, up to [-limit,
+    limit], ``(up + 1) * gate * sigmoid(alpha * gate)`` (mlx-lm's ``swiglu_oai``)."""
+    g = gate.reshape(-1)
+    u = up.reshape(-1)
+    a, lim = np.float32(alpha), np.float32(limit)
+    for i in range(g.size):
+        v = min(g[i], lim)
+        w = min(max(u[i], -lim), lim)
+        g[i] = (w + np.float32(1.0)) * (v / (np.float32(1.0) + np.exp(-a * v)))
+    return gate
+
+
+# MXFP4 (MLX's mode="mxfp4", the gpt-oss hub format): 8 FP4 E2M1 codes per uint32, LSB-first, and
+# one E8M0 scale byte 2^(s - 127) per 32 inputs.
+_FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+_E8M0 = np.append(np.exp2(np.arange(255) - 127.0), np.nan).astype(np.float32)  # 0xFF encodes NaN
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _qmm_mxfp4(x, w, s, lut, e8m0, out):
+    T, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for g in range(K // 32):
+                part = np.float32(0.0)
+                for i in range(4):
+                    v = w[n, g * 4 + i]
+                    xo = g * 32 + i * 8
+                    for k in range(8):
+                        part += lut[(v >> (4 * k)) & 15] * x[t, xo + k]
+                acc += e8m0[s[n, g]] * part
+            out[t, n] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _dequant_rows_mxfp4(w, s, lut, e8m0, r0, out):
+    for j in prange(out.shape[0]):
+        n = r0 + j
+        for i in range(w.shape[1]):
+            v = w[n, i]
+            sc = e8m0[s[n, i // 4]]
+            for k in range(8):
+                out[j, i * 8 + k] = lut[(v >> (4 * k)) & 15] * sc
+
+
+def qmm_mxfp4(x: np.ndarray, w: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x [T, in] @ dequantize(w).T -> [T, out]`` in float32 for MXFP4 weights.
+
+    Args:
+        x: float32 activations [T, in].
+        w: uint32 codes [out, in / 8] (MLX's mxfp4 layout). scales: uint8 E8M0 [out, in / 32].
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    T = x.shape[0]
+    N = w.shape[0]
+    out = np.empty((T, N), np.float32) if out is None else out
+    w = w.view(np.uint32)
+    if T < BLAS_MIN_TOKENS:
+        _qmm_mxfp4(x, w, scales, _FP4, _E8M0, out)
+        return out
+    buf = np.empty((min(BLAS_ROWS, N), x.shape[1]), np.float32)
+    for r0 in range(0, N, BLAS_ROWS):
+        r1 = min(N, r0 + BLAS_ROWS)
+        _dequant_rows_mxfp4(w, scales, _FP4, _E8M0, r0, buf[: r1 - r0])
+        np.matmul(x, buf[: r1 - r0].T, out=out[:, r0:r1])
+    return out

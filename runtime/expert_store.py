@@ -37,8 +37,10 @@ from moestream.layouts import ExpertLayer, Pack, PackError
 
 log = logging.getLogger(__name__)
 
-MX_STORAGE = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-NP_STORAGE = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+MX_STORAGE = {"uint32": mx.uint32, "uint8": mx.uint8, "bfloat16": mx.bfloat16, "float16": mx.float16,
+              "float32": mx.float32}
+NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
+              "float32": np.float32}
 
 
 @dataclass

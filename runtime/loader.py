@@ -2,8 +2,8 @@
 
 This is the reference the streaming runtime is compared against, and the "fully resident" baseline
 of the benchmarks. It is also the end-to-end check of the pack contract: resident tensors load
-strictly by name into mlx-lm's model, and expert blocks are stacked into ``switch_mlp``'s
-``QuantizedSwitchLinear`` arrays byte for byte, so any layout mistake shows up as an exception or
+strictly by name into mlx-lm's model, and expert blocks are stacked into the arrays of its
+``SwitchGLU`` (``switch_mlp``; gpt-oss: ``experts``) byte for byte, so any layout mistake shows up as an exception or
 as wrong logits.
 """
 
@@ -20,9 +20,12 @@ import numpy as np
 
 from moestream.layouts import Pack, open_pack
 
+from .rope import untruncate_yarn
+
 log = logging.getLogger(__name__)
 
-MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32, "uint32": mx.uint32}
+MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32, "uint32": mx.uint32,
+            "uint8": mx.uint8}
 
 
 def build_model(pack: Pack, experts: bool = True) -> nn.Module:
@@ -35,21 +38,31 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
     config = json.loads((pack.root / "config.json").read_text())
     module = importlib.import_module(f"mlx_lm.models.{mlx_module(m.model_type)}")
     model = module.Model(module.ModelArgs.from_dict(config))
+    untruncate_yarn(model, config)  # gpt-oss's rope, which mlx-lm rounds (see rope.py)
     q = m.quantization["experts"]
+    layers = {f"{path}.": layer for layer, path in switch_paths(model).items()}
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if ".switch_mlp." in path:
-            return {"bits": q["bits"], "group_size": q["group_size"]} if q["bits"] < 16 and experts else False
+        sw = next((p for p in layers if path.startswith(p)), None)
+        if sw is not None:
+            if q["bits"] >= 16 or not experts:
+                return False
+            # Per projection: a layer whose size is not divisible by the group size fell back to 32.
+            c = m.expert_layer(layers[sw]).component(f"{path[len(sw):]}.weight")
+            return {"bits": c.bits, "group_size": c.group_size, "mode": c.mode}
         t = m.resident_tensors.get(f"{path}.weight")
         if t is None or t.bits >= 16:
             return False
         return {"bits": t.bits, "group_size": t.group_size}
 
     nn.quantize(model, class_predicate=predicate)
+<<<<<<< HEAD
     if experts:
         _expert_modules(model, pack)
+=======
+>>>>>>> 9f5daff
     return model
 
 
@@ -60,6 +73,7 @@ def mlx_module(model_type: str) -> str:
     return MODEL_REMAPPING.get(model_type, model_type)
 
 
+<<<<<<< HEAD
 def _expert_modules(model: nn.Module, pack: Pack) -> None:
     """Layers whose experts differ from the pack-wide setting get a matching ``switch_mlp``: a
     TieredSwitchGLU for tiered layers, else a SwitchGLU built from the block layout (group size 32
@@ -80,6 +94,8 @@ def _expert_modules(model: nn.Module, pack: Pack) -> None:
             blocks[layer].switch_mlp = _switch_glu(tiers[0], m.num_experts)
 
 
+=======
+>>>>>>> 9f5daff
 def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
     """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component).
 
@@ -99,7 +115,8 @@ def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
 
 
 def _np(dtype: str):
-    return {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+    return {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
+            "float32": np.float32}[dtype]
 
 
 def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
@@ -136,14 +153,19 @@ def load_resident_model(path: str | Path, dtype: str | None = None) -> tuple[nn.
     return model, pack
 
 
+def switch_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> mlx-lm SwitchGLU (a layer's experts: ``...mlp.switch_mlp``; gpt-oss ``...mlp.experts``)."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchGLU)}
+
+
 def switch_paths(model: nn.Module) -> dict[int, str]:
-    """Layer index -> parameter path of its ``switch_mlp`` (``model.layers.3.block_sparse_moe.switch_mlp``)."""
+    """Layer index -> parameter path of its experts (``model.layers.3.block_sparse_moe.switch_mlp``)."""
     import re
 
-    from mlx.utils import tree_flatten
-
-    pat = re.compile(r"^(.*\.layers\.(\d+)\.\w+\.switch_mlp)\.")
-    return {int(m.group(2)): m.group(1) for k, _ in tree_flatten(model.parameters()) if (m := pat.match(k))}
+    pat = re.compile(r"^.*\.layers\.(\d+)\.\w+\.\w+$")
+    return {int(m.group(1)): name for name in switch_modules(model) if (m := pat.match(name))}
 
 
 def cast_floats(params, dtype):

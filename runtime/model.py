@@ -51,7 +51,7 @@ class Runtime:
 
         trace = RoutingTrace(self.pack.manifest.num_experts)
         for mlp in moe_blocks(self.model).values():
-            mlp.switch_mlp.trace = trace
+            get_switch(mlp).trace = trace
         return trace
 
     @contextmanager
@@ -104,13 +104,34 @@ def load_tokenizer(root: Path):
     return wrapper
 
 
+SWITCH_ATTRS = ("switch_mlp", "experts")  # gpt-oss names its SwitchGLU ``experts``
+
+
+def _switch_attr(block: nn.Module) -> str | None:
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    for attr in SWITCH_ATTRS:
+        if isinstance(getattr(block, attr, None), (SwitchGLU, StreamedSwitchGLU)):
+            return attr
+    return None
+
+
+def get_switch(block: nn.Module) -> nn.Module:
+    """A MoE block's experts module (``switch_mlp``; gpt-oss: ``experts``)."""
+    return getattr(block, _switch_attr(block))
+
+
+def set_switch(block: nn.Module, module: nn.Module) -> None:
+    setattr(block, _switch_attr(block), module)
+
+
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> the layer's sparse MoE block: the child holding ``switch_mlp`` (``mlp`` in most
-    families, ``block_sparse_moe`` in Mixtral)."""
+    """Layer index -> the layer's sparse MoE block: the child holding the experts' SwitchGLU (``mlp``
+    in most families, ``block_sparse_moe`` in Mixtral; see :func:`get_switch`)."""
     out = {}
     for i, layer in enumerate(model.layers):
         for child in layer.children().values():
-            if isinstance(child, nn.Module) and hasattr(child, "switch_mlp"):
+            if isinstance(child, nn.Module) and _switch_attr(child) is not None:
                 out[i] = child
                 break
     return out
@@ -201,7 +222,9 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if missing:
             raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
         for i, mlp in blocks.items():
-            mlp.switch_mlp = StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels, metal_kernels=use_metal)
+            # The family's activation (gpt-oss: clamped SwiGLU) comes from mlx-lm's own SwitchGLU.
+            set_switch(mlp, StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels, metal_kernels=use_metal,
+                                              activation=get_switch(mlp).activation))
             if experts_per_token:
                 set_experts_per_token(mlp, experts_per_token)
         weights = []
@@ -215,7 +238,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             for attr in SHARED_EXPERT_ATTRS:
                 if isinstance(getattr(mlp, attr, None), nn.Module):
                     setattr(mlp, attr, EarlySharedExpert(getattr(mlp, attr)))
-                    mlp.switch_mlp.overlap_with(getattr(mlp, attr))
+                    get_switch(mlp).overlap_with(getattr(mlp, attr))
         if cpu_kernels:
             use_cpu_kernels(model)
             from .cpu_delta import use_cpu_delta

@@ -15,7 +15,7 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear
 
 from moestream.layouts import ExpertLayer
 
@@ -32,19 +32,25 @@ class _Hidden:
         self.module = module
 
 
-def _switch_glu(x: ExpertLayer, num_experts: int = 1) -> SwitchGLU:
+def _switch_glu(x: ExpertLayer, num_experts: int = 1, activation: nn.Module | None = None) -> SwitchGLU:
     """An mlx-lm SwitchGLU whose linears match the block layout of expert file ``x``."""
     i, h = x.component("gate_proj.weight").shape[0], x.component("down_proj.weight").shape[0]
-    glu = SwitchGLU(h, i, num_experts)
+    bias = _has_bias(x)
+    glu = SwitchGLU(h, i, num_experts, **({"activation": activation} if activation is not None else {}))
     for p in PROJS:
         c = x.component(f"{p}.weight")
         if c.bits < 16:
             din = c.shape[1] * 32 // c.bits
-            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], num_experts, bias=False,
-                                                  group_size=c.group_size, bits=c.bits))
+            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], num_experts, bias=bias,
+                                                  group_size=c.group_size, bits=c.bits, mode=c.mode))
         else:
-            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], num_experts, bias=False))
+            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], num_experts, bias=bias))
     return glu
+
+
+def _has_bias(x: ExpertLayer) -> bool:
+    """The projections carry their own bias vectors (gpt-oss)."""
+    return any(c.name == "gate_proj.bias" for c in x.components)
 
 
 class EarlySharedExpert(nn.Module):
@@ -80,15 +86,20 @@ class StreamedSwitchGLU(nn.Module):
     """
 
     def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None,
-                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False, metal_kernels: bool = False):
+                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False, metal_kernels: bool = False,
+                 activation: nn.Module | None = None):
         super().__init__()
         self._store, self._layer = store, layer
         self._shared = _Hidden(shared)
         self._cpu = cpu_kernels
         tiers = store.pack.manifest.expert_tiers(layer)
         # One mlx-lm SwitchGLU per block layout (several for a tiered layer), keyed as the store's slabs.
-        self._glus = _Hidden({block_key(x): _switch_glu(x) for x in tiers})
-        self._quantized = tiers[0].component("gate_proj.weight").bits < 16
+        self._glus = _Hidden({block_key(x): _switch_glu(x, 1, activation) for x in tiers})
+        self._glu = _Hidden(next(iter(self._glus.module.values())))  # the activation, shared by the tiers
+        x = tiers[0]
+        self._quantized = x.component("gate_proj.weight").bits < 16
+        self._mode = x.component("gate_proj.weight").mode
+        self._bias = _has_bias(x)
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
@@ -122,10 +133,14 @@ class StreamedSwitchGLU(nn.Module):
                 if self._quantized:
                     lin.weight = slab.arrays[f"{p}.weight"]
                     lin.scales = slab.arrays[f"{p}.scales"]
-                    lin.biases = slab.arrays[f"{p}.biases"]
+                    if self._mode == "affine":
+                        lin.biases = slab.arrays[f"{p}.biases"]
                 else:  # unquantized packs: CPU gather_mm takes float32 only
                     w = slab.arrays[f"{p}.weight"]
                     lin.weight = w.astype(self._dtype) if self._dtype is not None else w
+                if self._bias:
+                    b = slab.arrays[f"{p}.bias"]
+                    lin.bias = b.astype(self._dtype) if self._dtype is not None else b
             y = glu(x, local)
             if not mine.all():
                 y = y * mx.array(mine)[..., None].astype(y.dtype)
@@ -141,6 +156,11 @@ class StreamedSwitchGLU(nn.Module):
         why = unsupported(h, i, (g.bits, g.group_size), (d.bits, d.group_size))
         if why is None and (u.bits, u.group_size) != (g.bits, g.group_size):
             why = "gate and up quantized differently"
+        # The fused kernels compute affine codes and plain SwiGLU without expert biases (not gpt-oss).
+        if why is None and g.mode != "affine":
+            why = f"{g.mode} experts"
+        if why is None and (_has_bias(x) or type(self._glu.module.activation) is not SwiGLU):
+            why = "expert biases or another activation than SwiGLU"
         if why:
             log.info("layer %d: MLX's kernels, not Metal's (%s)", self._layer, why)
         return why is None
@@ -174,8 +194,6 @@ class StreamedSwitchGLU(nn.Module):
 
     def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
         """The same computation with the numba kernels, reading the slabs through numpy views."""
-        from .cpu_kernels import qmm, silu_mul
-
         h = x.shape[-1]
         xs = np.array(x.astype(mx.float32)).reshape(-1, h)
         flat = inds.reshape(xs.shape[0], -1)
@@ -183,39 +201,60 @@ class StreamedSwitchGLU(nn.Module):
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             glu = self._glus.module[slab.key]
             a = slab.numpy
-            if xs.shape[0] == 1 and self.recorder is None:  # decode: the group's experts in 3 launches
+            if xs.shape[0] == 1 and self.recorder is None and self._mode == "affine" and not self._bias:
+                # decode: the group's experts in 3 launches
                 self._cpu_decode(xs, flat, part, slots, a, glu, out)
                 continue
             for e, slot in zip(part.tolist(), slots.tolist()):
                 t, j = np.nonzero(flat == e)
                 xe = xs[t]
-                y = []
-                for p in PROJS:
-                    lin = getattr(glu, p)
-                    y.append((a[f"{p}.weight"][slot], a[f"{p}.scales"][slot], a[f"{p}.biases"][slot],
-                              lin.bits, lin.group_size))
-                gate = qmm(xe, *y[0])
-                up = qmm(xe, *y[1])
-                mid = silu_mul(gate, up)
+                gate = self._cpu_linear(glu, a, "gate_proj", slot, xe)
+                up = self._cpu_linear(glu, a, "up_proj", slot, xe)
+                mid = self._cpu_activation(gate, up)
                 if self.recorder is not None:
                     self.recorder(e, xe, mid)
-                out[t, j] = qmm(mid, *y[2])
+                out[t, j] = self._cpu_linear(a, "down_proj", slot, mid)
         return mx.array(out.reshape(*inds.shape, h))
 
-    @staticmethod
-    def _cpu_decode(xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
+    def _cpu_decode(self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
                     out: np.ndarray) -> None:
         """One token: every expert of the group through :func:`qmm_experts`, gate, up and down each one
         parallel launch (per-expert launches cost ~30% of a decode layer's expert time here)."""
-        from .cpu_kernels import qmm_experts, silu_mul
+        from .cpu_kernels import qmm_experts
 
         pos = {e: j for j, e in enumerate(flat[0].tolist())}
         cols = np.array([pos[e] for e in part.tolist()])
         x = np.repeat(xs, len(part), axis=0)
         args = {p: (a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"], slots, getattr(glu, p).bits,
                     getattr(glu, p).group_size) for p in PROJS}
-        mid = silu_mul(qmm_experts(x, *args["gate_proj"]), qmm_experts(x, *args["up_proj"]))
+        mid = self._cpu_activation(qmm_experts(x, *args["gate_proj"]), qmm_experts(x, *args["up_proj"]))
         out[0, cols] = qmm_experts(mid, *args["down_proj"])
+
+    def _cpu_linear(self, glu, a: dict[str, np.ndarray], p: str, slot: int, xe: np.ndarray) -> np.ndarray:
+        from .cpu_kernels import as_f32, qmm, qmm_mxfp4
+
+        lin = getattr(glu, p)
+        if self._mode == "mxfp4":
+            y = qmm_mxfp4(xe, a[f"{p}.weight"][slot], a[f"{p}.scales"][slot])
+        else:  # bf16 scales as stored: the kernel widens them itself
+            y = qmm(xe, a[f"{p}.weight"][slot], a[f"{p}.scales"][slot], a[f"{p}.biases"][slot], lin.bits,
+                    lin.group_size)
+        if self._bias:
+            y += as_f32(a[f"{p}.bias"][slot])
+        return y
+
+    def _cpu_activation(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """The family's gated activation: plain SwiGLU, gpt-oss's clamped one, or MLX's module."""
+        from mlx_lm.models.activations import SwigluOAI
+
+        from .cpu_kernels import silu_mul, swiglu_oai
+
+        act = self._glu.module.activation
+        if type(act) is SwiGLU:
+            return silu_mul(gate, up)
+        if type(act) is SwigluOAI:
+            return swiglu_oai(gate, up, act._alpha, act._limit)
+        return np.array(act(mx.array(up), mx.array(gate)).astype(mx.float32))
 
 
 class CpuQuantizedLinear(nn.Module):

@@ -25,9 +25,10 @@ class TieredSwitchGLU(nn.Module):
     module serves the resident reference, not the streamed decode path.
     """
 
-    def __init__(self, tiers: list[ExpertLayer], num_experts: int):
+    def __init__(self, tiers: list[ExpertLayer], num_experts: int, original: nn.Module | None = None):
         super().__init__()
-        self.tiers = [_switch_glu(x, x.num_experts) for x in tiers]
+        act = getattr(original, "activation", None)  # the family's gated activation (gpt-oss clamps)
+        self.tiers = [_switch_glu(x, x.num_experts, act) for x in tiers]
         tier, local = np.zeros(num_experts, np.int32), np.zeros(num_experts, np.uint32)
         for t, x in enumerate(tiers):
             tier[x.ids()], local[x.ids()] = t, np.arange(x.num_experts)

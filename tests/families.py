@@ -56,6 +56,15 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         # Hard grouped routing flips experts under small input noise in a random model: at std 0.1,
         # 8-bit mean KL 0.0087 (16-bit still exact); at 0.07, 0.003.
         "initializer_range": 0.07}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        # sliding (window 8, shorter than the test sequences) and full attention layers, the hub's
+        # yarn rope; H=64 != I=96 so a transposed expert layout cannot pass by accident
+        "num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 8, "head_dim": 16, "intermediate_size": 96, "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        # Hard top-k routing flips experts under small input noise in a random model: at std 0.1,
+        # 8-bit mean KL 0.008 (residents 0.0066, experts 0.0014; 16-bit exact); at 0.07, 0.0019.
+        "initializer_range": 0.07}),
 }
 
 
@@ -81,6 +90,9 @@ def build_family_model(family: str, seed: int = 0, **overrides):
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith("e_score_correction_bias"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif family == "gpt_oss" and name.endswith(("bias", "sinks")):
+                # transformers starts biases at zero: noise so that a dropped bias shows in the logits
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model.float().eval()
 
 
@@ -165,4 +177,70 @@ def save_dequantized(folder, out) -> Path:
     (out / "config.json").write_text(json.dumps(config))
     sd = {k: v.contiguous() for k, v in fp8_dequantized_state_dict(folder).items()}
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def mxfp4_encode(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    """A plain numpy MXFP4 encoder (OCP MX): per 32 values of a row, the shared exponent
+    floor(log2(amax)) - 2 as an E8M0 byte, values rounded to the nearest FP4 E2M1 (saturating at 6),
+    two codes per byte, low nibble first. ``w`` [..., K] -> (blocks [..., K/32, 16], scales [..., K/32])."""
+    import numpy as np
+
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+    g = w.reshape(*w.shape[:-1], -1, 32).astype(np.float32)
+    amax = np.abs(g).max(-1, keepdims=True)
+    e = np.where(amax > 0, np.floor(np.log2(np.maximum(amax, 1e-30))) - 2, -127).clip(-127, 127)
+    v = g / np.exp2(e)
+    mag = np.abs(np.minimum(np.abs(v), 6.0)[..., None] - grid).argmin(-1)
+    codes = (mag | ((v < 0) & (mag > 0)) * 8).astype(np.uint8)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (e[..., 0] + 127).astype(np.uint8)
+
+
+def save_mxfp4(folder, out) -> Path:
+    """A copy of gpt-oss checkpoint ``folder`` (save_pretrained) in the hub release layout: experts as
+    MXFP4 ``*_proj_blocks``/``*_proj_scales`` [E, rows, cols/32(, 16)] with rows = output features
+    (gate and up interleaved), everything else bf16, ``quantization_config`` mxfp4 in config.json."""
+    import shutil
+
+    from checkpoints import load_tensors
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    tensors = {}
+    for key, value in load_tensors(folder).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4_encode(value.float().transpose(1, 2).contiguous().numpy())
+            tensors[key + "_blocks"], tensors[key + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+        else:
+            tensors[key] = value.to(torch.bfloat16)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(folder) / name, out / name)
+    return out
+
+
+def save_mxfp4_dequantized(folder, out) -> Path:
+    """The float32 model an MXFP4 checkpoint stands for, experts dequantized by transformers' own
+    ``convert_moe_packed_tensors`` (the reference for the pass-through)."""
+    from checkpoints import load_tensors
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config))
+    src, sd = load_tensors(folder), {}
+    for key, value in src.items():
+        if key.endswith("_blocks"):
+            base = key[:-len("_blocks")]
+            sd[base] = convert_moe_packed_tensors(value, src[base + "_scales"], dtype=torch.float32)
+        elif not key.endswith("_scales"):
+            sd[key] = value.float()
+    save_file({k: v.contiguous() for k, v in sd.items()}, out / "model.safetensors", metadata={"format": "pt"})
     return out
