@@ -24,11 +24,7 @@ import numpy as np
 import xxhash
 
 from .errors import PackError
-<<<<<<< HEAD
-from .manifest import COMPONENT_ALIGNMENT, EXPERT_FILE_VERSION, Component, ExpertLayer
-=======
-from .manifest import COMPONENT_ALIGNMENT, DTYPE_BYTES, FORMAT_VERSION, READ_VERSIONS, Component, ExpertLayer
->>>>>>> 9f5daff
+from .manifest import COMPONENT_ALIGNMENT, DTYPE_BYTES, EXPERT_FILE_VERSION, READ_VERSIONS, Component, ExpertLayer
 
 MAGIC = b"MOESTRM\0"
 HEADER = struct.Struct("<8sIIIIQQQ")
@@ -54,50 +50,28 @@ def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None,
 
 
 def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up: int | None,
-<<<<<<< HEAD
-                        group_down: int | None, float_dtype: str, down_bits: int | None = None
-                        ) -> tuple[list[Component], int]:
-=======
-                        group_down: int | None, float_dtype: str, mode: str = "affine",
-                        linear_bias: bool = False) -> tuple[list[Component], int]:
->>>>>>> 9f5daff
+                        group_down: int | None, float_dtype: str, down_bits: int | None = None,
+                        mode: str = "affine", linear_bias: bool = False) -> tuple[list[Component], int]:
     """Components of one expert block, in file order, and the block's size in bytes.
 
     Args:
         hidden: model hidden size H (gate/up are ``[I, H]``, down is ``[H, I]``).
         intermediate: expert intermediate size I.
-<<<<<<< HEAD
-        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (gate and up).
-        group_gate_up, group_down: quantization group sizes along H and I.
+        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (gate and up; 4 for ``mxfp4``).
+        group_gate_up, group_down: quantization group sizes along H and I (32 for ``mxfp4``).
         float_dtype: dtype of scales and biases (or of the weights at 16 bits).
         down_bits: bits of down_proj when they differ from gate/up's (a recipe's choice).
+        mode: ``affine`` or ``mxfp4`` (MLX's quantization modes).
+        linear_bias: the projections have their own bias vectors (``X.bias``: [I], [I], [H]).
     """
+    if mode == "mxfp4":
+        bits, down_bits, group_gate_up, group_down = 4, 4, 32, 32
     db = bits if down_bits is None else down_bits
     if (bits >= 16) != (db >= 16):
         raise ValueError("gate/up and down must be both quantized or both unquantized")
     mats = {"gate_proj": (intermediate, hidden, group_gate_up, bits),
             "up_proj": (intermediate, hidden, group_gate_up, bits),
             "down_proj": (hidden, intermediate, group_down, db)}
-    order = ([("gate_proj", p) for p in ("weight",)] + [("up_proj", "weight")]) if bits >= 16 else [
-        ("gate_proj", "weight"), ("up_proj", "weight"), ("gate_proj", "scales"), ("up_proj", "scales"),
-        ("gate_proj", "biases"), ("up_proj", "biases")]
-    order += [("down_proj", p) for p in (("weight",) if bits >= 16 else ("weight", "scales", "biases"))]
-    comps, off = [], 0
-    for mat, part in order:
-        rows, cols, g, b = mats[mat]
-        shape, dtype = quantized_shapes(rows, cols, b, g)[part]
-=======
-        bits: 2, 3, 4, 8, or 16 for unquantized ``float_dtype`` weights (4 for ``mxfp4``).
-        group_gate_up, group_down: quantization group sizes along H and I (32 for ``mxfp4``).
-        float_dtype: dtype of scales and biases (or of the weights at 16 bits).
-        mode: ``affine`` or ``mxfp4`` (MLX's quantization modes).
-        linear_bias: the projections have their own bias vectors (``X.bias``: [I], [I], [H]).
-    """
-    if mode == "mxfp4":
-        bits, group_gate_up, group_down = 4, 32, 32
-    mats = {"gate_proj": (intermediate, hidden, group_gate_up),
-            "up_proj": (intermediate, hidden, group_gate_up),
-            "down_proj": (hidden, intermediate, group_down)}
     parts = ("weight",) if bits >= 16 else ("weight", "scales") if mode == "mxfp4" else ("weight", "scales", "biases")
     # Gate and up adjacent per part, so gate_proj.X followed by up_proj.X is the fused [2I, ...] array.
     order = [(m, p) for p in parts for m in ("gate_proj", "up_proj")]
@@ -105,24 +79,19 @@ def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up
     order += [("down_proj", p) for p in parts] + ([("down_proj", "bias")] if linear_bias else [])
     comps, off = [], 0
     for mat, part in order:
-        rows, cols, g = mats[mat]
+        rows, cols, g, b = mats[mat]
         if part == "bias":
             shape, dtype = [rows], float_dtype
         else:
-            shape, dtype = quantized_shapes(rows, cols, bits, g, mode)[part]
->>>>>>> 9f5daff
+            shape, dtype = quantized_shapes(rows, cols, b, g, mode)[part]
         dtype = dtype or float_dtype
         nbytes = int(np.prod(shape)) * DTYPE_BYTES[dtype]
         off = round_up(off, COMPONENT_ALIGNMENT)
-<<<<<<< HEAD
-        comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g))
-=======
         if part == "bias":  # a plain float vector, whatever the weights' quantization
             comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype))
         else:
-            comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, bits,
-                                   None if bits >= 16 else g, mode if bits < 16 else "affine"))
->>>>>>> 9f5daff
+            comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g,
+                                   mode if b < 16 else "affine"))
         off += nbytes
     return comps, off
 
@@ -145,13 +114,8 @@ def check_header(raw: bytes, x: ExpertLayer, alignment: int, where: str) -> None
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise PackError(f"{where}: not a moestream expert file (bad magic)")
     _, ver, layer, n, a, off, stride, bb = HEADER.unpack(raw[:HEADER.size])
-<<<<<<< HEAD
-    if ver != EXPERT_FILE_VERSION:
-        raise PackError(f"{where}: expert file version {ver}, expected {EXPERT_FILE_VERSION}")
-=======
-    if ver not in READ_VERSIONS:
+    if ver not in READ_VERSIONS:  # main writes 1 (unchanged header); the gptoss branch wrote 2
         raise PackError(f"{where}: expert file version {ver}, expected one of {READ_VERSIONS}")
->>>>>>> 9f5daff
     if (layer, n, a, off, stride, bb) != (x.layer, x.num_experts, alignment, x.offset, x.stride, x.block_bytes):
         raise PackError(f"{where}: header (layer {layer}, {n} experts, stride {stride}) disagrees with manifest")
 

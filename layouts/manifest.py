@@ -22,17 +22,12 @@ from typing import Any
 from .errors import PackError
 
 FORMAT_NAME = "moestream-pack"
-<<<<<<< HEAD
+# 2: per-expert tiers (see above); expert components carry a quantization ``mode`` (``affine`` or
+# ``mxfp4``, uint8 E8M0 scales) and may include the projections' own ``bias`` vectors (gpt-oss).
+# Version 1 packs (affine, no biases, one file per layer) read unchanged.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+READ_VERSIONS = READABLE_VERSIONS = (1, 2)
 EXPERT_FILE_VERSION = 1  # the expert file header did not change with the manifest's version 2
-=======
-# 2: expert components carry a quantization ``mode`` (``affine`` or ``mxfp4``, uint8 E8M0 scales) and
-# may include the projections' own ``bias`` vectors (gpt-oss). Version 1 packs (affine, no biases) read
-# unchanged: a component without ``mode`` is affine.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
->>>>>>> 9f5daff
 MANIFEST_NAME = "manifest.json"
 DEFAULT_ALIGNMENT = 16384  # Apple SSD page
 MIN_ALIGNMENT = 4096  # O_DIRECT needs at least the logical block size
@@ -210,11 +205,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
         if d.get("format") != FORMAT_NAME:
             raise PackError(f"{where}: not a moestream pack manifest (format={d.get('format')!r})")
-<<<<<<< HEAD
-        if d.get("version") not in READABLE_VERSIONS:
-=======
         if d.get("version") not in READ_VERSIONS:
->>>>>>> 9f5daff
             raise PackError(f"{where}: unsupported pack version {d.get('version')!r} "
                             f"(this moestream reads versions {', '.join(map(str, READ_VERSIONS))})")
         try:

@@ -121,10 +121,10 @@ def _routing_trace(rt):
     other models."""
     if not hasattr(rt, "trace_routing"):
         return None
-    from .model import moe_blocks
+    from .model import get_switch, moe_blocks
 
     blocks = list(moe_blocks(rt.model).values())
-    current = getattr(blocks[0].switch_mlp, "trace", None) if blocks else None
+    current = getattr(get_switch(blocks[0]), "trace", None) if blocks else None
     return current if current is not None else rt.trace_routing()
 
 

@@ -58,11 +58,8 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
         return {"bits": t.bits, "group_size": t.group_size}
 
     nn.quantize(model, class_predicate=predicate)
-<<<<<<< HEAD
     if experts:
         _expert_modules(model, pack)
-=======
->>>>>>> 9f5daff
     return model
 
 
@@ -73,29 +70,19 @@ def mlx_module(model_type: str) -> str:
     return MODEL_REMAPPING.get(model_type, model_type)
 
 
-<<<<<<< HEAD
 def _expert_modules(model: nn.Module, pack: Pack) -> None:
-    """Layers whose experts differ from the pack-wide setting get a matching ``switch_mlp``: a
-    TieredSwitchGLU for tiered layers, else a SwitchGLU built from the block layout (group size 32
-    fallbacks, a recipe's down_proj bits)."""
-    from .model import moe_blocks
-    from .streamed import _switch_glu
+    """Tiered layers get a TieredSwitchGLU in ``switch_mlp``'s place (one SwitchGLU per width)."""
+    from .model import get_switch, moe_blocks, set_switch
     from .tiered import TieredSwitchGLU
 
     m = pack.manifest
-    q = m.quantization["experts"]
     blocks = moe_blocks(model)
     for layer in m.moe_layers():
         tiers = m.expert_tiers(layer)
         if len(tiers) > 1 or tiers[0].expert_ids is not None:
-            blocks[layer].switch_mlp = TieredSwitchGLU(tiers, m.num_experts)
-        elif any((c.bits, c.group_size) != (q["bits"], q["group_size"]) for c in tiers[0].components
-                 if c.name.endswith(".weight") and c.bits < 16):
-            blocks[layer].switch_mlp = _switch_glu(tiers[0], m.num_experts)
+            set_switch(blocks[layer], TieredSwitchGLU(tiers, m.num_experts, get_switch(blocks[layer])))
 
 
-=======
->>>>>>> 9f5daff
 def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
     """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component).
 
@@ -157,7 +144,9 @@ def switch_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Path -> mlx-lm SwitchGLU (a layer's experts: ``...mlp.switch_mlp``; gpt-oss ``...mlp.experts``)."""
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchGLU)}
+    from .tiered import TieredSwitchGLU
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (SwitchGLU, TieredSwitchGLU))}
 
 
 def switch_paths(model: nn.Module) -> dict[int, str]:

@@ -110,8 +110,10 @@ SWITCH_ATTRS = ("switch_mlp", "experts")  # gpt-oss names its SwitchGLU ``expert
 def _switch_attr(block: nn.Module) -> str | None:
     from mlx_lm.models.switch_layers import SwitchGLU
 
+    from .tiered import TieredSwitchGLU
+
     for attr in SWITCH_ATTRS:
-        if isinstance(getattr(block, attr, None), (SwitchGLU, StreamedSwitchGLU)):
+        if isinstance(getattr(block, attr, None), (SwitchGLU, StreamedSwitchGLU, TieredSwitchGLU)):
             return attr
     return None
 

@@ -213,7 +213,7 @@ class StreamedSwitchGLU(nn.Module):
                 mid = self._cpu_activation(gate, up)
                 if self.recorder is not None:
                     self.recorder(e, xe, mid)
-                out[t, j] = self._cpu_linear(a, "down_proj", slot, mid)
+                out[t, j] = self._cpu_linear(glu, a, "down_proj", slot, mid)
         return mx.array(out.reshape(*inds.shape, h))
 
     def _cpu_decode(self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
