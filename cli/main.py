@@ -99,9 +99,11 @@ def convert(ctx, source, output, bits, group_size, method, resident_bits, dtype,
               calibration=str(calibration) if calibration else None, **opts)
     if dry_run:
         s = res.summary()
-        width = "per-expert widths" if s["tiers"] else f"{s['bits']}-bit g{s['group_size']}"
+        experts = ("MXFP4 experts passed through" if s["expert_mode"] == "mxfp4"
+                   else "per-expert widths" + f" ({s['method']})" if s["tiers"]
+                   else f"{s['bits']}-bit g{s['group_size']} ({s['method']})")
         click.echo(f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
-                   f"{width} ({s['method']}), residents {s['resident_bits']}-bit")
+                   f"{experts}, residents {s['resident_bits']}-bit")
         click.echo(f"  expert block {_human(s['expert_block_bytes'])}, stride {_human(s['expert_stride'])} "
                    f"(alignment {_human(s['alignment'])})")
         click.echo(f"  expert files {_human(s['expert_files_bytes'])}, resident {_human(s['resident_bytes'])}, "

@@ -73,8 +73,8 @@ class GptOssExperts:
             name = self.names[key]
             got = tuple(src.info(name).shape)
             if got != shape:
-                raise ConvertError(f"{src.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(shape)} "
-                                   f"(layer {layer}, {n} experts, intermediate {self.intermediate}, hidden {self.hidden})")
+                raise ConvertError(f"{src.file_of(name)}: tensor {name} has shape {list(got)}, "
+                                   f"expected {list(shape)} (layer {layer}, {n} experts, intermediate {self.intermediate}, hidden {self.hidden})")
             dtype = src.info(name).dtype
             if (dtype == "U8") != key.endswith(("_blocks", "_scales")):
                 raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}")

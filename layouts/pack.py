@@ -19,7 +19,8 @@ from .errors import PackError
 from .expert_file import HEADER, check_header, checksum
 from .manifest import ExpertLayer, Manifest
 
-NUMPY_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+NUMPY_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
+                 "float32": np.float32}
 CHUNK = 16 << 20
 
 

@@ -3,8 +3,8 @@
 This is the reference the streaming runtime is compared against, and the "fully resident" baseline
 of the benchmarks. It is also the end-to-end check of the pack contract: resident tensors load
 strictly by name into mlx-lm's model, and expert blocks are stacked into the arrays of its
-``SwitchGLU`` (``switch_mlp``; gpt-oss: ``experts``) byte for byte, so any layout mistake shows up as an exception or
-as wrong logits.
+``SwitchGLU`` (``switch_mlp``; gpt-oss: ``experts``) byte for byte, so any layout mistake shows up as
+an exception or as wrong logits.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
     """mlx-lm's model for the pack's config, quantized as the manifest says (weights not loaded).
 
     Args:
-        experts: also quantize ``switch_mlp`` (False when it is about to be replaced by a streamed one).
+        experts: also quantize the experts' SwitchGLU (False when it is about to be replaced by a streamed one).
     """
     m = pack.manifest
     config = json.loads((pack.root / "config.json").read_text())

@@ -78,7 +78,7 @@ class EarlySharedExpert(nn.Module):
 
 
 class StreamedSwitchGLU(nn.Module):
-    """Drop-in for ``mlp.switch_mlp``: ``(x [..., H], inds [..., k]) -> [..., k, H]``.
+    """Drop-in for ``mlp.switch_mlp`` (gpt-oss: ``mlp.experts``): ``(x [..., H], inds [..., k]) -> [..., k, H]``.
 
     With ``shared`` (the block's :class:`EarlySharedExpert`), the shared expert is evaluated while
     this layer's routed experts are being read. With ``metal_kernels``, one-token calls (decode) run

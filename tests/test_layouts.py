@@ -166,3 +166,37 @@ def test_verify_names_the_corrupt_block(tmp_path):
         f.write(bytes([b[0] ^ 0x01]))
     with open_pack(pack) as p, pytest.raises(PackError, match=r"layer-001\.bin: layer 1 expert 2: checksum mismatch"):
         p.verify()
+
+
+def test_version_1_packs_still_load(tmp_path):
+    """Packs written before format 2 (no component ``mode``, version 1 in manifest and file headers)
+    open and compute the same logits."""
+    import struct
+
+    import mlx.core as mx
+    import numpy as np
+
+    from moestream.layouts.expert_file import HEADER
+    from moestream.runtime.loader import load_resident_model
+
+    pack = _small_pack(tmp_path)
+    x = mx.array([[1, 5, 9, 3]])
+    model, p = load_resident_model(pack, dtype="float32")
+    p.close()
+    want = np.array(model(x))
+    d = json.loads((pack / "manifest.json").read_text())
+    d["version"] = 1
+    for layer in d["experts"]:
+        for c in layer["components"]:
+            del c["mode"]
+        with open(pack / layer["file"], "r+b") as f:  # the version field follows the 8-byte magic
+            f.seek(8)
+            f.write(struct.pack("<I", 1))
+    assert HEADER.format.startswith("<8sI")
+    (pack / "manifest.json").write_text(json.dumps(d))
+    with open_pack(pack) as p:
+        assert p.manifest.version == 1 and p.manifest.experts[0].components[0].mode == "affine"
+        p.verify()
+    model, p = load_resident_model(pack, dtype="float32")
+    p.close()
+    assert np.array_equal(np.array(model(x)), want)
