@@ -15,9 +15,23 @@ fields in one expression so the sum stays in registers. Rows are split over thre
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+
+from . import cpu_int8
+
+# Small batches (decode) of 2- and 4-bit weights multiply int8-quantized activations with integer
+# dot products (:mod:`moestream.runtime.cpu_int8`, ~2-3x the float kernels here); MOESTREAM_INT8=0
+# keeps every product in float32.
+INT8_ACTIVATIONS = os.environ.get("MOESTREAM_INT8", "1") != "0"
+
+
+def _use_int8(int8: bool | None, T: int, bits: int, group_size: int) -> bool:
+    return (INT8_ACTIVATIONS if int8 is None else int8) and T < BLAS_MIN_TOKENS \
+        and cpu_int8.supported(bits, group_size)
 
 _BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)  # bf16 bits -> float32
 
@@ -191,7 +205,7 @@ def _group_sums(x, group):
 
 
 def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
-        out: np.ndarray | None = None) -> np.ndarray:
+        out: np.ndarray | None = None, int8: bool | None = None) -> np.ndarray:
     """``x [T, in] @ dequantize(w).T -> [T, out]`` in float32.
 
     Args:
@@ -200,10 +214,13 @@ def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bi
         scales, biases: [out, in / group_size], float32, float16 or bf16 as raw uint16.
         bits: 2, 3, 4 or 8. group_size: 32, 64 or 128.
         out: optional [T, out] float32 result buffer.
+        int8: int8 activations for small batches where the width allows (None: ``INT8_ACTIVATIONS``).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
     N = w.shape[0]
+    if _use_int8(int8, T, bits, group_size):
+        return cpu_int8.qmv_int8(x, w, scales, biases, bits, group_size, out)
     out = np.empty((T, N), np.float32) if out is None else out
     if T >= BLAS_MIN_TOKENS or bits == 3 or scales.dtype == np.float16:
         scales, biases = as_f32(scales), as_f32(biases)
@@ -242,7 +259,7 @@ def _experts_pow2(xk, xg, w, s, b, slots, bits, group, out, lut):
 
 
 def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray, bits: int,
-                group_size: int) -> np.ndarray:
+                group_size: int, int8: bool | None = None) -> np.ndarray:
     """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack of experts' weights (a slab).
 
     Args:
@@ -251,8 +268,11 @@ def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
             raw uint16, float16 or float32).
         slots: int [J], which of the S matrices row j uses.
         bits: 2, 4 or 8 (3-bit goes through :func:`qmm` per row).
+        int8: as for :func:`qmm`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if _use_int8(int8, 1, bits, group_size):
+        return cpu_int8.qmm_experts_int8(x, w, scales, biases, slots, bits, group_size)
     J, K = x.shape
     out = np.empty((J, w.shape[1]), np.float32)
     if bits == 3 or scales.dtype == np.float16:

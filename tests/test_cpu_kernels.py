@@ -20,11 +20,12 @@ def test_qmm_matches_mlx_dequantize(bits, group, tokens):
     # Reference: MLX's dequantize with the stored scales widened to float32, then float64 matmul.
     deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits))
     want = x.astype(np.float64) @ deq.astype(np.float64).T
-    got = qmm(x, np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16))), bits, group)
+    got = qmm(x, np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16))), bits, group,
+              int8=False)
     assert got.shape == (tokens, n)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # bf16 scales passed as stored (raw uint16), as the expert slabs hold them
-    raw = qmm(x, np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16)), bits, group)
+    raw = qmm(x, np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16)), bits, group, int8=False)
     np.testing.assert_allclose(raw, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
@@ -35,7 +36,7 @@ def test_scales_in_float32_and_float16():
     for dt in (mx.float32, mx.float16):
         wq, s, b = mx.quantize(mx.array(w).astype(dt), group_size=64, bits=4)
         deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4))
-        got = qmm(x, np.array(wq), as_f32(np.array(s)), as_f32(np.array(b)), 4, 64)
+        got = qmm(x, np.array(wq), as_f32(np.array(s)), as_f32(np.array(b)), 4, 64, int8=False)
         np.testing.assert_allclose(got, x.astype(np.float64) @ deq.T.astype(np.float64), atol=1e-4)
 
 
@@ -46,13 +47,16 @@ def test_silu_mul():
     np.testing.assert_allclose(silu_mul(g.copy(), u), want, rtol=1e-5, atol=1e-6)
 
 
-def test_runtime_with_cpu_kernels_matches_resident(tmp_path):
+def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
+    """The float kernels (int8 activations off: their own test is in test_cpu_int8.py)."""
     from moestream.convert import convert
+    from moestream.runtime import cpu_kernels
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.runtime import generate, load
     from moestream.runtime.loader import load_resident_model
     from moestream.runtime.streamed import CpuQuantizedLinear
 
+    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
     src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
                                                               num_hidden_layers=2, vocab_size=512,
                                                               shared_expert_intermediate_size=64))
@@ -91,7 +95,7 @@ def test_qmm_experts_matches_mlx_dequantize(bits):
     bi = np.stack([np.array(b.view(mx.uint16)) for _, _, b in q])
     slots = np.array([3, 0, 4, 3])
     x = rng.standard_normal((len(slots), k)).astype(np.float32)
-    got = qmm_experts(x, codes, sc, bi, slots, bits, 64)
+    got = qmm_experts(x, codes, sc, bi, slots, bits, 64, int8=False)
     for j, e in enumerate(slots):
         _, s, b = q[e]
         deq = np.array(mx.dequantize(mx.array(codes[e]), s.astype(mx.float32), b.astype(mx.float32), group_size=64,

@@ -63,7 +63,7 @@ def test_same_bits_repacks_byte_identical(q4, tmp_path):
             assert np.array_equal(_raw(router[f"model.layers.1.mlp.gate.{part}"]), _raw(w[f"model.layers.1.mlp.gate.{part}"]))
 
 
-def test_repacked_pack_runs_as_mlx_lm_runs_the_source(q4, tmp_path):
+def test_repacked_pack_runs_as_mlx_lm_runs_the_source(q4, tmp_path, float_kernels):
     convert(str(q4), tmp_path / "p4", bits=4, group_size=64)
     rt = load(tmp_path / "p4")  # streamed, CPU kernels
     try:

@@ -56,7 +56,7 @@ def test_streamed_logits_equal_resident(pack, cache):
 
 
 @pytest.mark.parametrize("cpu_kernels", [False, True])
-def test_double_buffered_groups_match_resident(pack, cpu_kernels):
+def test_double_buffered_groups_match_resident(pack, cpu_kernels, float_kernels):
     """With 3 slots per slab a prefill's experts come in many groups, read while the previous
     group computes; the result must not change (MLX's lazy path and the eager CPU kernels)."""
     ref, p = load_resident_model(pack, dtype="float32")
@@ -199,7 +199,7 @@ def test_ctrl_c_exits_cleanly(pack):
     assert b"Traceback" not in err and b"interrupted" in err
 
 
-def test_eval_reports_ppl_and_kl_against_a_pack(pack, tmp_path):
+def test_eval_reports_ppl_and_kl_against_a_pack(pack, tmp_path, float_kernels):
     rt = load(pack, cache="none")
     try:
         text = "def f(x):\n    return x + 1\n" * 20

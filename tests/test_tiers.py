@@ -137,7 +137,7 @@ def test_tiered_weights_match_mlx_quantize(tiered):
 
 
 @pytest.mark.parametrize("cache,kernels", [("none", "auto"), ("lru:64M", "auto"), ("mmap", "auto"), ("os", "mlx")])
-def test_streamed_tiered_equals_resident_and_transformers(tiered, cache, kernels):
+def test_streamed_tiered_equals_resident_and_transformers(tiered, cache, kernels, float_kernels):
     d, src, _ = tiered
     ids = mx.array(np.random.default_rng(1).integers(0, 512, (1, 24)))
     model, p = load_resident_model(d / "t", dtype="float32")

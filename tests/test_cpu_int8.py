@@ -1,0 +1,118 @@
+"""The int8-activation decode kernels against MLX's dequantize and an independent numpy model of the
+activation rounding, on fresh random inputs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moestream.runtime import cpu_int8
+from moestream.runtime.cpu_kernels import qmm, qmm_experts
+
+pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="int8 kernels need an x86-64 CPU with AVX2")
+
+
+def _quantized(rng, shape, bits, group, dtype=mx.bfloat16):
+    w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 2)
+    wq, s, b = mx.quantize(mx.array(w).astype(dtype), group_size=group, bits=bits)
+    deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits))
+    raw = (lambda a: np.array(a.view(mx.uint16))) if dtype == mx.bfloat16 else np.array
+    return np.array(wq), raw(s), raw(b), deq.astype(np.float64), np.array(s.astype(mx.float32)).astype(np.float64), \
+        np.array(b.astype(mx.float32)).astype(np.float64)
+
+
+def _reference(x, deq, s, b, bits, group):
+    """What the kernel computes, written independently: activations rounded to int8 per group
+    (scale max|x| / 127), codes centred on (2^bits - 1) / 2 before they meet the rounding."""
+    T, K = x.shape
+    xg = x.astype(np.float64).reshape(T, K // group, group)
+    dx = np.abs(xg).max(-1, keepdims=True) / 127
+    xhat = (np.rint(xg / np.where(dx > 0, dx, 1)) * dx).reshape(T, K)
+    mid = np.repeat(b + (2 ** bits - 1) / 2 * s, group, axis=1)  # [N, K]: the middle code's value
+    want = xhat @ deq.T + (x - xhat) @ mid.T
+    # the rounding error is dx/2 at most per input and meets centred weights |deq - mid|
+    bound = (np.repeat(dx.reshape(T, -1), group, axis=1) / 2) @ np.abs(deq - mid).T
+    return want, bound
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
+    rng = np.random.default_rng(bits * 100 + group + tokens)
+    n, k = int(rng.integers(8, 90)), 256 * int(rng.integers(1, 4))
+    wq, s, b, deq, s64, b64 = _quantized(rng, (n, k), bits, group)
+    x = (rng.standard_normal((tokens, k)) * rng.uniform(0.1, 3)).astype(np.float32)
+    x[:, rng.integers(0, k)] *= 30  # an outlier channel, as real residual streams have
+    got = qmm(x, wq, s, b, bits, group, int8=True)
+    want, bound = _reference(x, deq, s64, b64, bits, group)
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-5 * np.abs(want).max())
+    exact = x.astype(np.float64) @ deq.T
+    assert np.all(np.abs(got - exact) <= bound + 3e-5 * np.abs(exact).max())
+    # and the rounding costs ~1% of the product here (the outlier's group loses the most)
+    assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2)) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+def test_int8_with_float16_and_float32_scales(dtype):
+    rng = np.random.default_rng(7)
+    wq, s, b, deq, s64, b64 = _quantized(rng, (24, 512), 4, 64, dtype)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    want, _ = _reference(x, deq, s64, b64, 4, 64)
+    np.testing.assert_allclose(qmm(x, wq, s, b, 4, 64, int8=True), want, rtol=0, atol=3e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_int8_experts_match_each_experts_matrix(bits):
+    rng = np.random.default_rng(60 + bits)
+    S, n, k = 6, 40, 512
+    q = [_quantized(rng, (n, k), bits, 64) for _ in range(S)]
+    codes, sc, bi = (np.stack([e[i] for e in q]) for i in range(3))
+    slots = np.array([5, 1, 1, 3])
+    x = rng.standard_normal((len(slots), k)).astype(np.float32)
+    got = qmm_experts(x, codes, sc, bi, slots, bits, 64, int8=True)
+    for j, e in enumerate(slots):
+        want, _ = _reference(x[j:j + 1], q[e][3], q[e][4], q[e][5], bits, 64)
+        np.testing.assert_allclose(got[j], want[0], rtol=0, atol=3e-5 * np.abs(want).max())
+
+
+def test_widths_without_int8_kernels_stay_exact():
+    """3 and 8 bits, and 2-bit g32 (8 bytes a group), keep the float kernels even when int8 is asked for."""
+    rng = np.random.default_rng(3)
+    for bits, group in ((3, 64), (8, 64), (2, 32)):
+        assert not cpu_int8.supported(bits, group)
+        wq, s, b, deq, _, _ = _quantized(rng, (16, 256), bits, group)
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+        want = x.astype(np.float64) @ deq.T
+        np.testing.assert_allclose(qmm(x, wq, s, b, bits, group, int8=True), want, rtol=0,
+                                   atol=2e-5 * np.abs(want).max())
+
+
+def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, monkeypatch):
+    """Token-by-token decode through the streamed pack (int8 activations in every 2/4-bit product)
+    against mlx-lm's resident model on the same weights with MLX's float kernels."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from moestream.convert import convert
+    from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+    from moestream.runtime import cpu_kernels, load
+    from moestream.runtime.loader import load_resident_model
+
+    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", True)
+    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=256, num_experts=8, moe_intermediate_size=128,
+                                                              num_hidden_layers=2, vocab_size=512,
+                                                              shared_expert_intermediate_size=128))
+    convert(str(src), tmp_path / "p4", bits=4)
+    ref, p = load_resident_model(tmp_path / "p4", dtype="float32")
+    p.close()
+    x = mx.array(np.random.default_rng(4).integers(0, 512, (1, 12)))
+    want = np.array(ref(x)).astype(np.float64)[0]
+    rt = load(tmp_path / "p4", cpu_kernels=True)
+    try:
+        cache = make_prompt_cache(rt.model)
+        got = np.concatenate([np.array(rt.model(x[:, i:i + 1], cache=cache))[0] for i in range(x.shape[1])])
+    finally:
+        rt.close()
+    rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    logp = lambda a: a - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)) - a.max(-1, keepdims=True)
+    kl = (np.exp(logp(want)) * (logp(want) - logp(got))).sum(-1)
+    assert 1e-4 < rel < 0.02, rel  # the float kernels agree to ~1e-6: above 1e-4, the int8 path ran
+    assert kl.max() < 1e-3, kl
