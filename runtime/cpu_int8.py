@@ -75,11 +75,13 @@ def _load_float(builder, ptr, index, dtype):
 
 
 def _make_row_dot(bits: int, vbytes: int):
-    """``row_dot(w, w_off, xq, dx, s, b, s_off, xg, eg, groups, units_per_group) -> float32``: one row.
+    """``row_dot(w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, units_per_group) -> float32``.
 
-    ``w``: uint8 codes (row starts at byte ``w_off``); ``xq``: int8 activations in unit layout;
-    ``dx``, ``xg``, ``eg``: float32 per group (activation scale, exact activation sum, the centring
-    term ``e_g``); ``s``, ``b``: the weights' scales and biases (row starts at element ``s_off``).
+    One row: ``w``'s codes from byte ``w_off`` of its buffer (any layout: offsets come from the
+    caller's strides, so memory-mapped expert files with a block stride work as slabs do); ``xq``:
+    int8 activations in unit layout; ``dx``, ``xg``, ``eg``: float32 per group (activation scale,
+    exact activation sum, the centring term ``e_g``); ``s``, ``b``: the weights' scales and biases,
+    the row's first at elements ``s_off`` and ``b_off``.
     """
     fields = 8 // bits
     vi8 = ir.VectorType(I8, vbytes)
@@ -92,17 +94,17 @@ def _make_row_dot(bits: int, vbytes: int):
         maddubs, madd = "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"
 
     @intrinsic
-    def row_dot(typingctx, w, w_off, xq, dx, s, b, s_off, xg, eg, groups, upg):
-        sig = types.float32(w, w_off, xq, dx, s, b, s_off, xg, eg, groups, upg)
+    def row_dot(typingctx, w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, upg):
+        sig = types.float32(w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, upg)
 
         def codegen(context, builder, signature, args):
-            aw, _, axq, adx, a_s, a_b, _, axg, aeg, _, _ = signature.args
-            w_, w_off_, xq_, dx_, s_, b_, s_off_, xg_, eg_, groups_, upg_ = args
-            wp = context.make_array(aw)(context, builder, w_).data
+            aw, _, axq, adx, a_s, a_b, _, _, axg, aeg, _, _ = signature.args
+            w_, w_off_, xq_, dx_, s_, b_, s_off_, b_off_, xg_, eg_, groups_, upg_ = args
+            wp = builder.bitcast(context.make_array(aw)(context, builder, w_).data, I8.as_pointer())
             xp = context.make_array(axq)(context, builder, xq_).data
             dxp = context.make_array(adx)(context, builder, dx_).data
             sp = builder.gep(context.make_array(a_s)(context, builder, s_).data, [s_off_])
-            bp = builder.gep(context.make_array(a_b)(context, builder, b_).data, [s_off_])
+            bp = builder.gep(context.make_array(a_b)(context, builder, b_).data, [b_off_])
             xgp = context.make_array(axg)(context, builder, xg_).data
             egp = context.make_array(aeg)(context, builder, eg_).data
             wp = builder.gep(wp, [w_off_])
@@ -196,26 +198,31 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
 
 def _make_kernels(dot):
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def matvec(w, rowbytes, xq, dx, xg, eg, s, b, groups, upg, out):
-        # out[t, n] for a [N, rowbytes] matrix; rows split over threads.
+    def matvec(w, xq, dx, xg, eg, s, b, groups, upg, out):
+        # out[t, n] for a [N, words] matrix; rows split over threads. Offsets from strides (bytes).
         T = xq.shape[0]
         N = out.shape[1]
+        ws, ss, bs = w.strides[0], s.strides[0] // s.itemsize, b.strides[0] // b.itemsize
         nch = min(N, 64)
         for c in prange(nch):
             for n in range(c * N // nch, (c + 1) * N // nch):
                 for t in range(T):
-                    out[t, n] = dot(w, n * rowbytes, xq[t], dx[t], s, b, n * groups, xg[t], eg[t], groups, upg)
+                    out[t, n] = dot(w, n * ws, xq[t], dx[t], s, b, n * ss, n * bs, xg[t], eg[t], groups, upg)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def experts(w, rowbytes, N, xq, dx, xg, eg, s, b, groups, upg, slots, out):
-        # Row j of the activations times matrix slots[j] of a slab: one launch for all K experts.
+    def experts(w, xq, dx, xg, eg, s, b, groups, upg, slots, out):
+        # Row j of the activations times matrix slots[j] of a [S, N, words] stack: one launch for all K.
         J = xq.shape[0]
+        N = out.shape[1]
+        w0, w1 = w.strides[0], w.strides[1]
+        s0, s1 = s.strides[0] // s.itemsize, s.strides[1] // s.itemsize
+        b0, b1 = b.strides[0] // b.itemsize, b.strides[1] // b.itemsize
         nch = max(1, min(N, 128 // max(J, 1)))
         for c in prange(J * nch):
             j, ch = c // nch, c % nch
-            base = slots[j] * N
+            e = slots[j]
             for n in range(ch * N // nch, (ch + 1) * N // nch):
-                out[j, n] = dot(w, (base + n) * rowbytes, xq[j], dx[j], s, b, (base + n) * groups, xg[j], eg[j],
+                out[j, n] = dot(w, e * w0 + n * w1, xq[j], dx[j], s, b, e * s0 + n * s1, e * b0 + n * b1, xg[j], eg[j],
                                 groups, upg)
 
     return matvec, experts
@@ -224,11 +231,12 @@ def _make_kernels(dot):
 _KERNELS = {key: _make_kernels(dot) for key, dot in _DOT.items()}
 
 
-def _flat(a: np.ndarray) -> np.ndarray:
-    """Contiguous 1-D view; float16 scales widened to float32 (numba has no float16 arrays)."""
+def _rows(a: np.ndarray) -> np.ndarray:
+    """Scales/biases as the kernels read them: float16 widened to float32 (numba has no float16
+    arrays); anything else as it lies, strides and all (the last axis must be contiguous)."""
     if a.dtype == np.float16:
-        a = a.astype(np.float32)
-    return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+        return a.astype(np.float32)
+    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
 def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
@@ -240,22 +248,19 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     """
     v = unit_bytes(bits, group_size)
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
-    N = w.shape[0]
-    out = np.empty((x.shape[0], N), np.float32) if out is None else out
-    rowbytes = w.shape[1] * 4
-    groups = scales.shape[-1]
-    _KERNELS[bits, v][0](_flat(w).view(np.uint8), rowbytes, xq, dx, xg, eg, _flat(scales), _flat(biases), groups,
+    out = np.empty((x.shape[0], w.shape[0]), np.float32) if out is None else out
+    _KERNELS[bits, v][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
                          group_size * bits // 8 // v, out)
     return out
 
 
 def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray,
                      bits: int, group_size: int) -> np.ndarray:
-    """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a slab ``w [S, out, in * bits / 32]``."""
+    """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack ``w [S, out, in * bits / 32]`` (a slab,
+    or a memory-mapped layer file's experts with its block stride)."""
     v = unit_bytes(bits, group_size)
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
-    S, N, words = w.shape
-    out = np.empty((x.shape[0], N), np.float32)
-    _KERNELS[bits, v][1](_flat(w).view(np.uint8), words * 4, N, xq, dx, xg, eg, _flat(scales), _flat(biases),
-                         scales.shape[-1], group_size * bits // 8 // v, np.ascontiguousarray(slots, dtype=np.int64), out)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    _KERNELS[bits, v][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
+                         group_size * bits // 8 // v, np.ascontiguousarray(slots, dtype=np.int64), out)
     return out

@@ -69,6 +69,11 @@ def test_int8_experts_match_each_experts_matrix(bits):
     slots = np.array([5, 1, 1, 3])
     x = rng.standard_normal((len(slots), k)).astype(np.float32)
     got = qmm_experts(x, codes, sc, bi, slots, bits, 64, int8=True)
+    # the same experts as strided views with padding between them, as a memory-mapped layer file
+    # holds them (block stride > expert size): computed in place, not copied
+    pad = lambda a: np.concatenate([a, np.zeros((S, 3, *a.shape[2:]), a.dtype)], axis=1)[:, :n]
+    strided = qmm_experts(x, pad(codes), pad(sc), pad(bi), slots, bits, 64, int8=True)
+    np.testing.assert_array_equal(strided, got)
     for j, e in enumerate(slots):
         want, _ = _reference(x[j:j + 1], q[e][3], q[e][4], q[e][5], bits, 64)
         np.testing.assert_allclose(got[j], want[0], rtol=0, atol=3e-5 * np.abs(want).max())

@@ -167,8 +167,9 @@ def deepseek_src(tmp_path_factory) -> Path:
 
 
 def test_kimi_k2_runs_as_deepseek_v3(deepseek_src, tmp_path):
-    """kimi_k2 is DeepSeek-V3's architecture under its own model_type (mlx-lm maps it): the same
-    weights give transformers' DeepSeek-V3 logits."""
+    """kimi_k2 is DeepSeek-V3's architecture under its own model_type (mlx-lm maps it; transformers
+    has no class of its own for it): the same weights give transformers' DeepSeek-V3 logits at 16
+    bits, its KL bound at 8, and streamed equals resident."""
     import shutil
 
     src = tmp_path / "kimi"
@@ -182,6 +183,22 @@ def test_kimi_k2_runs_as_deepseek_v3(deepseek_src, tmp_path):
     ref = families.transformers_logits(deepseek_src, tokens)
     got = _resident_logits(tmp_path / "p16", tokens)
     assert np.abs(got - ref).max() <= TOL_16BIT * np.abs(ref).max()
+    # the family tests' other two checks, on the kimi_k2 pack: 8-bit KL against transformers'
+    # DeepSeek-V3 forward of the same weights, and streamed equal to resident
+    convert(str(src), tmp_path / "p8", bits=8, alignment=4096)
+    rt = load(tmp_path / "p8")
+    try:
+        res = evaluate(rt, _text(5), reference=str(deepseek_src), reference_backend="transformers", window=128)
+    finally:
+        rt.close()
+    assert res["tokens"] > 200 and res["kl_mean"] <= KL_8BIT, res
+    x = mx.array(_tokens(23, (1, 30)))
+    want = _resident_logits(tmp_path / "p8", np.array(x))
+    rt = load(tmp_path / "p8", cache="none", cpu_kernels=False, max_slots=3)
+    try:
+        assert np.array_equal(np.array(rt.model(x)), want)
+    finally:
+        rt.close()
 
 
 def test_deepseek_fp8_release_layout(deepseek_src, tmp_path):
