@@ -244,18 +244,20 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--repeat", type=int, default=1, show_default=True)
 @click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
+@click.option("--read-ahead", type=int, default=None,
+              help="Experts of the next layer to guess and read while a layer computes (default 0: off).")
 @click.option("--json", "as_json", is_flag=True)
 @_runtime_options
 @one_line_errors
-def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, as_json, experts_per_token, cache, threads,
-          no_verify, kernels):
+def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_json, experts_per_token, cache,
+          threads, no_verify, kernels):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
     r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
             experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
-            kernels=kernels)
+            kernels=kernels, read_ahead=read_ahead)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 

@@ -128,6 +128,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     mx.eval(tok)
     ttft = time.perf_counter() - t
     b1 = store.stats.bytes_read if store else 0
+    a1, ah1, m1 = (store.stats.ahead, store.stats.ahead_hits, store.stats.misses) if store else (0, 0, 0)
     times = []
     for _ in range(gen_tokens):
         t0 = time.perf_counter()
@@ -142,12 +143,14 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
             "gen_tokens": gen_tokens, "decode_tps": gen_tokens / total,
             "token_ms_p50": 1e3 * float(np.percentile(times, 50)), "token_ms_p99": 1e3 * float(np.percentile(times, 99)),
             "prefill_bytes": b1 - b0, "bytes_per_token": (b2 - b1) / gen_tokens,
-            "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0}
+            "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0,
+            "read_ahead_per_token": (store.stats.ahead - a1) / gen_tokens if store else 0.0,
+            "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0}
 
 
 def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
           experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True, kernels: str = "auto") -> dict:
+          baselines: bool = True, kernels: str = "auto", read_ahead: int | None = None) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them). ``kernels`` as in ``load``."""
     from .model import load
 
@@ -156,7 +159,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     k = experts_per_token or m.top_k
     vocab = int(m.config.get("vocab_size", 1000))
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False,
-              kernels=kernels)
+              kernels=kernels, read_ahead=read_ahead)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
                  "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
@@ -256,6 +259,8 @@ def format_bench(r: dict) -> str:
         f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "
         f"{r['bytes_per_token'] / 1e6:.1f} MB of experts read per token, {r['read_gbps']:.2f} GB/s; "
         f"hit rate {r['hit_rate']:.1%}; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"read-ahead: {r.get('read_ahead_per_token', 0):.1f} experts guessed per token, "
+        f"{r.get('read_ahead_hit_rate', 0):.1%} of routed experts already read or in flight when routed",
         f"limits measured now: raw cold read {r['raw_read_gbps']:.2f} GB/s, memory read {r['mem_gbps']:.2f} GB/s",
         f"roofline: t_io {r['t_io_ms']:.1f} ms (experts {r['expert_bytes_per_token'] / 1e6:.1f} MB) + t_mem "
         f"{r['t_mem_ms']:.1f} ms (resident {r['resident_bytes_per_token'] / 1e6:.1f} MB) -> cold limit "

@@ -48,9 +48,11 @@ class StoreStats:
     """I/O counters; ``reads`` is the number of expert reads issued (one per missed expert)."""
 
     reads: int = 0
-    bytes_read: int = 0
+    bytes_read: int = 0  # read-ahead included: what the disk delivered
     hits: int = 0
     misses: int = 0
+    ahead: int = 0  # experts read ahead (guessed for the next layer)
+    ahead_hits: int = 0  # routed experts that a read-ahead had already fetched (counted as misses too)
     log: list[tuple[int, int, int]] | None = None  # (layer, offset, length) of every read, when tracing
 
     @property
@@ -59,7 +61,7 @@ class StoreStats:
         return self.hits / n if n else 0.0
 
     def reset(self) -> None:
-        self.reads = self.bytes_read = self.hits = self.misses = 0
+        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = 0
         if self.log is not None:
             self.log.clear()
 
@@ -114,12 +116,17 @@ class Slab:
                 vecs.append(sink[used:used + x.stride - pos])
             self.iovecs.append(vecs)
         self.pending: list[mx.array] = []  # lazy outputs that still read this slab
+        self.inflight: list = []  # read-ahead reads into this slab that no caller waits for
 
     def settle(self) -> None:
-        """Evaluate every pending computation that reads this slab, so its slots may be rewritten."""
+        """Evaluate every pending computation that reads this slab and finish the reads still writing
+        into it, so its slots may be rewritten."""
         if self.pending:
             mx.eval(*self.pending)
             self.pending.clear()
+        for f in self.inflight:
+            f.exception()  # waits; an unneeded guess that failed (e.g. a bad block) is not this caller's error
+        self.inflight.clear()
 
 
 class MappedLayer:
@@ -154,6 +161,13 @@ class MappedLayer:
             self._mm.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes with it
             pass
+
+
+@dataclass
+class _ReadAhead:
+    layer: int
+    slab: Slab
+    reads: dict  # expert -> (slot, future)
 
 
 @dataclass
@@ -194,6 +208,7 @@ class ExpertStore:
                 tier[x.ids()], local[x.ids()] = t, np.arange(x.num_experts)
             self._where[layer] = (tier, local)
         self._lock = threading.Lock()
+        self._ahead: _ReadAhead | None = None  # reads started for the next fetch (see read_ahead)
         n = m.num_experts
         self._mapped: dict[str, MappedLayer] = {}
         if self.policy.startswith("mmap"):
@@ -285,6 +300,7 @@ class ExpertStore:
                 self.drop_page_cache(layer)
             return
         overlap = overlap if overlap is not None else []
+        ahead, self._ahead = self._ahead, None  # a read-ahead is good for the next fetch only
         groups = []  # (file, slab key, experts, positions), at most a slab's capacity each
         for t, part, local in self._by_tier(layer, experts):
             x = self._tiers[layer][t]
@@ -297,14 +313,26 @@ class ExpertStore:
             t = self._turn[key]
             self._turn[key] = 1 - t
             slab = self._shared[key][t]
+            if self._ahead is not None and self._ahead.slab is slab:  # a guess made mid-fetch: dropped
+                slab.inflight += [f for _, f in self._ahead.reads.values()]
+                self._ahead = None
             slab.settle()
             slots = np.arange(len(part))
             futures = [self._pool.submit(self._read, x, j, slab, s) for j, s in zip(local.tolist(), slots.tolist())]
             self.stats.misses += len(part)
             return slab, part, slots, futures
 
+        if ahead is not None:
+            x, key, part, local = groups[0]
+            if (ahead.layer == layer and len(groups) == 1 and ahead.slab is self._shared[key][self._turn[key]]
+                    and len(part) + len(ahead.reads) <= ahead.slab.capacity):
+                nxt = self._issue_after_ahead(ahead, groups[0])
+            else:  # a wrong layer or no room: its reads finish before the slab is written again
+                ahead.slab.inflight += [f for _, f in ahead.reads.values()]
+                nxt = issue(groups[0])
+        else:
+            nxt = issue(groups[0])
         # Double buffering: group g + 1 is read into the other slab while the caller computes group g.
-        nxt = issue(groups[0])
         _run_overlap(overlap)
         for i in range(len(groups)):
             slab, part, slots, futures = nxt
@@ -313,6 +341,47 @@ class ExpertStore:
             if i + 1 < len(groups):
                 nxt = issue(groups[i + 1])
             yield slab, part, slots
+
+    def read_ahead(self, layer: int, experts: np.ndarray) -> None:
+        """Start reading ``experts`` of ``layer`` (a guess at its routing) into the slab its next fetch
+        will use, so that fetch finds them read or in flight; only for ``os``/``none``, untiered layers.
+
+        Called while the current layer computes; the guessed reads queue behind its own. Valid for
+        the next :meth:`fetch` only; a guess that was wrong costs disk time, not correctness (its slots
+        are neither used nor rewritten before the read is done).
+        """
+        if self.policy not in ("os", "none") or len(self._tiers.get(layer, ())) != 1 or self._ahead is not None:
+            return
+        x = self._tiers[layer][0]
+        key = block_key(x)
+        slab = self._shared[key][self._turn[key]]
+        slab.settle()
+        experts = np.asarray(experts)[: slab.capacity // 2].tolist()
+        local = self._where[layer][1]
+        reads = {e: (s, self._pool.submit(self._read, x, int(local[e]), slab, s)) for s, e in enumerate(experts)}
+        self.stats.ahead += len(reads)
+        self._ahead = _ReadAhead(layer, slab, reads)
+
+    def _issue_after_ahead(self, ahead: _ReadAhead, group) -> tuple:
+        """The one group of a fetch that a read-ahead prepared: guessed experts keep their slots (their
+        reads are done or in flight), the rest are read into slots no guess occupies."""
+        x, key, part, local = group
+        self._turn[key] = 1 - self._turn[key]
+        busy = {s for s, _ in ahead.reads.values()}
+        free = (s for s in range(ahead.slab.capacity) if s not in busy)
+        slots, futures = [], []
+        for e, j in zip(part.tolist(), local.tolist()):
+            if e in ahead.reads:
+                s, f = ahead.reads.pop(e)
+                self.stats.ahead_hits += 1
+            else:
+                s = next(free)
+                f = self._pool.submit(self._read, x, j, ahead.slab, s)
+            slots.append(s)
+            futures.append(f)
+        ahead.slab.inflight += [f for _, f in ahead.reads.values()]  # wrong guesses
+        self.stats.misses += len(part)
+        return ahead.slab, part, np.array(slots), futures
 
     def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list):
         for t, tier_part, tier_local in self._by_tier(layer, experts):

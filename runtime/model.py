@@ -179,7 +179,8 @@ def check_kernels(kernels: str) -> bool:
 
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
          threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
-         cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto") -> Runtime:
+         cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto",
+         read_ahead: int = 0) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -197,6 +198,11 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         max_slots: experts held at once per slab with ``os``/``none`` (see ExpertStore).
         kernels: ``auto`` (Metal expert kernels on a Metal device), ``metal`` (those, or an error where
             there is no Metal device) or ``mlx`` (MLX's built-in quantized ops).
+        read_ahead: experts of the next MoE layer to start reading while a layer computes, guessed by
+            the next router on this layer's input (decode, ``os``/``none`` caches; default 0: off).
+            Wrong guesses cost disk and memory bandwidth: on a synthetic 397B pack (random routing,
+            22% guessed right) it slowed cold decode by 19%; on the trained fixture the guess is right
+            50-83% of the time (``benchmarks/RESULTS.md``).
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
@@ -241,6 +247,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                 if isinstance(getattr(mlp, attr, None), nn.Module):
                     setattr(mlp, attr, EarlySharedExpert(getattr(mlp, attr)))
                     get_switch(mlp).overlap_with(getattr(mlp, attr))
+        layers = sorted(blocks)
+        for a, b in zip(layers, layers[1:]):
+            if read_ahead and store.policy in ("os", "none"):
+                get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
             from .cpu_delta import use_cpu_delta

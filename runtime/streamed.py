@@ -104,6 +104,15 @@ class StreamedSwitchGLU(nn.Module):
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
         self._metal = metal_kernels and self._quantized and all(self._metal_shapes(x) for x in tiers)
+        self._next = _Hidden(None)  # (layer, MoE block) of the next MoE layer, for read-ahead
+        self.read_ahead = 0
+
+    def read_ahead_for(self, layer: int, block: nn.Module, count: int) -> None:
+        """On one-token calls, guess ``count`` experts of the next MoE ``layer`` by applying its router
+        to this layer's input (the residual stream changes little between layers) and start reading
+        them while this layer computes. A wrong guess costs disk time only."""
+        self._next.module = (layer, block)
+        self.read_ahead = count
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -118,6 +127,8 @@ class StreamedSwitchGLU(nn.Module):
         shared = self._shared.module
         # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
         overlap = [lambda: shared.start(x)] if shared is not None else []
+        if self.read_ahead and self._next.module is not None and x.size == x.shape[-1]:
+            overlap.insert(0, lambda: self._guess_next(x))
         if self._cpu:
             return self._cpu_call(x, inds, experts, overlap)
         if self._metal and x.size == x.shape[-1]:
@@ -147,6 +158,15 @@ class StreamedSwitchGLU(nn.Module):
             slab.pending.append(y)
             out = y if out is None else out + y
         return out
+
+    def _guess_next(self, x: mx.array) -> list:
+        layer, block = self._next.module
+        router = router_of(block)
+        if router is not None:
+            logits = np.array(router(x).astype(mx.float32)).reshape(-1)
+            k = min(self.read_ahead, logits.size)
+            self._store.read_ahead(layer, np.sort(np.argpartition(-logits, k - 1)[:k]))
+        return []
 
     def _metal_shapes(self, x: ExpertLayer) -> bool:
         from moestream.metal.kernels import unsupported
@@ -255,6 +275,16 @@ class StreamedSwitchGLU(nn.Module):
         if type(act) is SwigluOAI:
             return swiglu_oai(gate, up, act._alpha, act._limit)
         return np.array(act(mx.array(up), mx.array(gate)).astype(mx.float32))
+
+
+def router_of(block: nn.Module) -> nn.Module | None:
+    """A MoE block's router when it is a plain linear giving one logit per expert (Qwen, Mixtral,
+    gpt-oss); None for routers that are not (DeepSeek's grouped, bias-corrected gate)."""
+    for name in ("gate", "router"):
+        g = getattr(block, name, None)
+        if isinstance(g, (nn.Linear, nn.QuantizedLinear, CpuQuantizedLinear)):
+            return g
+    return None
 
 
 class CpuQuantizedLinear(nn.Module):

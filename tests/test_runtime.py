@@ -80,7 +80,7 @@ def test_io_accounting_decode_and_prefill(pack):
     from mlx_lm.models.cache import make_prompt_cache
 
     m = Manifest.load(pack)
-    rt = load(pack, cache="none", trace=True)
+    rt = load(pack, cache="none", trace=True, read_ahead=0)  # guessed reads: test_read_ahead.py
     try:
         cache = make_prompt_cache(rt.model)
         x = _tokens(40)
