@@ -2,10 +2,12 @@
 machine's memory read bandwidth, all measured in one run.
 
 For each width (2/3/4/8 bits, group 64) on a [rows, 4096] matrix: GB/s of weight bytes (codes plus
-bf16 scales and biases) for one token, numba vs ``mx.quantized_matmul`` (float32 activations), and
-GFLOP/s for a 64-token batch. The baseline is a parallel float32 sum over 1 GiB.
+bf16 scales and biases) for one token: the int8-activation kernels (2 and 4 bits), the float32
+numba kernels and ``mx.quantized_matmul`` (float32 activations); and GFLOP/s for a 64-token batch.
+The baseline is a parallel float32 sum over 1 GiB. The default matrix (128 Ki rows, 256-1024 MB) is
+larger than the caches, so one token's product reads it from RAM.
 
-Usage: python benchmarks/kernel_throughput.py [--rows 8192]
+Usage: python benchmarks/kernel_throughput.py [--rows 131072]
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from moestream.runtime.bench import memory_bandwidth
-from moestream.runtime.cpu_kernels import as_f32, qmm
+from moestream.runtime import cpu_int8
+from moestream.runtime.cpu_kernels import qmm
 
 
 def timed(fn, n: int = 10) -> float:
@@ -30,28 +33,34 @@ def timed(fn, n: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--rows", type=int, default=131072)
     ap.add_argument("--cols", type=int, default=4096)
     args = ap.parse_args()
     mem = memory_bandwidth() / 1e9
     print(f"memory read bandwidth (parallel sum over 1 GiB): {mem:.2f} GB/s")
     rng = np.random.default_rng(0)
     n, k = args.rows, args.cols
+    nb = min(n, 8192)  # the 64-token batch: compute-bound, a smaller matrix will do
     for bits in (4, 8, 2, 3):
-        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
-        wq, s, b = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=64, bits=bits)
+        wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
+        mx.eval(wq, s, b)
         nbytes = wq.nbytes + s.nbytes + b.nbytes
-        wq_np, s32, b32 = np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16)))
+        wq_np, s16, b16 = np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
         x1 = rng.standard_normal((1, k), dtype=np.float32)
         x64 = rng.standard_normal((64, k), dtype=np.float32)
-        t_nb = timed(lambda: qmm(x1, wq_np, s32, b32, bits, 64))
-        t_nb64 = timed(lambda: qmm(x64, wq_np, s32, b32, bits, 64), 3)
+        t_f = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=False))
+        t_i = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=True)) if cpu_int8.supported(bits, 64) else None
+        t_nb64 = timed(lambda: qmm(x64, wq_np[:nb], s16[:nb], b16[:nb], bits, 64), 3)
         xm, x64m = mx.array(x1), mx.array(x64)
-        t_mx = timed(lambda: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=bits)), 3)
-        t_mx64 = timed(lambda: mx.eval(mx.quantized_matmul(x64m, wq, s, b, transpose=True, group_size=64, bits=bits)), 1)
-        print(f"{bits}-bit [{n}, {k}]: 1 token numba {nbytes / t_nb / 1e9:.2f} GB/s ({nbytes / t_nb / 1e9 / mem:.0%} "
-              f"of memory bandwidth), MLX {nbytes / t_mx / 1e9:.2f} GB/s -> {t_mx / t_nb:.1f}x; 64 tokens numba "
-              f"{2 * 64 * n * k / t_nb64 / 1e9:.1f} GFLOP/s, MLX {2 * 64 * n * k / t_mx64 / 1e9:.1f} GFLOP/s")
+        t_mx = timed(lambda: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=bits)), 2)
+        wb, sb, bb = wq[:nb], s[:nb], b[:nb]
+        t_mx64 = timed(lambda: mx.eval(mx.quantized_matmul(x64m, wb, sb, bb, transpose=True, group_size=64, bits=bits)), 1)
+        best = min(t for t in (t_f, t_i) if t is not None)
+        i8 = f"int8 {nbytes / t_i / 1e9:.2f} GB/s ({nbytes / t_i / 1e9 / mem:.0%} of memory bandwidth), " if t_i else ""
+        print(f"{bits}-bit [{n}, {k}], 1 token: {i8}float {nbytes / t_f / 1e9:.2f} GB/s, MLX {nbytes / t_mx / 1e9:.2f} "
+              f"GB/s -> best numba {t_mx / best:.1f}x MLX; 64 tokens [{nb}, {k}]: numba "
+              f"{2 * 64 * nb * k / t_nb64 / 1e9:.1f} GFLOP/s, MLX {2 * 64 * nb * k / t_mx64 / 1e9:.1f} GFLOP/s")
+        del wq, s, b, wq_np
 
 
 if __name__ == "__main__":

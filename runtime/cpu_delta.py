@@ -16,12 +16,13 @@ evaluation reference, the mlx-lm baseline of ``bench``) keep mlx-lm's recurrence
 from __future__ import annotations
 
 import logging
-import types
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from numba import njit, prange
+
+from .cpu_attention import rebind, rebound
 
 log = logging.getLogger(__name__)
 
@@ -126,29 +127,15 @@ def _is_depthwise(m) -> bool:
             and getattr(m, "stride", 1) == 1 and getattr(m, "dilation", 1) == 1)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _cpu_class(cls: type) -> type:
-    """``cls`` with its ``__call__`` looking up ``gated_delta_update`` here instead of in mlx-lm."""
-    if cls not in _CLASSES:
-        call = cls.__call__
-        env = {**call.__globals__, "gated_delta_update": gated_delta_update}
-        fn = types.FunctionType(call.__code__, env, call.__name__, call.__defaults__, call.__closure__)
-        fn.__kwdefaults__ = call.__kwdefaults__
-        _CLASSES[cls] = type(f"Cpu{cls.__name__}", (cls,), {"__call__": fn, "__module__": __name__})
-    return _CLASSES[cls]
-
-
 def use_cpu_delta(model) -> int:
     """Switch ``model``'s gated-delta layers to the CPU recurrence (and their depthwise convolution to
     :class:`CpuDepthwiseConv1d`). Returns how many layers were switched."""
     n = 0
     for _, m in model.named_modules():
         code = getattr(getattr(type(m), "__call__", None), "__code__", None)
-        if type(m) in _CLASSES.values() or code is None or "gated_delta_update" not in code.co_names:
+        if rebound(m) or code is None or "gated_delta_update" not in code.co_names:
             continue
-        m.__class__ = _cpu_class(type(m))
+        m.__class__ = rebind(type(m), "gated_delta_update", gated_delta_update)
         if _is_depthwise(getattr(m, "conv1d", None)):
             m.conv1d = CpuDepthwiseConv1d(m.conv1d)
         n += 1

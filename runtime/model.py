@@ -253,9 +253,11 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                 get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
+            from .cpu_attention import use_cpu_attention
             from .cpu_delta import use_cpu_delta
 
             use_cpu_delta(model)
+            use_cpu_attention(model)
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
