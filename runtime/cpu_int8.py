@@ -74,87 +74,100 @@ def _load_float(builder, ptr, index, dtype):
     return v
 
 
-def _make_row_dot(bits: int, vbytes: int):
-    """``row_dot(w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, units_per_group) -> float32``.
+def _make_dot(bits: int, vbytes: int, nt: int):
+    """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)``:
+    one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
 
-    One row: ``w``'s codes from byte ``w_off`` of its buffer (any layout: offsets come from the
-    caller's strides, so memory-mapped expert files with a block stride work as slabs do); ``xq``:
-    int8 activations in unit layout; ``dx``, ``xg``, ``eg``: float32 per group (activation scale,
-    exact activation sum, the centring term ``e_g``); ``s``, ``b``: the weights' scales and biases,
-    the row's first at elements ``s_off`` and ``b_off``.
+    ``w``: the codes, the row from byte ``w_off`` of its buffer (any layout: offsets come from the
+    caller's strides, so memory-mapped expert files with a block stride work as slabs do). ``xq``
+    [T, K]: int8 activations in unit layout; ``dx``, ``xg``, ``eg`` [T, groups]: float32 per group
+    (activation scale, exact activation sum, the centring term ``e_g``). ``s``, ``b``: the weights'
+    scales and biases, the row's first at elements ``s_off`` and ``b_off``. With ``nt`` tokens each
+    byte vector of codes is loaded and split into fields once and meets ``nt`` activation vectors
+    (prefill: a routed expert sees a few tokens at a time).
     """
     fields = 8 // bits
+    lanes = vbytes // 4
     vi8 = ir.VectorType(I8, vbytes)
     vi16 = ir.VectorType(I16, vbytes // 2)
-    vi32 = ir.VectorType(I32, vbytes // 4)
-    vf32 = ir.VectorType(F32, vbytes // 4)
+    vi32 = ir.VectorType(I32, lanes)
+    vf32 = ir.VectorType(F32, lanes)
     if vbytes == 32:
         maddubs, madd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
     else:
         maddubs, madd = "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"
 
     @intrinsic
-    def row_dot(typingctx, w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, upg):
-        sig = types.float32(w, w_off, xq, dx, s, b, s_off, b_off, xg, eg, groups, upg)
+    def dot(typingctx, w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step):
+        sig = types.void(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)
 
         def codegen(context, builder, signature, args):
-            aw, _, axq, adx, a_s, a_b, _, _, axg, aeg, _, _ = signature.args
-            w_, w_off_, xq_, dx_, s_, b_, s_off_, b_off_, xg_, eg_, groups_, upg_ = args
-            wp = builder.bitcast(context.make_array(aw)(context, builder, w_).data, I8.as_pointer())
-            xp = context.make_array(axq)(context, builder, xq_).data
-            dxp = context.make_array(adx)(context, builder, dx_).data
-            sp = builder.gep(context.make_array(a_s)(context, builder, s_).data, [s_off_])
-            bp = builder.gep(context.make_array(a_b)(context, builder, b_).data, [b_off_])
-            xgp = context.make_array(axg)(context, builder, xg_).data
-            egp = context.make_array(aeg)(context, builder, eg_).data
-            wp = builder.gep(wp, [w_off_])
+            aw, _, axq, adx, axg, aeg, a_s, a_b = signature.args[:8]
+            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, upg_, t0_, out_, out_off_,
+             out_step_) = args
+            data = lambda ty, v: context.make_array(ty)(context, builder, v)
+            K = builder.extract_value(data(axq, xq_).shape, 1)
+            wp = builder.gep(builder.bitcast(data(aw, w_).data, I8.as_pointer()), [w_off_])
+            sp = builder.gep(data(a_s, s_).data, [s_off_])
+            bp = builder.gep(data(a_b, b_).data, [b_off_])
+            # token t's rows of the activation arrays
+            rows = [builder.add(t0_, ir.Constant(t0_.type, t)) for t in range(nt)]
+            xps = [builder.gep(data(axq, xq_).data, [builder.mul(r, K)]) for r in rows]
+            per_group = [[builder.gep(data(a, v).data, [builder.mul(r, groups_)]) for r in rows]
+                         for a, v in ((adx, dx_), (axg, xg_), (aeg, eg_))]
             mod = builder.module
             f_maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(vi16, [vi8, vi8]), maddubs)
             f_madd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi32, [vi16, vi16]), madd)
             ones = ir.Constant(vi16, [1] * (vbytes // 2))
             mask = ir.Constant(vi8, [(1 << bits) - 1] * vbytes)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * (vbytes // 4)))
-            ysb = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in range(nt)]
+            ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
             with cgutils.for_range(builder, groups_) as gl:
                 g = gl.index
-                isum = cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * (vbytes // 4)))
+                isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
                 with cgutils.for_range(builder, upg_) as ul:
                     u = builder.add(builder.mul(g, upg_), ul.index)
                     wv = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(u, ir.Constant(u.type, vbytes))]),
                                                       vi8.as_pointer()), align=1)
-                    xbase = builder.mul(u, ir.Constant(u.type, vbytes * fields))
-                    p = None
+                    codes = []
                     for f in range(fields):
                         code = wv if f == 0 else builder.lshr(wv, ir.Constant(vi8, [bits * f] * vbytes))
-                        if f < fields - 1:
-                            code = builder.and_(code, mask)
-                        xv = builder.load(builder.bitcast(
-                            builder.gep(xp, [builder.add(xbase, ir.Constant(u.type, f * vbytes))]), vi8.as_pointer()),
-                            align=1)
-                        prod = builder.call(f_maddubs, [code, xv])  # |.| <= 2 * 15 * 127 per int16 lane
-                        p = prod if p is None else builder.add(p, prod)
-                    builder.store(builder.add(builder.load(isum), builder.call(f_madd, [p, ones])), isum)
+                        codes.append(builder.and_(code, mask) if f < fields - 1 else code)
+                    xbase = builder.mul(u, ir.Constant(u.type, vbytes * fields))
+                    for t in range(nt):
+                        p = None
+                        for f in range(fields):
+                            xv = builder.load(builder.bitcast(builder.gep(
+                                xps[t], [builder.add(xbase, ir.Constant(u.type, f * vbytes))]), vi8.as_pointer()),
+                                align=1)
+                            prod = builder.call(f_maddubs, [codes[f], xv])  # |.| <= 2 * 15 * 127 per int16 lane
+                            p = prod if p is None else builder.add(p, prod)
+                        builder.store(builder.add(builder.load(isums[t]), builder.call(f_madd, [p, ones])), isums[t])
                 sg = _load_float(builder, sp, g, a_s.dtype)
-                scale = builder.fmul(sg, builder.load(builder.gep(dxp, [g])))
-                fv = builder.sitofp(builder.load(isum), vf32)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(fv, _splat(builder, vf32, scale),
-                                                                           flags=("fast",)), flags=("fast",)), acc)
-                bterm = builder.fmul(_load_float(builder, bp, g, a_b.dtype), builder.load(builder.gep(xgp, [g])))
-                sterm = builder.fmul(sg, builder.load(builder.gep(egp, [g])))
-                builder.store(builder.fadd(builder.load(ysb), builder.fadd(bterm, sterm)), ysb)
-            vec = builder.load(acc)
-            total = builder.load(ysb)
-            for i in range(vbytes // 4):
-                total = builder.fadd(total, builder.extract_element(vec, ir.Constant(I32, i)))
-            return total
+                bg = _load_float(builder, bp, g, a_b.dtype)
+                for t in range(nt):
+                    dxt, xgt, egt = (builder.load(builder.gep(a[t], [g])) for a in per_group)
+                    fv = builder.sitofp(builder.load(isums[t]), vf32)
+                    term = builder.fmul(fv, _splat(builder, vf32, builder.fmul(sg, dxt)), flags=("fast",))
+                    builder.store(builder.fadd(builder.load(accs[t]), term, flags=("fast",)), accs[t])
+                    side = builder.fadd(builder.fmul(bg, xgt), builder.fmul(sg, egt))
+                    builder.store(builder.fadd(builder.load(ysbs[t]), side), ysbs[t])
+            op = data(signature.args[13], out_).data
+            for t in range(nt):
+                vec = builder.load(accs[t])
+                total = builder.load(ysbs[t])
+                for i in range(lanes):
+                    total = builder.fadd(total, builder.extract_element(vec, ir.Constant(I32, i)))
+                where = builder.add(out_off_, builder.mul(builder.add(t0_, ir.Constant(t0_.type, t)), out_step_))
+                builder.store(total, builder.gep(op, [where]))
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return row_dot
+    return dot
 
 
-_DOT = {(bits, v): _make_row_dot(bits, v) for bits in (2, 4) for v in (16, 32)}
-_dot2_16, _dot2_32, _dot4_16, _dot4_32 = _DOT[2, 16], _DOT[2, 32], _DOT[4, 16], _DOT[4, 32]
+_DOT = {(bits, v, nt): _make_dot(bits, v, nt) for bits in (2, 4) for v in (16, 32) for nt in (1, 2, 4)}
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -196,39 +209,47 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
     return xq, dx, xg, eg
 
 
-def _make_kernels(dot):
+def _make_kernels(dot1, dot2, dot4):
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def matvec(w, xq, dx, xg, eg, s, b, groups, upg, out):
-        # out[t, n] for a [N, words] matrix; rows split over threads. Offsets from strides (bytes).
-        T = xq.shape[0]
-        N = out.shape[1]
+        # out[t, n] for a [N, words] matrix; rows split over threads, tokens in blocks of 4, 2, 1.
+        T, N = out.shape
         ws, ss, bs = w.strides[0], s.strides[0] // s.itemsize, b.strides[0] // b.itemsize
+        o = out.reshape(-1)
         nch = min(N, 64)
         for c in prange(nch):
             for n in range(c * N // nch, (c + 1) * N // nch):
-                for t in range(T):
-                    out[t, n] = dot(w, n * ws, xq[t], dx[t], s, b, n * ss, n * bs, xg[t], eg[t], groups, upg)
+                t = 0
+                while t + 4 <= T:
+                    dot4(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
+                    t += 4
+                if t + 2 <= T:
+                    dot2(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
+                    t += 2
+                if t < T:
+                    dot1(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def experts(w, xq, dx, xg, eg, s, b, groups, upg, slots, out):
         # Row j of the activations times matrix slots[j] of a [S, N, words] stack: one launch for all K.
-        J = xq.shape[0]
-        N = out.shape[1]
+        J, N = out.shape
         w0, w1 = w.strides[0], w.strides[1]
         s0, s1 = s.strides[0] // s.itemsize, s.strides[1] // s.itemsize
         b0, b1 = b.strides[0] // b.itemsize, b.strides[1] // b.itemsize
+        o = out.reshape(-1)
         nch = max(1, min(N, 128 // max(J, 1)))
         for c in prange(J * nch):
             j, ch = c // nch, c % nch
             e = slots[j]
             for n in range(ch * N // nch, (ch + 1) * N // nch):
-                out[j, n] = dot(w, e * w0 + n * w1, xq[j], dx[j], s, b, e * s0 + n * s1, e * b0 + n * b1, xg[j], eg[j],
-                                groups, upg)
+                dot1(w, e * w0 + n * w1, xq, dx, xg, eg, s, b, e * s0 + n * s1, e * b0 + n * b1, groups, upg, j, o, n,
+                     N)
 
     return matvec, experts
 
 
-_KERNELS = {key: _make_kernels(dot) for key, dot in _DOT.items()}
+_KERNELS = {(bits, v): _make_kernels(_DOT[bits, v, 1], _DOT[bits, v, 2], _DOT[bits, v, 4])
+            for bits in (2, 4) for v in (16, 32)}
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -248,10 +269,13 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     """
     v = unit_bytes(bits, group_size)
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
-    out = np.empty((x.shape[0], w.shape[0]), np.float32) if out is None else out
+    dst = out if out is not None and out.flags.c_contiguous else np.empty((x.shape[0], w.shape[0]), np.float32)
     _KERNELS[bits, v][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         group_size * bits // 8 // v, out)
-    return out
+                         group_size * bits // 8 // v, dst)
+    if out is not None and dst is not out:
+        out[...] = dst
+        return out
+    return dst
 
 
 def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray,
