@@ -173,28 +173,29 @@ _DOT = {(bits, v, nt): _make_dot(bits, v, nt) for bits in (2, 4) for v in (16, 3
 @njit(fastmath=True, cache=True, nogil=True)
 def _quantize_rows(x, group, vbytes, fields, centre, xq, dx, xg, eg):
     # Per row and group: int8 codes round(x / dx), dx = max|x| / 127, in the unit layout; exact sums;
-    # the centring term c * (sum(x) - dx * sum(xq)).
+    # the centring term c * (sum(x) - dx * sum(xq)). A group is a whole number of units.
     J, K = x.shape
     per_unit = vbytes * fields
+    upg = group // per_unit
     for j in range(J):
         for g in range(K // group):
             m = np.float32(0.0)
             s = np.float32(0.0)
             for i in range(g * group, (g + 1) * group):
-                v = x[j, i]
-                s += v
-                m = max(m, abs(v))
+                s += x[j, i]
+                m = max(m, abs(x[j, i]))
             d = m / np.float32(127.0)
             inv = np.float32(1.0) / d if m > 0 else np.float32(0.0)
+            qs = np.float32(0.0)
+            for u in range(g * upg, (g + 1) * upg):
+                base = u * per_unit
+                for t in range(vbytes):
+                    for f in range(fields):
+                        q = np.rint(x[j, base + t * fields + f] * inv)
+                        qs += q
+                        xq[j, base + f * vbytes + t] = np.int8(q)
             dx[j, g] = d
             xg[j, g] = s
-            qs = np.float32(0.0)
-            for i in range(g * group, (g + 1) * group):
-                u, r = i // per_unit, i % per_unit
-                t, f = r // fields, r % fields
-                q = np.rint(x[j, i] * inv)
-                qs += q
-                xq[j, u * per_unit + f * vbytes + t] = np.int8(q)
             eg[j, g] = centre * (s - d * qs)
 
 
