@@ -4,7 +4,8 @@ Figures (after a warm-up): prompt tok/s, decode tok/s (mean, per-token p50/p99),
 expert bytes per token, achieved read GB/s, cache hit rate, peak RSS; and the roofline:
 
 - ``t_io``: expert bytes per token / the raw read bandwidth of the same files, same read size, same
-  thread count, cold (a probe that drops the page cache of the blocks it reads first);
+  thread count, cold (a probe that drops the page cache of the blocks it reads first); this and the
+  memory probe run before and after the runs, and their means are used;
 - ``t_mem``: resident bytes touched per token / the memory read bandwidth (a parallel sum);
 - cold runs are compared with ``1 / (t_io + t_mem)``; warm runs (experts in RAM or page cache) with
   ``1 / ((expert + resident bytes) / memory bandwidth)``.
@@ -165,13 +166,18 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
                  "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
     expert_bytes = m.expert_bytes_per_token(k)  # tiered packs: as if routing were uniform
     res_bytes = resident_bytes_per_token(m)
-    out["mem_gbps"] = memory_bandwidth() / 1e9
-    out["raw_read_gbps"] = read_bandwidth(pack, m, reads=max(64, 4 * k * len(m.moe_layers())), threads=nthreads) / 1e9
+    reads = max(64, 4 * k * len(m.moe_layers()))
+    # The limits are probed before and after the runs and averaged: on a shared machine they drift
+    # within minutes (both are reported).
+    mem0, raw0 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads) / 1e9
     try:
         decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
     finally:
         rt.close()
+    mem1, raw1 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads, seed=1) / 1e9
+    out.update(mem_gbps=(mem0 + mem1) / 2, raw_read_gbps=(raw0 + raw1) / 2, mem_gbps_probes=[mem0, mem1],
+               raw_read_gbps_probes=[raw0, raw1])
     best = max(runs, key=lambda r: r["decode_tps"])
     out.update(best)
     out["peak_rss_bytes"] = peak_rss()
@@ -261,7 +267,9 @@ def format_bench(r: dict) -> str:
         f"hit rate {r['hit_rate']:.1%}; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
         f"read-ahead: {r.get('read_ahead_per_token', 0):.1f} experts guessed per token, "
         f"{r.get('read_ahead_hit_rate', 0):.1%} of routed experts already read or in flight when routed",
-        f"limits measured now: raw cold read {r['raw_read_gbps']:.2f} GB/s, memory read {r['mem_gbps']:.2f} GB/s",
+        f"limits measured now (before, after): raw cold read {r['raw_read_gbps']:.2f} GB/s "
+        f"({', '.join(f'{v:.2f}' for v in r.get('raw_read_gbps_probes', []))}), memory read {r['mem_gbps']:.2f} GB/s "
+        f"({', '.join(f'{v:.2f}' for v in r.get('mem_gbps_probes', []))})",
         f"roofline: t_io {r['t_io_ms']:.1f} ms (experts {r['expert_bytes_per_token'] / 1e6:.1f} MB) + t_mem "
         f"{r['t_mem_ms']:.1f} ms (resident {r['resident_bytes_per_token'] / 1e6:.1f} MB) -> cold limit "
         f"{r['cold_roofline_tps']:.2f} tok/s, warm limit {r['warm_roofline_tps']:.2f} tok/s",
