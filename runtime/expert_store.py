@@ -20,7 +20,6 @@ A slab slot is rewritten only after any lazy computation that reads it has been 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import re
 import threading
@@ -35,13 +34,9 @@ import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
 
+from .slabs import MappedLayer, Slab, block_key
+
 log = logging.getLogger(__name__)
-
-MX_STORAGE = {"uint32": mx.uint32, "uint8": mx.uint8, "bfloat16": mx.bfloat16, "float16": mx.float16,
-              "float32": mx.float32}
-NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
-              "float32": np.float32}
-
 
 @dataclass
 class StoreStats:
@@ -81,87 +76,6 @@ def parse_cache(spec: str) -> tuple[str, int]:
     if not spec.startswith("lru:"):
         raise PackError(f"--cache {spec}: expected os, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
     return "lru", parse_size(spec[4:], "--cache lru:SIZE, SIZE =")
-
-class Slab:
-    """``capacity`` expert slots of one block layout, as one MLX array per component."""
-
-    def __init__(self, x: ExpertLayer, capacity: int):
-        self.capacity = capacity
-        self.layout = x  # an expert file of this block layout (bits and shapes of the slots)
-        self.key = block_key(x)
-        self.arrays: dict[str, mx.array] = {}
-        self.numpy: dict[str, np.ndarray] = {}  # the same memory, for the CPU kernels
-        views: dict[str, memoryview] = {}
-        for c in x.components:
-            # Built from numpy so the storage is real (not a broadcast constant) and writable.
-            a = mx.array(np.zeros((capacity, *c.shape), NP_STORAGE[c.dtype]))
-            if c.dtype == "bfloat16":
-                a = a.view(mx.bfloat16)
-            mx.eval(a)
-            self.arrays[c.name] = a
-            views[c.name] = memoryview(a).cast("B")
-            self.numpy[c.name] = np.frombuffer(views[c.name], NP_STORAGE[c.dtype]).reshape(capacity, *c.shape)
-        # Padding between and after components lands in a per-slot sink (it is part of the checksum).
-        self.sinks = [bytearray(x.stride - sum(c.nbytes for c in x.components)) for _ in range(capacity)]
-        self.iovecs: list[list[memoryview]] = []
-        for s in range(capacity):
-            vecs, pos, sink, used = [], 0, memoryview(self.sinks[s]), 0
-            for c in sorted(x.components, key=lambda c: c.offset):
-                if c.offset > pos:
-                    vecs.append(sink[used:used + c.offset - pos])
-                    used += c.offset - pos
-                vecs.append(views[c.name][s * c.nbytes:(s + 1) * c.nbytes])
-                pos = c.offset + c.nbytes
-            if x.stride > pos:
-                vecs.append(sink[used:used + x.stride - pos])
-            self.iovecs.append(vecs)
-        self.pending: list[mx.array] = []  # lazy outputs that still read this slab
-        self.inflight: list = []  # read-ahead reads into this slab that no caller waits for
-
-    def settle(self) -> None:
-        """Evaluate every pending computation that reads this slab and finish the reads still writing
-        into it, so its slots may be rewritten."""
-        if self.pending:
-            mx.eval(*self.pending)
-            self.pending.clear()
-        for f in self.inflight:
-            f.exception()  # waits; an unneeded guess that failed (e.g. a bad block) is not this caller's error
-        self.inflight.clear()
-
-
-class MappedLayer:
-    """Every expert of one layer as numpy views into the memory-mapped file: the naive baseline.
-
-    Nothing is read explicitly; the kernels touch the pages and page faults (with the kernel's
-    readahead) load them, which is what llama.cpp does for weights beyond RAM. No checksums.
-    Only the CPU kernels can compute from it (MLX arrays cannot wrap foreign memory without a copy).
-    """
-
-    def __init__(self, fd: int, x: ExpertLayer):
-        self.layout, self.key = x, block_key(x)
-        self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        self.numpy: dict[str, np.ndarray] = {}
-        for c in x.components:
-            dt = np.dtype(NP_STORAGE[c.dtype])
-            inner = np.empty(c.shape, dt).strides
-            self.numpy[c.name] = np.ndarray((x.num_experts, *c.shape), dt, buffer=self._mm,
-                                            offset=x.expert_offset(0) + c.offset, strides=(x.stride, *inner))
-        self.pending: list = []
-
-    def settle(self) -> None:
-        pass
-
-    def unmap_pages(self) -> None:
-        """Release this process's pages (the page cache can then drop them)."""
-        self._mm.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        self.numpy.clear()
-        try:
-            self._mm.close()
-        except BufferError:  # a view is still alive somewhere; the mapping goes with it
-            pass
-
 
 @dataclass
 class _ReadAhead:
@@ -450,8 +364,3 @@ def _run_overlap(overlap: list) -> None:
     """Call and evaluate (then forget) the pending overlap work."""
     while overlap:
         mx.eval(overlap.pop(0)())
-
-
-def block_key(x: ExpertLayer) -> tuple:
-    """Files with equal keys share slabs: same stride, same components (names, places, bits)."""
-    return (x.stride, tuple((c.name, c.offset, c.dtype, tuple(c.shape), c.bits, c.group_size) for c in x.components))
