@@ -50,13 +50,17 @@ def main() -> None:
         x64 = rng.standard_normal((64, k), dtype=np.float32)
         t_f = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=False))
         t_i = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=True)) if cpu_int8.supported(bits, 64) else None
+        if t_i:  # the int8 rounding's cost: relative RMS against the float kernel on the same product
+            yf, yi = qmm(x1, wq_np, s16, b16, bits, 64, int8=False), qmm(x1, wq_np, s16, b16, bits, 64, int8=True)
+            err = float(np.sqrt(np.mean((yi - yf) ** 2) / np.mean(yf ** 2)))
         t_nb64 = timed(lambda: qmm(x64, wq_np[:nb], s16[:nb], b16[:nb], bits, 64), 3)
         xm, x64m = mx.array(x1), mx.array(x64)
         t_mx = timed(lambda: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=bits)), 2)
         wb, sb, bb = wq[:nb], s[:nb], b[:nb]
         t_mx64 = timed(lambda: mx.eval(mx.quantized_matmul(x64m, wb, sb, bb, transpose=True, group_size=64, bits=bits)), 1)
         best = min(t for t in (t_f, t_i) if t is not None)
-        i8 = f"int8 {nbytes / t_i / 1e9:.2f} GB/s ({nbytes / t_i / 1e9 / mem:.0%} of memory bandwidth), " if t_i else ""
+        i8 = (f"int8 {nbytes / t_i / 1e9:.2f} GB/s ({nbytes / t_i / 1e9 / mem:.0%} of memory bandwidth, relative "
+              f"RMS error {err:.1e}), ") if t_i else ""
         print(f"{bits}-bit [{n}, {k}], 1 token: {i8}float {nbytes / t_f / 1e9:.2f} GB/s, MLX {nbytes / t_mx / 1e9:.2f} "
               f"GB/s -> best numba {t_mx / best:.1f}x MLX; 64 tokens [{nb}, {k}]: numba "
               f"{2 * 64 * nb * k / t_nb64 / 1e9:.1f} GFLOP/s, MLX {2 * 64 * nb * k / t_mx64 / 1e9:.1f} GFLOP/s")

@@ -244,8 +244,8 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--repeat", type=int, default=1, show_default=True)
 @click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
-@click.option("--read-ahead", type=int, default=None,
-              help="Experts of the next layer to guess and read while a layer computes (default 0: off).")
+@click.option("--read-ahead", type=int, default=0, show_default=True,
+              help="Experts of the next layer to guess and read while a layer computes (0: off).")
 @click.option("--json", "as_json", is_flag=True)
 @_runtime_options
 @one_line_errors

@@ -151,7 +151,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
 
 def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
           experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True, kernels: str = "auto", read_ahead: int | None = None) -> dict:
+          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them). ``kernels`` as in ``load``."""
     from .model import load
 
@@ -265,8 +265,6 @@ def format_bench(r: dict) -> str:
         f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "
         f"{r['bytes_per_token'] / 1e6:.1f} MB of experts read per token, {r['read_gbps']:.2f} GB/s; "
         f"hit rate {r['hit_rate']:.1%}; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
-        f"read-ahead: {r.get('read_ahead_per_token', 0):.1f} experts guessed per token, "
-        f"{r.get('read_ahead_hit_rate', 0):.1%} of routed experts already read or in flight when routed",
         f"limits measured now (before, after): raw cold read {r['raw_read_gbps']:.2f} GB/s "
         f"({', '.join(f'{v:.2f}' for v in r.get('raw_read_gbps_probes', []))}), memory read {r['mem_gbps']:.2f} GB/s "
         f"({', '.join(f'{v:.2f}' for v in r.get('mem_gbps_probes', []))})",
@@ -276,6 +274,9 @@ def format_bench(r: dict) -> str:
         f"decode / cold roofline: {r['cold_roofline_fraction']:.2f}; decode / roofline for this run: "
         f"{r['roofline_fraction']:.2f}",
     ]
+    if r.get("read_ahead_per_token"):
+        lines.insert(3, f"read-ahead: {r['read_ahead_per_token']:.1f} experts guessed per token, "
+                        f"{r['read_ahead_hit_rate']:.1%} of routed experts already read or in flight when routed")
     for name, b in r.get("baselines", {}).items():
         lines.append(f"baseline {name}: decode {b['decode_tps']:.3f} tok/s, prompt {b['prompt_tps']:.2f} tok/s -> "
                      f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "

@@ -1,25 +1,25 @@
 """Scaled dot-product attention for MLX on the CPU, through numpy's BLAS.
 
 MLX's CPU ``mx.fast.scaled_dot_product_attention`` (and its CPU matmul) is slow: one 512-token
-prefill of a Qwen3.5-397B full-attention layer (32 query heads of 256, 2 KV heads) took 3.7-5.3 s
-here, and a decoded token's attention over 512 cached positions 9.5 ms. :func:`sdpa` has mlx-lm's
+prefill of a Qwen3.5-397B full-attention layer (32 query heads of 256, 2 KV heads) took 5.2 s here,
+and a decoded token's attention over 512 cached positions 10 ms (``benchmarks/attention_cpu.py``:
+0.15 s and 1.2 ms through BLAS). :func:`sdpa` has mlx-lm's
 ``scaled_dot_product_attention`` signature and does the same float32 math with ``np.matmul``
 (grouped-query heads folded into the rows, so each KV head is one GEMM), in query blocks that bound
 the score matrix's memory. Quantized KV caches and attention sinks (gpt-oss) go to mlx-lm's own.
 
 :func:`use_cpu_attention` gives one model's attention layers a class whose ``__call__`` is
-mlx-lm's own code with :func:`sdpa` in place of mlx-lm's function (see :func:`rebind`), so other
+mlx-lm's own code with :func:`sdpa` in place of mlx-lm's function (see :func:`moestream.runtime.rebind.rebind`), so other
 models in the process (references, baselines) keep mlx-lm's.
 """
 
 from __future__ import annotations
 
-import types
-from typing import Callable
-
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models import base
+
+from .rebind import rebind, rebound
 
 SCORE_BYTES = 64 << 20  # per query block: the [heads, rows, keys] float32 scores
 
@@ -59,25 +59,6 @@ def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache, scale: floa
                 s /= s.sum(-1, keepdims=True)
                 out[b, h, :, r0:r1] = s @ v[b, h]
     return mx.array(out.reshape(B, Hq, Lq, Dv)).astype(queries.dtype)
-
-
-_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def rebind(cls: type, name: str, fn: Callable, prefix: str = "Cpu") -> type:
-    """A subclass of ``cls`` whose ``__call__`` is ``cls``'s own code looking up the global ``name``
-    as ``fn``: mlx-lm's layer code, unchanged, with one function swapped for this model only."""
-    if (cls, name) not in _CLASSES:
-        call = cls.__call__
-        env = {**call.__globals__, name: fn}
-        f = types.FunctionType(call.__code__, env, call.__name__, call.__defaults__, call.__closure__)
-        f.__kwdefaults__ = call.__kwdefaults__
-        _CLASSES[cls, name] = type(f"{prefix}{cls.__name__}", (cls,), {"__call__": f, "__module__": cls.__module__})
-    return _CLASSES[cls, name]
-
-
-def rebound(m) -> bool:
-    return type(m) in _CLASSES.values()
 
 
 def use_cpu_attention(model) -> int:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from numba import njit, prange
 
-from .cpu_attention import rebind, rebound
+from .rebind import rebind, rebound
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ take a field out of each byte. Per row and group,
 
 with ``c`` the middle code (7.5 at 4 bits): that is ``s * sum((q - c) * xq * dx) + (b + c * s) * sum(x)``,
 so the int8 rounding of the activations meets the centred codes ``q - c`` only (uncentred, the
-codes' mean would multiply the rounding error, measured 2.7x larger) and the bias sees exact sums.
+codes' mean, not zero, would multiply the rounding error) and the bias sees exact sums.
 
 The row loop is LLVM IR written through numba's ``intrinsic`` (numba has no vector types, and its
 integer arithmetic widens to int64, which defeats the vectorizer). It needs AVX2 (x86-64-v3);

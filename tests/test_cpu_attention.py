@@ -8,6 +8,7 @@ import pytest
 
 from moestream.runtime import cpu_attention
 from moestream.runtime.cpu_attention import sdpa
+from moestream.runtime.rebind import rebound
 
 
 def _qkv(rng, B, Hq, Hk, Lq, Lk, D):
@@ -54,6 +55,6 @@ def test_switch_is_per_model():
     a, b = qwen3_next.Model(args), qwen3_next.Model(args)
     b.update(a.parameters())
     assert cpu_attention.use_cpu_attention(a) == 1 and cpu_attention.use_cpu_attention(a) == 0
-    assert not any(cpu_attention.rebound(m) for _, m in b.named_modules())
+    assert not any(rebound(m) for _, m in b.named_modules())
     x = mx.array(np.random.default_rng(0).integers(0, 64, (1, 9)))
     np.testing.assert_allclose(np.array(a(x)), np.array(b(x)), rtol=0, atol=1e-4)
