@@ -18,7 +18,7 @@ def _runtime_options(fn):
     for opt in reversed([
         click.option("--experts-per-token", "-k", "experts_per_token", type=int, default=None,
                      help="Override the model's top-k (fewer experts read per token)."),
-        click.option("--cache", default="os", show_default=True, help="os | none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages after use)."),
+        click.option("--cache", default="os", show_default=True, help="os | os-map (CPU: page-cache hits computed in place, no copy) | none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages after use)."),
         click.option("--threads", type=int, default=None, help="Reader threads."),
         click.option("--no-verify", is_flag=True, help="Skip the per-read checksum of expert blocks."),
         click.option("--kernels", type=click.Choice(["auto", "metal", "mlx"]), default="auto", show_default=True,

@@ -130,6 +130,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     ttft = time.perf_counter() - t
     b1 = store.stats.bytes_read if store else 0
     a1, ah1, m1 = (store.stats.ahead, store.stats.ahead_hits, store.stats.misses) if store else (0, 0, 0)
+    p1 = store.stats.page_hits if store else 0
     times = []
     for _ in range(gen_tokens):
         t0 = time.perf_counter()
@@ -146,6 +147,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
             "prefill_bytes": b1 - b0, "bytes_per_token": (b2 - b1) / gen_tokens,
             "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0,
             "read_ahead_per_token": (store.stats.ahead - a1) / gen_tokens if store else 0.0,
+            "page_hits_per_token": (store.stats.page_hits - p1) / gen_tokens if store else 0.0,
             "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0}
 
 
@@ -191,7 +193,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
                t_mem_ms=1e3 * t_mem, cold_roofline_tps=1 / (t_io + t_mem),
                warm_roofline_tps=out["mem_gbps"] * 1e9 / (expert_bytes + res_bytes))
     out["roofline_fraction"] = out["decode_tps"] / (out["cold_roofline_tps"] if best["hit_rate"] < 0.5 and
-                                                    cache != "os" else out["warm_roofline_tps"])
+                                                    cache not in ("os", "os-map") else out["warm_roofline_tps"])
     out["cold_roofline_fraction"] = out["decode_tps"] * (t_io + t_mem)
     if baselines:
         out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
@@ -274,6 +276,8 @@ def format_bench(r: dict) -> str:
         f"decode / cold roofline: {r['cold_roofline_fraction']:.2f}; decode / roofline for this run: "
         f"{r['roofline_fraction']:.2f}",
     ]
+    if r.get("page_hits_per_token"):
+        lines.insert(3, f"page cache: {r['page_hits_per_token']:.1f} experts per token computed in place (os-map)")
     if r.get("read_ahead_per_token"):
         lines.insert(3, f"read-ahead: {r['read_ahead_per_token']:.1f} experts guessed per token, "
                         f"{r['read_ahead_hit_rate']:.1%} of routed experts already read or in flight when routed")

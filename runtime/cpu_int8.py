@@ -52,13 +52,39 @@ def available() -> bool:
         return False
 
 
+@functools.cache
+def _has(feature: str) -> bool:
+    import llvmlite.binding as ll
+
+    return available() and bool(ll.get_host_cpu_features().get(feature, False))
+
+
 def supported(bits: int, group: int) -> bool:
-    """Widths the int8 kernels take: 2 and 4 bits, with at least 16 bytes of codes per group."""
+    """Widths the int8 kernels take: 2 and 4 bits with at least 16 bytes of codes per group, and 3
+    bits (groups of 32k) where the CPU has AVX-512 VBMI's bit-field gather (``vpmultishiftqb``)."""
+    if bits == 3:
+        return _has("avx512vbmi") and _has("avx512vl") and group % 32 == 0
     return available() and bits in (2, 4) and group * bits // 8 >= 16 and group * bits // 8 % 16 == 0
 
 
 def unit_bytes(bits: int, group: int) -> int:
-    return min(32, group * bits // 8)
+    """Bytes of codes a unit's byte vector holds once decoded (3 bits: 12 bytes decode to 32 codes)."""
+    return 32 if bits == 3 else min(32, group * bits // 8)
+
+
+def _fields(bits: int) -> int:
+    return 1 if bits == 3 else 8 // bits
+
+
+def units_per_group(bits: int, group: int) -> int:
+    return group // (unit_bytes(bits, group) * _fields(bits))
+
+
+# 3 bits: 8 codes in each 3 bytes, LSB-first. A unit is 12 bytes (32 codes): each 3-byte chunk is
+# spread into a qword, and vpmultishiftqb takes byte k of qword q from bits 3k.. of it, so after the
+# mask byte i holds code i: the activations stay in natural order (one field).
+_SPREAD3 = [3 * (i // 8) + min(i % 8, 2) for i in range(32)]
+_SHIFT3 = [3 * (i % 8) for i in range(32)]
 
 
 def _splat(builder, vty, value):
@@ -86,7 +112,8 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     byte vector of codes is loaded and split into fields once and meets ``nt`` activation vectors
     (prefill: a routed expert sees a few tokens at a time).
     """
-    fields = 8 // bits
+    fields = _fields(bits)
+    wbytes = 12 if bits == 3 else vbytes  # bytes of codes a unit loads
     lanes = vbytes // 4
     vi8 = ir.VectorType(I8, vbytes)
     vi16 = ir.VectorType(I16, vbytes // 2)
@@ -120,6 +147,9 @@ def _make_dot(bits: int, vbytes: int, nt: int):
             f_madd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi32, [vi16, vi16]), madd)
             ones = ir.Constant(vi16, [1] * (vbytes // 2))
             mask = ir.Constant(vi8, [(1 << bits) - 1] * vbytes)
+            if bits == 3:
+                f_shift = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]),
+                                                         "llvm.x86.avx512.pmultishift.qb.256")
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in range(nt)]
             ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
             with cgutils.for_range(builder, groups_) as gl:
@@ -127,12 +157,19 @@ def _make_dot(bits: int, vbytes: int, nt: int):
                 isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
                 with cgutils.for_range(builder, upg_) as ul:
                     u = builder.add(builder.mul(g, upg_), ul.index)
-                    wv = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(u, ir.Constant(u.type, vbytes))]),
-                                                      vi8.as_pointer()), align=1)
-                    codes = []
-                    for f in range(fields):
-                        code = wv if f == 0 else builder.lshr(wv, ir.Constant(vi8, [bits * f] * vbytes))
-                        codes.append(builder.and_(code, mask) if f < fields - 1 else code)
+                    at = builder.gep(wp, [builder.mul(u, ir.Constant(u.type, wbytes))])
+                    if bits == 3:  # exactly 12 bytes: no read past a buffer's end
+                        v12 = builder.bitcast(builder.load(builder.bitcast(at, ir.VectorType(I32, 3).as_pointer()),
+                                                           align=1), ir.VectorType(I8, 12))
+                        spread = builder.shuffle_vector(v12, ir.Constant(ir.VectorType(I8, 12), ir.Undefined),
+                                                        ir.Constant(ir.VectorType(I32, 32), _SPREAD3))
+                        codes = [builder.and_(builder.call(f_shift, [ir.Constant(vi8, _SHIFT3), spread]), mask)]
+                    else:
+                        wv = builder.load(builder.bitcast(at, vi8.as_pointer()), align=1)
+                        codes = []
+                        for f in range(fields):
+                            code = wv if f == 0 else builder.lshr(wv, ir.Constant(vi8, [bits * f] * vbytes))
+                            codes.append(builder.and_(code, mask) if f < fields - 1 else code)
                     xbase = builder.mul(u, ir.Constant(u.type, vbytes * fields))
                     for t in range(nt):
                         p = None
@@ -167,7 +204,8 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     return dot
 
 
-_DOT = {(bits, v, nt): _make_dot(bits, v, nt) for bits in (2, 4) for v in (16, 32) for nt in (1, 2, 4)}
+_WIDTHS = [(2, 16), (2, 32), (4, 16), (4, 32), (3, 32)]  # (bits, unit bytes)
+_DOT = {(bits, v, nt): _make_dot(bits, v, nt) for bits, v in _WIDTHS for nt in (1, 2, 4)}
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -206,7 +244,7 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
     J, K = x.shape
     xq = np.empty((J, K), np.int8)
     dx, xg, eg = (np.empty((J, K // group), np.float32) for _ in range(3))
-    _quantize_rows(x, group, unit_bytes(bits, group), 8 // bits, ((1 << bits) - 1) / 2, xq, dx, xg, eg)
+    _quantize_rows(x, group, unit_bytes(bits, group), _fields(bits), ((1 << bits) - 1) / 2, xq, dx, xg, eg)
     return xq, dx, xg, eg
 
 
@@ -249,8 +287,7 @@ def _make_kernels(dot1, dot2, dot4):
     return matvec, experts
 
 
-_KERNELS = {(bits, v): _make_kernels(_DOT[bits, v, 1], _DOT[bits, v, 2], _DOT[bits, v, 4])
-            for bits in (2, 4) for v in (16, 32)}
+_KERNELS = {(bits, v): _make_kernels(_DOT[bits, v, 1], _DOT[bits, v, 2], _DOT[bits, v, 4]) for bits, v in _WIDTHS}
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -272,7 +309,7 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     dst = out if out is not None and out.flags.c_contiguous else np.empty((x.shape[0], w.shape[0]), np.float32)
     _KERNELS[bits, v][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         group_size * bits // 8 // v, dst)
+                         units_per_group(bits, group_size), dst)
     if out is not None and dst is not out:
         out[...] = dst
         return out
@@ -287,5 +324,5 @@ def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
     _KERNELS[bits, v][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         group_size * bits // 8 // v, np.ascontiguousarray(slots, dtype=np.int64), out)
+                         units_per_group(bits, group_size), np.ascontiguousarray(slots, dtype=np.int64), out)
     return out

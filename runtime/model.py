@@ -185,7 +185,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
 
     Args:
         path: the pack folder.
-        cache: ``os``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.expert_store`).
+        cache: ``os``, ``os-map``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.expert_store`).
         experts_per_token: override the model's top-k.
         dtype: float dtype of compute; default float32 on the CPU, the pack's own on a GPU.
         threads: reader threads.
@@ -224,6 +224,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
         if store.policy.startswith("mmap") and not cpu_kernels:
             raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
+        if store.policy == "os-map":
+            if not cpu_kernels:
+                raise PackError("--cache os-map (page-cache hits computed in place) needs the CPU kernels")
+            store.compute_hits_in_place()
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
         blocks = moe_blocks(model)
         missing = set(blocks) - {x.layer for x in pack.manifest.experts}
@@ -249,7 +253,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                     get_switch(mlp).overlap_with(getattr(mlp, attr))
         layers = sorted(blocks)
         for a, b in zip(layers, layers[1:]):
-            if read_ahead and store.policy in ("os", "none"):
+            if read_ahead and store.policy in ("os", "os-map", "none"):
                 get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)

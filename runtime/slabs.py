@@ -5,7 +5,9 @@ can share slabs.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -66,17 +68,34 @@ class Slab:
         self.inflight.clear()
 
 
-class MappedLayer:
-    """Every expert of one layer as numpy views into the memory-mapped file: the naive baseline.
+_PAGE = mmap.PAGESIZE
+_libc = None
 
-    Nothing is read explicitly; the kernels touch the pages and page faults (with the kernel's
-    readahead) load them, which is what llama.cpp does for weights beyond RAM. No checksums.
+
+def _mincore():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc.mincore.restype = ctypes.c_int
+    return _libc.mincore
+
+
+class MappedLayer:
+    """Every expert of one layer as numpy views into the memory-mapped file.
+
+    Two uses. The naive baseline: nothing is read explicitly; the kernels touch the pages and page
+    faults (with the kernel's readahead) load them, which is what llama.cpp does for weights beyond
+    RAM. And the page-cache hits of ``--cache os`` on the CPU: an expert whose pages are all in the
+    page cache (:meth:`resident`) is computed where it lies instead of being copied into a slab.
     Only the CPU kernels can compute from it (MLX arrays cannot wrap foreign memory without a copy).
     """
 
     def __init__(self, fd: int, x: ExpertLayer):
         self.layout, self.key = x, block_key(x)
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        self._bytes = np.frombuffer(self._mm, np.uint8)
+        self._vec = np.empty(-(-x.stride // _PAGE) + 1, np.uint8)  # mincore's answer, a byte per page
         self.numpy: dict[str, np.ndarray] = {}
         for c in x.components:
             dt = np.dtype(NP_STORAGE[c.dtype])
@@ -88,12 +107,31 @@ class MappedLayer:
     def settle(self) -> None:
         pass
 
+    def block(self, local: int) -> memoryview:
+        """Expert ``local``'s whole block (its checksum covers padding too)."""
+        off = self.layout.expert_offset(local)
+        return memoryview(self._mm)[off:off + self.layout.stride]
+
+    def resident(self, local: np.ndarray) -> np.ndarray:
+        """Which of the experts ``local`` have every page of their block in the page cache now."""
+        call, base = _mincore(), self._bytes.ctypes.data
+        out = np.zeros(len(local), bool)
+        for i, j in enumerate(np.asarray(local).tolist()):
+            off = self.layout.expert_offset(j)
+            start = off - off % _PAGE
+            n = off + self.layout.stride - start
+            if call(base + start, n, self._vec.ctypes.data) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            out[i] = bool(np.all(self._vec[: -(-n // _PAGE)] & 1))
+        return out
+
     def unmap_pages(self) -> None:
         """Release this process's pages (the page cache can then drop them)."""
         self._mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self.numpy.clear()
+        self._bytes = None
         try:
             self._mm.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes with it

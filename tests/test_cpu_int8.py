@@ -34,9 +34,15 @@ def _reference(x, deq, s, b, bits, group):
     return want, bound
 
 
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128)])
+def _need(bits, group):
+    if not cpu_int8.supported(bits, group):
+        pytest.skip(f"no int8 kernel for {bits}-bit g{group} on this CPU (3 bits need AVX-512 VBMI)")
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128)])
 @pytest.mark.parametrize("tokens", [1, 7])  # 7: token blocks of 4, 2 and 1
 def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
+    _need(bits, group)
     rng = np.random.default_rng(bits * 100 + group + tokens)
     n, k = int(rng.integers(8, 90)), 256 * int(rng.integers(1, 4))
     wq, s, b, deq, s64, b64 = _quantized(rng, (n, k), bits, group)
@@ -60,8 +66,9 @@ def test_int8_with_float16_and_float32_scales(dtype):
     np.testing.assert_allclose(qmm(x, wq, s, b, 4, 64, int8=True), want, rtol=0, atol=3e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int8_experts_match_each_experts_matrix(bits):
+    _need(bits, 64)
     rng = np.random.default_rng(60 + bits)
     S, n, k = 6, 40, 512
     q = [_quantized(rng, (n, k), bits, 64) for _ in range(S)]
@@ -80,9 +87,11 @@ def test_int8_experts_match_each_experts_matrix(bits):
 
 
 def test_widths_without_int8_kernels_stay_exact():
-    """3 and 8 bits, and 2-bit g32 (8 bytes a group), keep the float kernels even when int8 is asked for."""
+    """8 bits, 2-bit g32 (8 bytes a group), and 3 bits on a CPU without VBMI, keep the float
+    kernels even when int8 is asked for."""
     rng = np.random.default_rng(3)
-    for bits, group in ((3, 64), (8, 64), (2, 32)):
+    widths = [(8, 64), (2, 32)] + ([] if cpu_int8.supported(3, 64) else [(3, 64)])
+    for bits, group in widths:
         assert not cpu_int8.supported(bits, group)
         wq, s, b, deq, _, _ = _quantized(rng, (16, 256), bits, group)
         x = rng.standard_normal((1, 256)).astype(np.float32)

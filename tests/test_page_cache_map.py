@@ -1,0 +1,101 @@
+"""``--cache os-map``: experts wholly in the page cache are computed from a read-only mapping of their
+file, the rest read as with ``os``. Outputs must not change, the accounting must say which experts
+were read and which were mapped, and a corrupt block must still be caught."""
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from moestream.convert import convert
+from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+from moestream.layouts import Manifest, PackError
+from moestream.runtime import load
+
+CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                     num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("osmap")
+    src = write_tiny_checkpoint(d / "src", CONFIG, seed=9)
+    convert(str(src), d / "p4", bits=4, alignment=4096)
+    return d / "p4"
+
+
+def _run(pack, tokens, **kw):
+    rt = load(pack, tokenizer=False, **kw)
+    try:
+        cache = make_prompt_cache(rt.model)
+        out = [np.array(rt.model(mx.array([tokens[:5]]), cache=cache))[:, -1:]]
+        out += [np.array(rt.model(mx.array([[t]]), cache=cache)) for t in tokens[5:]]
+        return np.concatenate(out, axis=1), rt.store.stats
+    finally:
+        rt.close()
+
+
+def _drop(pack):
+    for f in (Path(pack) / "experts").glob("*.bin"):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _cached(pack) -> bool:
+    """Whether this filesystem's page cache keeps the expert files once read (tmpfs, overlays...)."""
+    from moestream.runtime.slabs import MappedLayer
+
+    m = Manifest.load(pack)
+    x = m.experts[0]
+    fd = os.open(Path(pack) / x.file, os.O_RDONLY)
+    try:
+        os.pread(fd, x.stride, x.expert_offset(0))
+        mapped = MappedLayer(fd, x)
+        hit = bool(mapped.resident(np.array([0]))[0])
+        mapped.close()
+        return hit
+    finally:
+        os.close(fd)
+
+
+def test_mapped_hits_compute_what_reads_compute(pack):
+    tokens = np.random.default_rng(3).integers(0, 512, 16).tolist()
+    want, st_os = _run(pack, tokens, cache="os")
+    if not _cached(pack):
+        pytest.skip("this filesystem does not keep the expert files in the page cache")
+    # warm: every expert the run routes to is in the page cache, so none is read
+    got, st = _run(pack, tokens, cache="os-map")
+    np.testing.assert_array_equal(got, want)
+    assert st.page_hits == st_os.misses and st.reads == 0 and st.misses == 0
+    # partly cold: some reads, some mapped, the same logits
+    _drop(pack)
+    got, st = _run(pack, tokens, cache="os-map")
+    np.testing.assert_array_equal(got, want)
+    assert st.reads > 0 and st.page_hits > 0
+    assert st.page_hits + st.misses == st_os.misses
+
+
+def test_a_corrupt_block_in_the_page_cache_is_caught(pack, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pack, bad)
+    m = Manifest.load(bad)
+    x = m.experts[0]
+    with open(bad / x.file, "r+b") as f:  # every block of the file: whichever the router picks
+        for j in range(x.num_experts):
+            f.seek(x.expert_offset(j) + 100)
+            f.write(b"\xff" * 64)
+    if not _cached(bad):
+        pytest.skip("this filesystem does not keep the expert files in the page cache")
+    with pytest.raises(PackError, match=rf"{x.file}: layer {x.layer} expert \d+: checksum mismatch"):
+        _run(bad, [1, 2, 3, 4, 5, 6], cache="os-map")
+
+
+def test_os_map_needs_the_cpu_kernels(pack):
+    with pytest.raises(PackError, match="os-map"):
+        load(pack, tokenizer=False, cache="os-map", cpu_kernels=False)
