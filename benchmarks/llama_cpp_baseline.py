@@ -8,18 +8,28 @@ llama.cpp's modes, each from a cold page cache:
 
 - ``mmap``: the GGUF memory-mapped, page faults load what the kernels touch (weight repacking off,
   so nothing is copied into RAM at load);
-- ``lazy``: llama.cpp's own on-demand reading of the rows of marked tensors (the routed experts);
+- (llama.cpp's ``lazy_mode`` reads marked tensors on demand, but this version marks only some
+  architectures' per-layer embeddings, not qwen35moe's experts, so it is not a separate mode here);
 - moestream: ``decode_run`` on the pack with ``--cache os`` (the page cache keeps what it can).
 
+llama.cpp maps with MAP_POPULATE, so on a machine whose RAM holds the file it reads all of it at load
+and decodes from RAM. ``--memory-limit SIZE`` runs each mode in a memory cgroup of that size (Linux,
+cgroup v1 memory controller, root), whose page cache cannot hold the experts: a machine with that
+much RAM, where both must stream.
+
 Optional: needs ``pip install llama-cpp-python gguf`` (built here from source, 0.3.36).
-Usage: ``python benchmarks/llama_cpp_baseline.py PACK [--gguf FILE] [-k 4] [--prompt-tokens 16]``.
+Usage: ``python benchmarks/llama_cpp_baseline.py PACK [--gguf FILE] [-k 4] [--prompt-tokens 16]
+[--memory-limit 6G]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +138,23 @@ def write_gguf(path: Path, cfg: dict, layers: int, k: int, seed: int = 0) -> Non
     os.replace(str(path) + ".part", path)
 
 
+def _disk_bytes() -> int:
+    """Bytes this process has made the storage layer read (page faults and readahead included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _quiet(L) -> None:
+    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+    def sink(level, text, user):
+        pass
+
+    _quiet.keep = sink  # the callback must outlive every call into llama.cpp
+    L.llama_log_set(sink, None)
+
+
 def _drop(paths) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -135,19 +162,23 @@ def _drop(paths) -> None:
         os.close(fd)
 
 
-def run_llama_cpp(gguf_path: Path, prompt: list[int], gen: int, mode: str, threads: int) -> dict:
+def run_llama_cpp(gguf_path: Path, prompt: list[int], feed: list[int], mode: str, threads: int) -> dict:
+    """Prefill ``prompt``, then decode one token at a time, fed ``feed`` (random ids: greedy decoding
+    of random weights repeats one token, so every step would route alike and read nothing new)."""
     import llama_cpp as L
 
+    _quiet(L)
     L.llama_backend_init()
     mp = L.llama_model_default_params()
     mp.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
     mp.use_extra_bufts = False  # no repacking: it would copy every weight into RAM at load
-    mp.lazy_mode = 2 if mode == "lazy" else 0  # LLAMA_LAZY_MODE_ON / OFF
+    mp.lazy_mode = 0  # LLAMA_LAZY_MODE_OFF
     t0 = time.perf_counter()
     model = L.llama_model_load_from_file(str(gguf_path).encode(), mp)
     if not model:
         raise RuntimeError(f"{gguf_path}: llama.cpp could not load it")
     cp = L.llama_context_default_params()
+    gen = len(feed)
     cp.n_ctx = len(prompt) + gen + 16
     cp.n_batch = cp.n_ubatch = max(32, len(prompt))
     cp.n_threads = cp.n_threads_batch = threads
@@ -160,32 +191,76 @@ def run_llama_cpp(gguf_path: Path, prompt: list[int], gen: int, mode: str, threa
         if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(tokens))) != 0:
             raise RuntimeError("llama_decode failed")
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        return int(np.nan_to_num(logits, nan=-np.inf).argmax())
+        if not np.isfinite(logits).all():  # NaNs would make routing degenerate (and reads warm)
+            raise RuntimeError("llama.cpp produced non-finite logits on the synthetic weights")
+        return int(logits.argmax())
 
     t = time.perf_counter()
-    tok = step(prompt)
+    step(prompt)
     ttft = time.perf_counter() - t
-    times = []
-    for _ in range(gen):
+    times, toks = [], []
+    d0 = _disk_bytes()
+    for tok in feed:
         t = time.perf_counter()
-        tok = step([tok])
+        toks.append(step([tok]))
         times.append(time.perf_counter() - t)
+    disk = _disk_bytes() - d0
     L.llama_free(ctx)
     L.llama_model_free(model)
     return {"load_s": load_s, "prompt_tps": len(prompt) / ttft, "decode_tps": gen / sum(times),
-            "token_ms_p50": 1e3 * float(np.median(times))}
+            "token_ms_p50": 1e3 * float(np.median(times)), "disk_per_token": disk / gen}
 
 
-def run_moestream(pack: Path, prompt_tokens: int, gen: int, k: int, cache: str) -> dict:
+def run_moestream(pack: Path, prompt: list[int], feed: list[int], k: int, cache: str) -> dict:
+    """The same token feed through moestream's runtime on the pack."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
     from moestream.runtime import load
-    from moestream.runtime.bench import decode_run
 
+    t0 = time.perf_counter()
     rt = load(pack, cache=cache, experts_per_token=k, tokenizer=False)
+    load_s = time.perf_counter() - t0
     try:
-        vocab = int(rt.pack.manifest.config.get("vocab_size", 1000))
-        return decode_run(rt.model, rt.store, prompt_tokens, gen, vocab, seed=0, rt=rt)
+        cache_ = make_prompt_cache(rt.model)
+        t = time.perf_counter()
+        with rt.prefill_logits_last():
+            mx.eval(rt.model(mx.array([prompt]), cache=cache_))
+        ttft = time.perf_counter() - t
+        times, d0 = [], _disk_bytes()
+        for tok in feed:
+            t = time.perf_counter()
+            mx.eval(mx.argmax(rt.model(mx.array([[tok]]), cache=cache_)[:, -1], axis=-1))
+            times.append(time.perf_counter() - t)
+        return {"load_s": load_s, "prompt_tps": len(prompt) / ttft, "decode_tps": len(feed) / sum(times),
+                "token_ms_p50": 1e3 * float(np.median(times)), "disk_per_token": (_disk_bytes() - d0) / len(feed)}
     finally:
         rt.close()
+
+
+CGROUPS = Path("/sys/fs/cgroup/memory")
+
+
+def _in_cgroup(limit: int, argv: list[str]) -> dict:
+    """Run this script's ``--child`` in a fresh memory cgroup of ``limit`` bytes; its JSON result."""
+    group = CGROUPS / f"moestream-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError as e:
+        raise SystemExit(f"--memory-limit: cannot make a memory cgroup under {CGROUPS} ({e.strerror}); "
+                         "needs root and the cgroup v1 memory controller")
+    try:
+        out = subprocess.run([sys.executable, __file__, *argv, "--cgroup", str(group)], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    finally:
+        for _ in range(50):  # the child's page cache is still charged for a moment
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.2)
 
 
 def main() -> None:
@@ -196,7 +271,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--modes", default="mmap,lazy,moestream")
+    ap.add_argument("--modes", default="mmap,moestream", help="comma-separated: mmap (llama.cpp), moestream")
+    ap.add_argument("--memory-limit", help="run each mode in a memory cgroup of SIZE (e.g. 6G)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--cgroup", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from moestream.layouts import Manifest
 
@@ -206,20 +284,39 @@ def main() -> None:
         t = time.perf_counter()
         write_gguf(gg, m.config, len(m.moe_layers()), args.k)
         print(f"wrote {gg} ({gg.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
-    prompt = np.random.default_rng(0).integers(0, int(m.config.get("vocab_size", 1000)), args.prompt_tokens).tolist()
+    ids = np.random.default_rng(0).integers(0, int(m.config.get("vocab_size", 1000)),
+                                            args.prompt_tokens + args.gen_tokens).tolist()
+    prompt, feed = ids[:args.prompt_tokens], ids[args.prompt_tokens:]
     pack_files = [args.pack / x.file for x in m.experts]
+    if args.child:
+        (Path(args.cgroup) / "cgroup.procs").write_text(str(os.getpid()))
+        print(json.dumps(_run_mode(args, args.child, gg, prompt, feed)))
+        return
+    limit = None
+    if args.memory_limit:
+        from moestream.runtime.expert_store import parse_size
+
+        limit = parse_size(args.memory_limit, "--memory-limit")
     print(f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "
-          "each run from a cold page cache")
+          f"each run from a cold page cache" + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else ""))
     for mode in args.modes.split(","):
         _drop([gg, *pack_files])
-        if mode == "moestream":
-            r = run_moestream(args.pack, args.prompt_tokens, args.gen_tokens, args.k, "os")
-            name = "moestream (--cache os)"
+        if limit:
+            r = _in_cgroup(limit, [str(args.pack), "--gguf", str(gg), "-k", str(args.k), "--prompt-tokens",
+                                   str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--threads",
+                                   str(args.threads), "--child", mode])
         else:
-            r = run_llama_cpp(gg, prompt, args.gen_tokens, mode, args.threads)
-            name = f"llama.cpp {mode} (load {r['load_s']:.1f} s)"
+            r = _run_mode(args, mode, gg, prompt, feed)
+        name = f"{'moestream (--cache os)' if mode == 'moestream' else 'llama.cpp ' + mode} (load {r['load_s']:.1f} s)"
         print(f"{name}: prompt {r['prompt_tps']:.2f} tok/s, decode {r['decode_tps']:.3f} tok/s "
-              f"(p50 {r['token_ms_p50']:.1f} ms)", flush=True)
+              f"(p50 {r['token_ms_p50']:.1f} ms), {r['disk_per_token'] / 1e6:.1f} MB read from the disk per "
+              f"decoded token", flush=True)
+
+
+def _run_mode(args, mode: str, gg: Path, prompt: list[int], feed: list[int]) -> dict:
+    if mode == "moestream":
+        return run_moestream(args.pack, prompt, feed, args.k, "os")
+    return run_llama_cpp(gg, prompt, feed, mode, args.threads)
 
 
 if __name__ == "__main__":
