@@ -267,7 +267,7 @@ def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
         w: uint32 codes [S, out, in * bits / 32]; scales, biases [S, out, in / group_size] (bf16 as
             raw uint16, float16 or float32).
         slots: int [J], which of the S matrices row j uses.
-        bits: 2, 4 or 8 (3-bit goes through :func:`qmm` per row).
+        bits: 2, 3, 4 or 8 (float kernels for 3 bits: :func:`qmm` per row).
         int8: as for :func:`qmm`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -277,7 +277,8 @@ def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
     out = np.empty((J, w.shape[1]), np.float32)
     if bits == 3 or scales.dtype == np.float16:
         for j in range(J):
-            qmm(x[j:j + 1], w[slots[j]], scales[slots[j]], biases[slots[j]], bits, group_size, out[j:j + 1])
+            qmm(x[j:j + 1], w[slots[j]], scales[slots[j]], biases[slots[j]], bits, group_size, out[j:j + 1],
+                int8=False)
         return out
     per = 32 // bits
     xk = np.ascontiguousarray(x.reshape(J, K // per, per).transpose(0, 2, 1))
