@@ -271,7 +271,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--modes", default="mmap,moestream", help="comma-separated: mmap (llama.cpp), moestream")
+    ap.add_argument("--modes", default="mmap,moestream",
+                    help="comma-separated: mmap (llama.cpp), moestream or moestream:CACHE (default cache os)")
+    ap.add_argument("--warm", action="store_true", help="read the GGUF and the pack into the page cache first "
+                    "instead of dropping them")
     ap.add_argument("--memory-limit", help="run each mode in a memory cgroup of SIZE (e.g. 6G)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--cgroup", help=argparse.SUPPRESS)
@@ -298,24 +301,32 @@ def main() -> None:
 
         limit = parse_size(args.memory_limit, "--memory-limit")
     print(f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "
-          f"each run from a cold page cache" + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else ""))
+          f"each run from a {'warm' if args.warm else 'cold'} page cache"
+          + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else ""))
     for mode in args.modes.split(","):
-        _drop([gg, *pack_files])
+        if args.warm:
+            for f in ([gg] if mode == "mmap" else pack_files):
+                with open(f, "rb") as fh:
+                    while fh.read(64 << 20):
+                        pass
+        else:
+            _drop([gg, *pack_files])
         if limit:
             r = _in_cgroup(limit, [str(args.pack), "--gguf", str(gg), "-k", str(args.k), "--prompt-tokens",
                                    str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--threads",
                                    str(args.threads), "--child", mode])
         else:
             r = _run_mode(args, mode, gg, prompt, feed)
-        name = f"{'moestream (--cache os)' if mode == 'moestream' else 'llama.cpp ' + mode} (load {r['load_s']:.1f} s)"
+        name = (f"moestream (--cache {mode.partition(':')[2] or 'os'})" if mode.startswith("moestream")
+                else f"llama.cpp {mode}") + f" (load {r['load_s']:.1f} s)"
         print(f"{name}: prompt {r['prompt_tps']:.2f} tok/s, decode {r['decode_tps']:.3f} tok/s "
               f"(p50 {r['token_ms_p50']:.1f} ms), {r['disk_per_token'] / 1e6:.1f} MB read from the disk per "
               f"decoded token", flush=True)
 
 
 def _run_mode(args, mode: str, gg: Path, prompt: list[int], feed: list[int]) -> dict:
-    if mode == "moestream":
-        return run_moestream(args.pack, prompt, feed, args.k, "os")
+    if mode.startswith("moestream"):
+        return run_moestream(args.pack, prompt, feed, args.k, mode.partition(":")[2] or "os")
     return run_llama_cpp(gg, prompt, feed, mode, args.threads)
 
 

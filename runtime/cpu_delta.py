@@ -38,21 +38,20 @@ def _recurrence(q, k, v, g, beta, state, mask, y):
     for bh in prange(B * Hv):
         b, h = bh // Hv, bh % Hv
         hk = h // rep  # mlx-lm repeats each key head over consecutive value heads
-        kv = np.empty(Dv, np.float32)
         for t in range(T):
             # A masked step computes its output but leaves the state as it was (as mlx-lm's ops do).
             s_t = state[b, h] if mask[b, t] else state[b, h].copy()
             kt, qt, gt = k[b, t, hk], q[b, t, hk], g[b, t, h]
-            for i in range(Dv):  # decay, then what the state recalls for k
+            bt = beta[b, t, h]
+            # Row i of the state is all that output i needs, so each row is decayed, recalled
+            # against k, corrected and read out with q while it sits in L1: one pass over the state.
+            for i in range(Dv):
                 acc = np.float32(0.0)
                 for j in range(Dk):
                     s = s_t[i, j] * (gt[j] if vec else gt[0])
                     s_t[i, j] = s
                     acc += s * kt[j]
-                kv[i] = acc
-            bt = beta[b, t, h]
-            for i in range(Dv):  # write the correction, then read out with q
-                d = (v[b, t, h, i] - kv[i]) * bt
+                d = (v[b, t, h, i] - acc) * bt
                 acc = np.float32(0.0)
                 for j in range(Dk):
                     s = s_t[i, j] + kt[j] * d

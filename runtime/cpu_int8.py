@@ -284,7 +284,34 @@ def _make_kernels(dot1, dot2, dot4):
                 dot1(w, e * w0 + n * w1, xq, dx, xg, eg, s, b, e * s0 + n * s1, e * b0 + n * b1, groups, upg, j, o, n,
                      N)
 
-    return matvec, experts
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def grouped(w, xq, dx, xg, eg, s, b, groups, upg, seg_slot, seg_start, seg_count, out):
+        # Prefill: activation rows sorted by expert, segment i (rows seg_start[i] ..) times matrix
+        # seg_slot[i] of the stack; one launch for every expert of a group, and within a segment
+        # each row of codes meets its tokens in blocks of 4, 2, 1.
+        P, N = out.shape
+        S = seg_slot.shape[0]
+        w0, w1 = w.strides[0], w.strides[1]
+        s0, s1 = s.strides[0] // s.itemsize, s.strides[1] // s.itemsize
+        b0, b1 = b.strides[0] // b.itemsize, b.strides[1] // b.itemsize
+        o = out.reshape(-1)
+        nch = max(1, min(N, 256 // max(S, 1)))
+        for c in prange(S * nch):
+            i, ch = c // nch, c % nch
+            e, first, last = seg_slot[i], seg_start[i], seg_start[i] + seg_count[i]
+            for n in range(ch * N // nch, (ch + 1) * N // nch):
+                wo, so, bo = e * w0 + n * w1, e * s0 + n * s1, e * b0 + n * b1
+                t = first
+                while t + 4 <= last:
+                    dot4(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+                    t += 4
+                if t + 2 <= last:
+                    dot2(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+                    t += 2
+                if t < last:
+                    dot1(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+
+    return matvec, experts, grouped
 
 
 _KERNELS = {(bits, v): _make_kernels(_DOT[bits, v, 1], _DOT[bits, v, 2], _DOT[bits, v, 4]) for bits, v in _WIDTHS}
@@ -325,4 +352,20 @@ def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
     _KERNELS[bits, v][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
                          units_per_group(bits, group_size), np.ascontiguousarray(slots, dtype=np.int64), out)
+    return out
+
+
+def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, seg_slot: np.ndarray,
+                     seg_count: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """Rows of ``x`` sorted by expert: the first ``seg_count[0]`` rows times ``dequantize(w[seg_slot[0]]).T``,
+    the next ``seg_count[1]`` times ``w[seg_slot[1]]``, and so on (a prefill group's experts in one
+    launch; each row's result is what :func:`qmv_int8` gives for it)."""
+    v = unit_bytes(bits, group_size)
+    xq, dx, xg, eg = quantize_activations(x, bits, group_size)
+    count = np.ascontiguousarray(seg_count, dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    _KERNELS[bits, v][2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
+                         units_per_group(bits, group_size), np.ascontiguousarray(seg_slot, dtype=np.int64), start,
+                         count, out)
     return out

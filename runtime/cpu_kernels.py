@@ -287,6 +287,26 @@ def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
     return out
 
 
+def qmm_grouped(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray,
+                counts: np.ndarray, bits: int, group_size: int, int8: bool | None = None) -> np.ndarray:
+    """Rows of ``x`` sorted by expert: ``counts[i]`` consecutive rows times ``dequantize(w[slots[i]]).T``.
+
+    A prefill group's routed experts see a few tokens each (about T * k / E); with int8 activations
+    they all go through one launch (:func:`cpu_int8.qmm_grouped_int8`), otherwise each segment
+    through :func:`qmm` (BLAS once a segment reaches ``BLAS_MIN_TOKENS``).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(counts) and _use_int8(int8, int(counts.max()), bits, group_size):
+        return cpu_int8.qmm_grouped_int8(x, w, scales, biases, slots, counts, bits, group_size)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    r = 0
+    for slot, c in zip(np.asarray(slots).tolist(), counts.tolist()):
+        qmm(x[r:r + c], w[slot], scales[slot], biases[slot], bits, group_size, out[r:r + c], int8=int8)
+        r += c
+    return out
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SwiGLU: silu(gate) * up, in place into ``gate``."""

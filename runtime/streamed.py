@@ -221,9 +221,10 @@ class StreamedSwitchGLU(nn.Module):
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             glu = self._glus.module[slab.key]
             a = slab.numpy
-            if xs.shape[0] == 1 and self.recorder is None and self._mode == "affine" and not self._bias:
-                # decode: the group's experts in 3 launches
-                self._cpu_decode(xs, flat, part, slots, a, glu, out)
+            if self.recorder is None and self._mode == "affine" and not self._bias:
+                # decode: the group's experts in 3 launches; prefill: the same, each expert's tokens
+                # a segment of the group's rows
+                (self._cpu_decode if xs.shape[0] == 1 else self._cpu_prefill)(xs, flat, part, slots, a, glu, out)
                 continue
             for e, slot in zip(part.tolist(), slots.tolist()):
                 t, j = np.nonzero(flat == e)
@@ -249,6 +250,22 @@ class StreamedSwitchGLU(nn.Module):
                     getattr(glu, p).group_size) for p in PROJS}
         mid = self._cpu_activation(qmm_experts(x, *args["gate_proj"]), qmm_experts(x, *args["up_proj"]))
         out[0, cols] = qmm_experts(mid, *args["down_proj"])
+
+    def _cpu_prefill(self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
+                     out: np.ndarray) -> None:
+        """Several tokens: the (token, expert) pairs of the group sorted by expert, gate, up and down
+        each one call of :func:`qmm_grouped` over all the group's experts."""
+        from .cpu_kernels import qmm_grouped
+
+        where = [np.nonzero(flat == e) for e in part.tolist()]
+        t = np.concatenate([w[0] for w in where])
+        j = np.concatenate([w[1] for w in where])
+        counts = np.array([len(w[0]) for w in where])
+        args = {p: (a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"], slots, counts, getattr(glu, p).bits,
+                    getattr(glu, p).group_size) for p in PROJS}
+        xe = xs[t]
+        mid = self._cpu_activation(qmm_grouped(xe, *args["gate_proj"]), qmm_grouped(xe, *args["up_proj"]))
+        out[t, j] = qmm_grouped(mid, *args["down_proj"])
 
     def _cpu_linear(self, glu, a: dict[str, np.ndarray], p: str, slot: int, xe: np.ndarray) -> np.ndarray:
         from .cpu_kernels import as_f32, qmm, qmm_mxfp4

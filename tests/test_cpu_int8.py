@@ -130,3 +130,36 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
     kl = (np.exp(logp(want)) * (logp(want) - logp(got))).sum(-1)
     assert 1e-4 < rel < 0.02, rel  # the float kernels agree to ~1e-6: above 1e-4, the int8 path ran
     assert kl.max() < 1e-3, kl
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_grouped_prefill_rows_match_each_experts_product(bits):
+    """A prefill group's experts in one launch: each segment of rows gives what qmv_int8 gives for it
+    with that expert's matrix, bit for bit, and stays within the rounding bound of the exact product."""
+    from moestream.runtime.cpu_int8 import qmm_grouped_int8, qmv_int8
+    from moestream.runtime.cpu_kernels import qmm_grouped
+
+    _need(bits, 64)
+    rng = np.random.default_rng(70 + bits)
+    S, n, k = 6, 40, 512
+    q = [_quantized(rng, (n, k), bits, 64) for _ in range(S)]
+    codes, sc, bi = (np.stack([e[i] for e in q]) for i in range(3))
+    slots, counts = np.array([4, 0, 2, 5]), np.array([7, 1, 4, 2])  # blocks of 4, 2, 1 within segments
+    x = rng.standard_normal((counts.sum(), k)).astype(np.float32)
+    got = qmm_grouped_int8(x, codes, sc, bi, slots, counts, bits, 64)
+    assert np.array_equal(qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=True), got)
+    r = 0
+    for e, c in zip(slots, counts):
+        np.testing.assert_array_equal(got[r:r + c], qmv_int8(x[r:r + c], codes[e], sc[e], bi[e], bits, 64))
+        want, bound = _reference(x[r:r + c], q[e][3], q[e][4], q[e][5], bits, 64)
+        np.testing.assert_allclose(got[r:r + c], want, rtol=0, atol=3e-5 * np.abs(want).max())
+        exact = x[r:r + c].astype(np.float64) @ q[e][3].T
+        assert np.all(np.abs(got[r:r + c] - exact) <= bound + 3e-5 * np.abs(exact).max())
+        r += c
+    # the float path (int8 off) computes each segment exactly, up to float32 rounding
+    flt = qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=False)
+    r = 0
+    for e, c in zip(slots, counts):
+        exact = x[r:r + c].astype(np.float64) @ q[e][3].T
+        np.testing.assert_allclose(flt[r:r + c], exact, rtol=0, atol=2e-5 * np.abs(exact).max())
+        r += c
