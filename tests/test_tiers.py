@@ -180,7 +180,7 @@ def test_eval_reports_routed_bytes_from_the_tiers(tiered):
         rt.close()
 
 
-def test_recipes_presets_files_and_errors(tmp_path, tiered):
+def test_recipes_presets_files_and_errors(tmp_path, tiered, float_kernels):
     assert load_recipe("q2-tiered")["bits_per_weight"] == 2.6 and set(PRESETS) >= {"q4-tiered", "q3-tiered"}
     bad = tmp_path / "bad.toml"
     bad.write_text("[experts]\nbitz = 4\n")
