@@ -257,7 +257,7 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
 
     r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
             experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
-            kernels=kernels, read_ahead=read_ahead)
+            kernels=kernels, read_ahead=read_ahead, verify=not no_verify)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 

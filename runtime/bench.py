@@ -153,8 +153,9 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
 
 def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
           experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0) -> dict:
-    """Run the benchmark; returns every figure (the CLI prints them). ``kernels`` as in ``load``."""
+          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0, verify: bool = True) -> dict:
+    """Run the benchmark; returns every figure (the CLI prints them). ``kernels``, ``verify`` as in
+    ``load`` (``verify`` applies to this run; the resident baseline checks its blocks before timing)."""
     from .model import load
 
     pack = Path(pack)
@@ -162,9 +163,10 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     k = experts_per_token or m.top_k
     vocab = int(m.config.get("vocab_size", 1000))
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False,
-              kernels=kernels, read_ahead=read_ahead)
+              kernels=kernels, read_ahead=read_ahead, verify=verify)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
+                 "verify": verify,
                  "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
     expert_bytes = m.expert_bytes_per_token(k)  # tiered packs: as if routing were uniform
     res_bytes = resident_bytes_per_token(m)
@@ -262,6 +264,7 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
 def format_bench(r: dict) -> str:
     lines = [
         f"pack {r['pack']} ({'synthetic, ' if r['synthetic'] else ''}K={r['k']}, cache {r['cache']}, "
+        f"{'' if r.get('verify', True) else 'checksums off, '}"
         f"{r['threads']} reader threads, {r['numba_threads']} compute threads)",
         f"prompt: {r['prompt_tokens']} tokens at {r['prompt_tps']:.2f} tok/s (time to first token {r['ttft_s']:.2f} s)",
         f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "

@@ -166,7 +166,8 @@ class ExpertStore:
         """``os-map`` cache, for callers that compute with the CPU kernels (they read numpy views): an
         expert whose block is wholly in the page cache is served from a read-only mapping of its
         file instead of being copied into a slab (the copy cost ~20% of a warm decode here); the rest
-        are read as before. Each mapped block is checked against its checksum the first time."""
+        are read as before. A mapped block is checked against its checksum the first time it is
+        used, unless this store read (and checked) it before."""
         if self.policy == "os-map" and not self._in_place:
             self._mapped = {x.file: MappedLayer(self._fds[x.file], x) for x in self.pack.manifest.experts}
             self._in_place = True
@@ -208,6 +209,8 @@ class ExpertStore:
         if got != x.stride:
             raise PackError(f"{what}: short read ({got} of {x.stride} bytes)")
         self._check(x, local, slab.iovecs[slot])
+        if self._in_place:  # the page cache now holds what was just checked: its mapped hits need no check
+            self._verified.add((x.file, local))
         if self.policy == "none":
             os.posix_fadvise(fd, off, x.stride, os.POSIX_FADV_DONTNEED)
         with self._lock:

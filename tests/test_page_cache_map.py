@@ -99,3 +99,18 @@ def test_a_corrupt_block_in_the_page_cache_is_caught(pack, tmp_path):
 def test_os_map_needs_the_cpu_kernels(pack):
     with pytest.raises(PackError, match="os-map"):
         load(pack, tokenizer=False, cache="os-map", cpu_kernels=False)
+
+
+def test_bench_with_os_map_and_no_verify(pack):
+    """``bench --cache os-map --no-verify`` runs the page-cache path with checksums off and says so."""
+    from click.testing import CliRunner
+
+    from moestream.main import cli
+
+    _run(pack, [1, 2, 3, 4, 5, 6], cache="os")  # the experts into the page cache
+    res = CliRunner().invoke(cli, ["bench", str(pack), "--cache", "os-map", "--no-verify", "--no-baselines",
+                                   "--prompt-tokens", "8", "--gen-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert "cache os-map" in res.output and "checksums off" in res.output
+    if _cached(pack):
+        assert "computed in place (os-map)" in res.output
