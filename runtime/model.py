@@ -215,13 +215,14 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         if experts_per_token and not 1 <= experts_per_token <= pack.manifest.num_experts:
             raise PackError(f"--experts-per-token {experts_per_token}: must be in [1, {pack.manifest.num_experts}]")
         model = build_model(pack, experts=False)
-        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots)
         on_cpu = mx.default_device() == mx.cpu
         if dtype is None and on_cpu:
             dtype = "float32"
         if cpu_kernels is None:
             cpu_kernels = on_cpu and kernels != "mlx"
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
+        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots,
+                            cpu_only=cpu_kernels)
         if store.policy.startswith("mmap") and not cpu_kernels:
             raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
         if store.policy == "os-map":

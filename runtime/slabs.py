@@ -22,26 +22,42 @@ NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "fl
 
 
 class Slab:
-    """``capacity`` expert slots of one block layout, as one MLX array per component."""
+    """``capacity`` expert slots of one block layout, as one MLX array per component.
 
-    def __init__(self, x: ExpertLayer, capacity: int):
+    ``numpy_only``: page-aligned numpy buffers and no MLX arrays, for callers that compute with the
+    CPU kernels only; when every piece of a slot is page-aligned (:attr:`direct_ok`) the store can read
+    into it with ``O_DIRECT`` (MLX's allocations are not page-aligned).
+    """
+
+    def __init__(self, x: ExpertLayer, capacity: int, numpy_only: bool = False):
         self.capacity = capacity
         self.layout = x  # an expert file of this block layout (bits and shapes of the slots)
         self.key = block_key(x)
         self.arrays: dict[str, mx.array] = {}
         self.numpy: dict[str, np.ndarray] = {}  # the same memory, for the CPU kernels
+        self._buffers: list[mmap.mmap] = []
         views: dict[str, memoryview] = {}
         for c in x.components:
-            # Built from numpy so the storage is real (not a broadcast constant) and writable.
-            a = mx.array(np.zeros((capacity, *c.shape), NP_STORAGE[c.dtype]))
-            if c.dtype == "bfloat16":
-                a = a.view(mx.bfloat16)
-            mx.eval(a)
-            self.arrays[c.name] = a
-            views[c.name] = memoryview(a).cast("B")
+            if numpy_only:
+                buf = mmap.mmap(-1, max(1, capacity * c.nbytes))  # anonymous: page-aligned, zeroed
+                self._buffers.append(buf)
+                views[c.name] = memoryview(buf)[: capacity * c.nbytes]
+            else:
+                # Built from numpy so the storage is real (not a broadcast constant) and writable.
+                a = mx.array(np.zeros((capacity, *c.shape), NP_STORAGE[c.dtype]))
+                if c.dtype == "bfloat16":
+                    a = a.view(mx.bfloat16)
+                mx.eval(a)
+                self.arrays[c.name] = a
+                views[c.name] = memoryview(a).cast("B")
             self.numpy[c.name] = np.frombuffer(views[c.name], NP_STORAGE[c.dtype]).reshape(capacity, *c.shape)
         # Padding between and after components lands in a per-slot sink (it is part of the checksum).
-        self.sinks = [bytearray(x.stride - sum(c.nbytes for c in x.components)) for _ in range(capacity)]
+        pad = x.stride - sum(c.nbytes for c in x.components)
+        if numpy_only and pad:
+            self._buffers += [mmap.mmap(-1, pad) for _ in range(capacity)]
+            self.sinks = self._buffers[-capacity:]
+        else:
+            self.sinks = [bytearray(pad) for _ in range(capacity)]
         self.iovecs: list[list[memoryview]] = []
         for s in range(capacity):
             vecs, pos, sink, used = [], 0, memoryview(self.sinks[s]), 0
@@ -54,6 +70,7 @@ class Slab:
             if x.stride > pos:
                 vecs.append(sink[used:used + x.stride - pos])
             self.iovecs.append(vecs)
+        self.direct_ok = numpy_only and all(_aligned(v) for vecs in self.iovecs for v in vecs)
         self.pending: list[mx.array] = []  # lazy outputs that still read this slab
         self.inflight: list = []  # read-ahead reads into this slab that no caller waits for
 
@@ -79,6 +96,10 @@ def _mincore():
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _libc.mincore.restype = ctypes.c_int
     return _libc.mincore
+
+
+def _aligned(v: memoryview) -> bool:
+    return np.frombuffer(v, np.uint8).ctypes.data % _PAGE == 0 and v.nbytes % _PAGE == 0
 
 
 class MappedLayer:
