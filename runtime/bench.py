@@ -60,9 +60,11 @@ def memory_bandwidth(nbytes: int = 1 << 30) -> float:
     return best
 
 
-def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int = 0) -> float:
+def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int = 0, direct: bool = False) -> float:
     """Cold read bandwidth in bytes/s: ``reads`` random expert blocks, one ``preadv`` of ``stride`` each,
-    ``threads`` at a time, after dropping those blocks from the page cache."""
+    ``threads`` at a time, after dropping those blocks from the page cache; ``direct``: with
+    ``O_DIRECT`` into page-aligned buffers, as the store reads for ``--cache none`` on the CPU."""
+    import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(seed)
@@ -71,14 +73,15 @@ def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int 
         x = m.experts[rng.integers(len(m.experts))]
         picks.append((x, int(rng.integers(x.num_experts))))
     fds = {x.file: os.open(pack / x.file, os.O_RDONLY) for x in m.experts}
+    dfds = {x.file: os.open(pack / x.file, os.O_RDONLY | os.O_DIRECT) for x in m.experts} if direct else fds
     try:
         for x, e in picks:
             os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
-        bufs = [bytearray(max(x.stride for x in m.experts)) for _ in range(threads)]
+        bufs = [mmap.mmap(-1, max(x.stride for x in m.experts)) for _ in range(threads)]  # page-aligned
 
         def one(i: int) -> int:
             x, e = picks[i]
-            return os.preadv(fds[x.file], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
+            return os.preadv(dfds[x.file], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
 
         with ThreadPoolExecutor(threads) as pool:
             t = time.perf_counter()
@@ -87,7 +90,7 @@ def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int 
         for x, e in picks:
             os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
     finally:
-        for fd in fds.values():
+        for fd in {*fds.values(), *dfds.values()}:
             os.close(fd)
     return total / dt
 
@@ -173,13 +176,16 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     reads = max(64, 4 * k * len(m.moe_layers()))
     # The limits are probed before and after the runs and averaged: on a shared machine they drift
     # within minutes (both are reported).
-    mem0, raw0 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads) / 1e9
+    direct = bool(rt.store._direct)  # the probe reads as the run does
+    out["direct_io"] = direct
+    mem0, raw0 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads, direct=direct) / 1e9
     try:
         decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
     finally:
         rt.close()
-    mem1, raw1 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads, seed=1) / 1e9
+    mem1, raw1 = (memory_bandwidth() / 1e9,
+                  read_bandwidth(pack, m, reads=reads, threads=nthreads, seed=1, direct=direct) / 1e9)
     out.update(mem_gbps=(mem0 + mem1) / 2, raw_read_gbps=(raw0 + raw1) / 2, mem_gbps_probes=[mem0, mem1],
                raw_read_gbps_probes=[raw0, raw1])
     best = max(runs, key=lambda r: r["decode_tps"])
@@ -264,7 +270,7 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
 def format_bench(r: dict) -> str:
     lines = [
         f"pack {r['pack']} ({'synthetic, ' if r['synthetic'] else ''}K={r['k']}, cache {r['cache']}, "
-        f"{'' if r.get('verify', True) else 'checksums off, '}"
+        f"{'' if r.get('verify', True) else 'checksums off, '}{'O_DIRECT reads, ' if r.get('direct_io') else ''}"
         f"{r['threads']} reader threads, {r['numba_threads']} compute threads)",
         f"prompt: {r['prompt_tokens']} tokens at {r['prompt_tps']:.2f} tok/s (time to first token {r['ttft_s']:.2f} s)",
         f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "
