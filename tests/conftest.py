@@ -65,3 +65,4 @@ def float_kernels(monkeypatch):
     from moestream.runtime import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+

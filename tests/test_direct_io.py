@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from moestream.convert import convert
-from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+from tiny_packs import tiny_pack
+from moestream.convert.tiny import tiny_config
 from moestream.runtime import load
 
 # hidden 1024, expert intermediate 512, 4-bit g64: every component a multiple of 4 KiB
@@ -19,10 +19,7 @@ CONFIG = tiny_config(hidden_size=1024, num_experts=8, num_experts_per_tok=2, moe
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("direct")
-    src = write_tiny_checkpoint(d / "src", CONFIG, seed=4)
-    convert(str(src), d / "p4", bits=4, alignment=4096)
-    return d / "p4"
+    return tiny_pack(tmp_path_factory, "direct", CONFIG, seed=4)
 
 
 def _logits(pack, **kw):

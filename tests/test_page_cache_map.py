@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from moestream.convert import convert
-from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+from tiny_packs import tiny_pack
+from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest, PackError
 from moestream.runtime import load
 
@@ -21,10 +21,7 @@ CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("osmap")
-    src = write_tiny_checkpoint(d / "src", CONFIG, seed=9)
-    convert(str(src), d / "p4", bits=4, alignment=4096)
-    return d / "p4"
+    return tiny_pack(tmp_path_factory, "osmap", CONFIG, seed=9)
 
 
 def _run(pack, tokens, **kw):
