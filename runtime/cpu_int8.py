@@ -1,4 +1,4 @@
-"""Decode kernels with int8 activations: integer dot products over 2- and 4-bit MLX-affine codes.
+"""Decode kernels with int8 activations: integer dot products over 2-, 3- and 4-bit MLX-affine codes.
 
 The float kernels in :mod:`moestream.runtime.cpu_kernels` spend ~5 vector instructions per 4-bit
 code (shift, mask, int->float, load of the activation, FMA) and reach about 40% of this machine's
@@ -21,7 +21,9 @@ integer arithmetic widens to int64, which defeats the vectorizer). It needs AVX2
 Activation layout: MLX packs codes LSB-first, so byte ``B`` of a row holds inputs ``B * F + f`` for
 fields ``f < F = 8 / bits``. A *unit* is ``V`` bytes of a row (32, or 16 when a group is smaller);
 the activations of unit ``u`` are stored field-major, ``xq[u, f, t] = q(x[(u * V + t) * F + f])``,
-so field ``f`` of a loaded byte vector meets its activations in one contiguous load.
+so field ``f`` of a loaded byte vector meets its activations in one contiguous load. 3-bit codes
+(8 in 3 bytes, across byte boundaries) decode through AVX-512 VBMI's bit-field gather to one byte per
+code in natural order (one field; see ``_SPREAD3``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -38,48 +37,10 @@ import xxhash
 from moestream.layouts import ExpertLayer, Pack, PackError
 
 from .slabs import MappedLayer, Slab, block_key
+from .store_policy import StoreStats, parse_cache, parse_size  # noqa: F401  (parse_size: re-exported)
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class StoreStats:
-    """I/O counters; ``reads`` is the number of expert reads issued (one per missed expert)."""
-
-    reads: int = 0
-    bytes_read: int = 0  # read-ahead included: what the disk delivered
-    hits: int = 0
-    misses: int = 0
-    ahead: int = 0  # experts read ahead (guessed for the next layer)
-    ahead_hits: int = 0  # routed experts that a read-ahead had already fetched (counted as misses too)
-    page_hits: int = 0  # experts computed in place from the page cache (os cache, CPU kernels)
-    log: list[tuple[int, int, int]] | None = None  # (layer, offset, length) of every read, when tracing
-
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
-
-    def reset(self) -> None:
-        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = 0
-        if self.log is not None:
-            self.log.clear()
-
-
-def parse_size(text: str, option: str) -> int:
-    """``SIZE`` in bytes, or with a K/M/G suffix (``8G``, ``512M``); ``option`` names the flag in errors."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", text)
-    if not m:
-        raise PackError(f"{option} {text}: expected a size such as 512M or 8G")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
-
-
-def parse_cache(spec: str) -> tuple[str, int]:
-    """``os`` | ``os-map`` | ``none`` | ``mmap`` | ``mmap-none`` | ``lru:SIZE`` (see :func:`parse_size`) -> (policy, bytes)."""
-    if spec in ("os", "os-map", "none", "mmap", "mmap-none"):
-        return spec, 0
-    if not spec.startswith("lru:"):
-        raise PackError(f"--cache {spec}: expected os, os-map, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
-    return "lru", parse_size(spec[4:], "--cache lru:SIZE, SIZE =")
 
 @dataclass
 class _ReadAhead:
