@@ -74,8 +74,7 @@ def direct_ab(pack: str, k: int, tokens: int, repeat: int) -> None:
             expert_store.ExpertStore.__init__ = init
             rt = load(pack, cache="none", experts_per_token=k, tokenizer=False)
             try:
-                slabs = [s for pair in rt.store._shared.values() for s in pair]
-                used = bool(rt.store._direct) and all(s.direct_ok for s in slabs)  # else buffered reads
+                used = rt.store.direct_io  # else buffered reads
                 p50, _ = _decode_p50(rt, tokens, np.random.default_rng(r),
                                      int(rt.pack.manifest.config.get("vocab_size", 1000)))
             finally:

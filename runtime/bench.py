@@ -176,7 +176,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     reads = max(64, 4 * k * len(m.moe_layers()))
     # The limits are probed before and after the runs and averaged: on a shared machine they drift
     # within minutes (both are reported).
-    direct = bool(rt.store._direct)  # the probe reads as the run does
+    direct = rt.store.direct_io  # the probe reads as the run does
     out["direct_io"] = direct
     mem0, raw0 = memory_bandwidth() / 1e9, read_bandwidth(pack, m, reads=reads, threads=nthreads, direct=direct) / 1e9
     try:

@@ -12,8 +12,9 @@ Cache policies (``--cache``):
 - ``os-map`` (CPU kernels only): as ``os``, but an expert wholly in the page cache is computed from a
   read-only mapping of its file, without a copy; the rest are read as with ``os``. For packs that fit
   in RAM: the mapped pages then count in the process's RSS (they stay the kernel's to reclaim).
-- ``none``: after each read the range is dropped from the page cache (``POSIX_FADV_DONTNEED``), so
-  every read goes to the device: cold streaming.
+- ``none``: every read goes to the device: cold streaming. On the CPU kernels the slabs are
+  page-aligned and read with ``O_DIRECT`` where the filesystem and block layout allow; otherwise
+  each read is dropped from the page cache afterwards (``POSIX_FADV_DONTNEED``).
 - ``lru:SIZE``: an in-process cache of SIZE bytes (shared equally by the MoE layers) on top of
   uncached reads: what a machine with that much RAM for experts would see.
 
@@ -22,6 +23,7 @@ A slab slot is rewritten only after any lazy computation that reads it has been 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -81,15 +83,17 @@ class ExpertStore:
         self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")
         m = pack.manifest
         self._fds = {x.file: self._open(x) for x in m.experts}
-        self._direct: dict[str, int] = {}  # O_DIRECT descriptors (none cache, CPU kernels)
+        self._direct: dict[str, int] = {}  # O_DIRECT descriptors in use (none cache, CPU kernels)
         if self.policy == "none" and cpu_only and hasattr(os, "O_DIRECT"):
             try:
-                self._direct = {x.file: os.open(self.pack.root / x.file, os.O_RDONLY | os.O_DIRECT) for x in m.experts}
+                for x in m.experts:
+                    self._direct[x.file] = os.open(self.pack.root / x.file, os.O_RDONLY | os.O_DIRECT)
             except OSError as e:  # e.g. tmpfs: buffered reads dropped after use instead
                 log.info("O_DIRECT unavailable for %s (%s): buffered reads", pack.root, e.strerror)
                 for fd in self._direct.values():
                     os.close(fd)
                 self._direct = {}
+        self._direct_fds = list(self._direct.values())  # all to close, also those dropped after EINVAL
         self._tiers = {layer: m.expert_tiers(layer) for layer in m.moe_layers()}
         # expert id -> (tier, position in its file), per layer
         self._where: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -155,23 +159,31 @@ class ExpertStore:
             hit = mapped.resident(local)
             if hit.any():
                 todo = [j for j in local[hit].tolist() if (x.file, j) not in self._verified]
-                for j, ok in zip(todo, self._pool.map(lambda j: self._check(x, j, mapped.block(j)), todo)):
-                    self._verified.add((x.file, j))
+                list(self._pool.map(lambda j: self._check(x, j, [mapped.block(j)]), todo))  # raises if corrupt
+                self._verified.update((x.file, j) for j in todo)
                 groups.append((mapped, part[hit], local[hit]))
                 self.stats.page_hits += int(hit.sum())
             left.append(part[~hit])
         return groups, np.concatenate(left) if left else experts[:0]
 
-    def _check(self, x: ExpertLayer, local: int, blocks) -> bool:
+    @property
+    def direct_io(self) -> bool:
+        """Whether ``none`` reads go to the slabs with ``O_DIRECT`` (every slab page-aligned)."""
+        return bool(self._direct) and all(s.direct_ok for pair in getattr(self, "_shared", {}).values() for s in pair)
+
+    @staticmethod
+    def _what(x: ExpertLayer, local: int) -> str:
+        return f"{x.file}: layer {x.layer} expert {x.ids()[local] if x.expert_ids else local}"
+
+    def _check(self, x: ExpertLayer, local: int, pieces: list) -> None:
+        """Raise if the block's bytes (its pieces in order) do not match its manifest checksum."""
         if not self.verify:
-            return True
+            return
         h = xxhash.xxh3_64()
-        for v in blocks if isinstance(blocks, list) else [blocks]:
+        for v in pieces:
             h.update(v)
         if h.hexdigest() != x.checksums[local]:
-            what = f"{x.file}: layer {x.layer} expert {x.ids()[local] if x.expert_ids else local}"
-            raise PackError(f"{what}: checksum mismatch (corrupt block; run moestream verify)")
-        return True
+            raise PackError(f"{self._what(x, local)}: checksum mismatch (corrupt block; run moestream verify)")
 
     # -- reads -----------------------------------------------------------------------------------
     def _read(self, x: ExpertLayer, local: int, slab: Slab, slot: int) -> None:
@@ -179,10 +191,18 @@ class ExpertStore:
         off = x.offset + local * x.stride
         direct = slab.direct_ok and x.file in self._direct
         fd = self._direct[x.file] if direct else self._fds[x.file]
-        got = os.preadv(fd, slab.iovecs[slot], off)
-        what = f"{x.file}: layer {x.layer} expert {x.ids()[local] if x.expert_ids else local}"
+        try:
+            got = os.preadv(fd, slab.iovecs[slot], off)
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            # a filesystem that opens with O_DIRECT but refuses these reads: buffered from now on
+            log.info("%s: O_DIRECT read refused (%s): buffered reads", x.file, e.strerror)
+            self._direct.pop(x.file, None)
+            direct, fd = False, self._fds[x.file]
+            got = os.preadv(fd, slab.iovecs[slot], off)
         if got != x.stride:
-            raise PackError(f"{what}: short read ({got} of {x.stride} bytes)")
+            raise PackError(f"{self._what(x, local)}: short read ({got} of {x.stride} bytes)")
         self._check(x, local, slab.iovecs[slot])
         if self._in_place:  # the page cache now holds what was just checked: its mapped hits need no check
             self._verified.add((x.file, local))
@@ -380,7 +400,7 @@ class ExpertStore:
         self._pool.shutdown(wait=True)
         for mapped in self._mapped.values():
             mapped.close()
-        for fd in [*self._fds.values(), *self._direct.values()]:
+        for fd in [*self._fds.values(), *self._direct_fds]:
             os.close(fd)
         self._fds.clear()
         self._direct.clear()

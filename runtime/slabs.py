@@ -14,11 +14,8 @@ import numpy as np
 
 from moestream.layouts import ExpertLayer
 
-MX_STORAGE = {"uint32": mx.uint32, "uint8": mx.uint8, "bfloat16": mx.bfloat16, "float16": mx.float16,
-              "float32": mx.float32}
 NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
               "float32": np.float32}
-
 
 
 class Slab:
@@ -107,7 +104,7 @@ class MappedLayer:
 
     Two uses. The naive baseline: nothing is read explicitly; the kernels touch the pages and page
     faults (with the kernel's readahead) load them, which is what llama.cpp does for weights beyond
-    RAM. And the page-cache hits of ``--cache os`` on the CPU: an expert whose pages are all in the
+    RAM. And the page-cache hits of ``--cache os-map`` on the CPU: an expert whose pages are all in the
     page cache (:meth:`resident`) is computed where it lies instead of being copied into a slab.
     Only the CPU kernels can compute from it (MLX arrays cannot wrap foreign memory without a copy).
     """

@@ -309,15 +309,18 @@ class CpuQuantizedLinear(nn.Module):
 
     def __init__(self, lin: nn.QuantizedLinear):
         super().__init__()
+        from . import cpu_int8
         from .cpu_kernels import as_f32
 
         self.inner = lin  # keeps the parameters in the tree
         w = lin["weight"]
         self._w = _Hidden(np.asarray(memoryview(w)).view(np.uint32).reshape(w.shape))
-        # bf16 scales stay as stored (raw uint16): the decode kernels read them where they lie, and
-        # widening to float32 would add 11% to the bytes a 4-bit g64 matrix-vector product reads.
-        # Prefill (BLAS) widens per call; float16 (not read in place) is widened once here.
-        keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 else as_f32(_np_float(a))
+        # bf16 scales stay as stored (raw uint16) where the decode kernels read them in place (int8
+        # kernels, and the float ones at 2/4/8 bits): widening to float32 would add 11% to the bytes
+        # a 4-bit g64 matrix-vector product reads. Prefill (BLAS) widens per call. float16, and 3 bits
+        # without the int8 kernel (its float kernel wants float32), are widened once here.
+        in_place = lin.bits != 3 or cpu_int8.supported(3, lin.group_size)
+        keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 and in_place else as_f32(_np_float(a))
         self._s = _Hidden(keep(lin["scales"]))
         self._b = _Hidden(keep(lin["biases"]))
         self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)

@@ -46,3 +46,37 @@ def test_direct_reads_compute_what_buffered_reads_compute(pack):
     # the MLX path keeps MLX slabs and buffered reads
     got, direct, aligned, _ = _logits(pack, cache="none", cpu_kernels=False)
     assert not direct and not aligned
+
+
+def test_a_filesystem_refusing_direct_reads_falls_back_to_buffered(pack, monkeypatch):
+    """O_DIRECT opens but its reads fail with EINVAL (some filesystems): the store reads buffered
+    from then on, with the same outputs."""
+    import errno
+    import os
+
+    want, _, _, _ = _logits(pack, cache="os")
+    real = os.preadv
+    refused = []
+
+    def preadv(fd, bufs, off):
+        if fd in direct_fds:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+
+    from moestream.runtime import expert_store
+
+    direct_fds: set = set()
+    orig = expert_store.ExpertStore.__init__
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        direct_fds.update(self._direct.values())
+
+    monkeypatch.setattr(expert_store.ExpertStore, "__init__", init)
+    monkeypatch.setattr(os, "preadv", preadv)
+    got, _, _, st = _logits(pack, cache="none")
+    if not direct_fds:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert refused  # the direct reads were tried, refused, and redone buffered
+    np.testing.assert_array_equal(got, want)
