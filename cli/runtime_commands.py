@@ -14,6 +14,18 @@ import click
 from .main import _human, cli, one_line_errors
 
 
+def _size(ctx, param, value):
+    if value is None:  # nothing imported: the runtime loads inside the command (Ctrl-C handled there)
+        return None
+    from moestream.layouts.errors import MoestreamError
+    from moestream.runtime.store_policy import parse_size
+
+    try:
+        return parse_size(value, "--prefill-buffer")
+    except MoestreamError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _runtime_options(fn):
     for opt in reversed([
         click.option("--experts-per-token", "-k", "experts_per_token", type=int, default=None,
@@ -24,6 +36,9 @@ def _runtime_options(fn):
         click.option("--kernels", type=click.Choice(["auto", "metal", "mlx"]), default="auto", show_default=True,
                      help="Expert kernels: auto (Metal's on Apple silicon, numba's on the CPU), metal, or mlx "
                           "(MLX's built-in quantized ops)."),
+        click.option("--prefill-buffer", "prefill_buffer", default=None, metavar="SIZE", callback=_size,
+                     help="Prefill's expert ring (CPU kernels, os/none caches): reads start at each layer's "
+                          "entry and run through its compute [default: 4G, at most RAM/8; 0: off]."),
     ]):
         fn = opt(fn)
     return fn
@@ -55,13 +70,13 @@ def _print_stats(s) -> None:
 @_runtime_options
 @one_line_errors
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing,
-             experts_per_token, cache, threads, no_verify, kernels):
+             experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-              kernels=kernels)
+              kernels=kernels, prefill_buffer=prefill_buffer)
     trace = rt.trace_routing() if trace_routing else None
     try:
         for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
@@ -86,13 +101,14 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
 @click.option("--hide-think", is_flag=True, help="Do not show the thinking, only the answer.")
 @_runtime_options
 @one_line_errors
-def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify, kernels):
+def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify, kernels,
+         prefill_buffer):
     """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-              kernels=kernels)
+              kernels=kernels, prefill_buffer=prefill_buffer)
     history: list[dict] = []
     try:
         while True:
@@ -202,7 +218,7 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 @_runtime_options
 @one_line_errors
 def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing,
-             experts_per_token, cache, threads, no_verify, kernels):
+             experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
@@ -215,7 +231,8 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
     per_k = sum(x.stride for x in Manifest.load(pack).experts)
     results = []
     for k in ks:
-        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify, kernels=kernels)
+        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify, kernels=kernels,
+                  prefill_buffer=prefill_buffer)
         trace = rt.trace_routing() if trace_routing else None
         try:
             res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
@@ -250,14 +267,14 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @_runtime_options
 @one_line_errors
 def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_json, experts_per_token, cache,
-          threads, no_verify, kernels):
+          threads, no_verify, kernels, prefill_buffer):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
     r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
             experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
-            kernels=kernels, read_ahead=read_ahead, verify=not no_verify)
+            kernels=kernels, read_ahead=read_ahead, verify=not no_verify, prefill_buffer=prefill_buffer)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
@@ -280,7 +297,7 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
 @_runtime_options
 @one_line_errors
 def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,
-          prompt_cache_bytes, experts_per_token, cache, threads, no_verify, kernels):
+          prompt_cache_bytes, experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
     """OpenAI-compatible HTTP server over a streamed pack.
 
     Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
@@ -298,6 +315,6 @@ def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_cont
     server = build_server(str(pack), host, port, api_key=api_key, max_concurrency=max_concurrency,
                           max_context=max_context, mlx_args=extra, cache=cache,
                           experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-                          kernels=kernels)
+                          kernels=kernels, prefill_buffer=prefill_buffer)
     click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
     server.serve_forever()

@@ -123,6 +123,8 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     cache = make_prompt_cache(model)
     b0 = store.stats.bytes_read if store else 0
     h0, m0 = (store.stats.hits, store.stats.misses) if store else (0, 0)
+    ring = store.prefill_stream if store else None
+    g0 = (ring.guessed, ring.guess_hits, store.stats.wasted) if ring else (0, 0, 0)
     t = time.perf_counter()
     logits = None
     for i in range(0, prompt_tokens, 512):  # prefill in chunks: each chunk reads its experts once
@@ -131,6 +133,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
     mx.eval(tok)
     ttft = time.perf_counter() - t
+    g1 = (ring.guessed, ring.guess_hits, store.stats.wasted) if ring else (0, 0, 0)
     b1 = store.stats.bytes_read if store else 0
     a1, ah1, m1 = (store.stats.ahead, store.stats.ahead_hits, store.stats.misses) if store else (0, 0, 0)
     p1 = store.stats.page_hits if store else 0
@@ -151,12 +154,15 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
             "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0,
             "read_ahead_per_token": (store.stats.ahead - a1) / gen_tokens if store else 0.0,
             "page_hits_per_token": (store.stats.page_hits - p1) / gen_tokens if store else 0.0,
-            "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0}
+            "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0,
+            "prefill_ring_slots": ring.capacity if ring else 0, "prefill_guessed": g1[0] - g0[0],
+            "prefill_guess_hits": g1[1] - g0[1], "prefill_wasted_reads": g1[2] - g0[2]}
 
 
 def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
           experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0, verify: bool = True) -> dict:
+          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0, verify: bool = True,
+          prefill_buffer: int | None = None) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them). ``kernels``, ``verify`` as in
     ``load`` (``verify`` applies to this run; the resident baseline checks its blocks before timing)."""
     from .model import load
@@ -166,7 +172,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
     k = experts_per_token or m.top_k
     vocab = int(m.config.get("vocab_size", 1000))
     rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False,
-              kernels=kernels, read_ahead=read_ahead, verify=verify)
+              kernels=kernels, read_ahead=read_ahead, verify=verify, prefill_buffer=prefill_buffer)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
                  "verify": verify,
@@ -290,6 +296,10 @@ def format_bench(r: dict) -> str:
     if r.get("read_ahead_per_token"):
         lines.insert(3, f"read-ahead: {r['read_ahead_per_token']:.1f} experts guessed per token, "
                         f"{r['read_ahead_hit_rate']:.1%} of routed experts already read or in flight when routed")
+    if r.get("prefill_guessed"):
+        lines.insert(2, f"prefill ring ({r['prefill_ring_slots']} slots): {r['prefill_guessed']} experts guessed at "
+                        f"layer entries, {r['prefill_guess_hits'] / r['prefill_guessed']:.1%} of them routed; "
+                        f"{r['prefill_wasted_reads']} wrong guesses read")
     for name, b in r.get("baselines", {}).items():
         lines.append(f"baseline {name}: decode {b['decode_tps']:.3f} tok/s, prompt {b['prompt_tps']:.2f} tok/s -> "
                      f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "

@@ -38,6 +38,7 @@ import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
 
+from .prefill_stream import PrefillStream, default_budget
 from .slabs import MappedLayer, Slab, block_key
 from .store_policy import StoreStats, parse_cache, parse_size  # noqa: F401  (parse_size: re-exported)
 
@@ -72,10 +73,13 @@ class ExpertStore:
         cpu_only: the caller computes with the CPU kernels only (numpy views): with ``none``, slabs
             are page-aligned numpy buffers read with ``O_DIRECT`` where the filesystem allows (no
             copy through the page cache), else read buffered and dropped.
+        prefill_buffer: bytes of the prefill ring (:mod:`~moestream.runtime.prefill_stream`; CPU kernels,
+            ``os``/``none`` caches); default :func:`~moestream.runtime.prefill_stream.default_budget`,
+            0 turns it off. Its pages are given back when decode starts.
     """
 
     def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
-                 trace: bool = False, verify: bool = True, cpu_only: bool = False):
+                 trace: bool = False, verify: bool = True, cpu_only: bool = False, prefill_buffer: int | None = None):
         self.pack = pack
         self.policy, self.cache_bytes = parse_cache(cache)
         self.verify = verify
@@ -133,6 +137,16 @@ class ExpertStore:
                     aligned = bool(self._direct)
                     self._shared[key] = [Slab(x, cap, numpy_only=aligned), Slab(x, cap, numpy_only=aligned)]
                     self._turn[key] = 0
+        self.prefill_stream: PrefillStream | None = None
+        self._ring_layers: set[int] = set()
+        if cpu_only and self.policy in ("os", "none") and prefill_buffer != 0:
+            x = m.experts[0]
+            budget = default_budget() if prefill_buffer is None else prefill_buffer
+            self._ring_layers = {lay for lay, xs in self._tiers.items()
+                                 if len(xs) == 1 and block_key(xs[0]) == block_key(x)}
+            slots = min(budget // x.stride, n)
+            if self._ring_layers and slots >= 1:
+                self.prefill_stream = PrefillStream(x, slots, self._ring_read, self.stats)
 
     def _open(self, x: ExpertLayer) -> int:
         try:
@@ -227,11 +241,14 @@ class ExpertStore:
         return [(k, experts[t == k], local[experts[t == k]]) for k in np.unique(t).tolist()]
 
     # -- the interface the streamed MoE layer uses -------------------------------------------------
-    def fetch(self, layer: int, experts: np.ndarray, overlap: list | None = None
+    def fetch(self, layer: int, experts: np.ndarray, overlap: list | None = None, many: bool = False
               ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
         """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
 
         ``overlap``: callables returning arrays to evaluate while the first reads are in flight.
+        ``many``: a multi-token chunk (prefill): served by the prefill ring where there is one (the
+        caller computes each group eagerly before asking for the next). A one-token fetch gives the
+        ring's pages back.
 
         Yields one group at a time (more than one only when the experts outnumber a slab's slots):
         its experts sit in the given slots of its slab. Before asking for the next group the caller
@@ -249,6 +266,16 @@ class ExpertStore:
                 self.drop_page_cache(layer)
             return
         overlap = overlap if overlap is not None else []
+        ring = self.prefill_stream
+        if ring is not None:
+            if many and layer in self._ring_layers:
+                self.stats.misses += len(experts)
+                groups = ring.fetch(layer, experts)
+                _run_overlap(overlap)
+                yield from groups
+                return
+            if not many:
+                ring.release_pages()
         ahead, self._ahead = self._ahead, None  # a read-ahead is good for the next fetch only
         in_place = []
         if self._in_place:
@@ -300,6 +327,15 @@ class ExpertStore:
             if i + 1 < len(groups):
                 nxt = issue(groups[i + 1])
             yield slab, part, slots
+
+    def _ring_read(self, layer: int, expert: int, slab: Slab, slot: int):
+        return self._pool.submit(self._read, self._tiers[layer][0], int(self._where[layer][1][expert]), slab, slot)
+
+    def prefill_guess(self, layer: int, experts: list[int]) -> None:
+        """Start reading ``experts`` of ``layer`` into the prefill ring (a guess made at the layer's
+        entry; see :class:`~moestream.runtime.prefill_stream.EntryGuess`)."""
+        if self.prefill_stream is not None and layer in self._ring_layers:
+            self.prefill_stream.guess(layer, experts)
 
     def read_ahead(self, layer: int, experts: np.ndarray) -> None:
         """Start reading ``experts`` of ``layer`` (a guess at its routing) into the slab its next fetch
@@ -397,6 +433,8 @@ class ExpertStore:
             os.posix_fadvise(self._fds[x.file], 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        if self.prefill_stream is not None:
+            self.prefill_stream.release_pages()  # waits for its reads
         self._pool.shutdown(wait=True)
         for mapped in self._mapped.values():
             mapped.close()

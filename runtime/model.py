@@ -180,7 +180,7 @@ def check_kernels(kernels: str) -> bool:
 def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
          threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
          cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto",
-         read_ahead: int = 0) -> Runtime:
+         read_ahead: int = 0, prefill_buffer: int | None = None) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -203,6 +203,10 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             Wrong guesses cost disk and memory bandwidth: on a synthetic 397B pack (random routing,
             22% guessed right) it slowed cold decode by 19%; on the trained fixture the guess is right
             50-83% of the time (``benchmarks/RESULTS.md``).
+        prefill_buffer: bytes of the prefill ring (CPU kernels, ``os``/``none``): a prompt chunk's
+            expert reads start at each MoE layer's entry, guessed by its router, and run back to back
+            through the layer's compute (:mod:`~moestream.runtime.prefill_stream`). Default 4 GiB
+            (at most RAM / 8); 0: off.
 
     Example:
         >>> rt = load("packs/qwen-4bit", cache="lru:8G")
@@ -222,7 +226,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             cpu_kernels = on_cpu and kernels != "mlx"
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
         store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots,
-                            cpu_only=cpu_kernels)
+                            cpu_only=cpu_kernels, prefill_buffer=prefill_buffer)
         if store.policy.startswith("mmap") and not cpu_kernels:
             raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
         if store.policy == "os-map":
@@ -263,6 +267,17 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
 
             use_cpu_delta(model)
             use_cpu_attention(model)
+        if store.prefill_stream is not None:
+            from .prefill_stream import EntryGuess, guess_at_entry
+
+            guesses = {}
+            for i, mlp in blocks.items():
+                layer = model.layers[i]
+                guesses[i] = EntryGuess(store.prefill_guess, i, mlp, getattr(layer, "post_attention_layernorm", None),
+                                        pack.manifest.num_experts)
+                guess_at_entry(layer, guesses[i])
+            for a, b in zip(layers, layers[1:]):
+                get_switch(blocks[a]).prefill_guess_next(guesses[b])
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None

@@ -37,6 +37,8 @@ class Slab:
         for c in x.components:
             if numpy_only:
                 buf = mmap.mmap(-1, max(1, capacity * c.nbytes))  # anonymous: page-aligned, zeroed
+                if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages: a first read into a slot faults 512x less
+                    buf.madvise(mmap.MADV_HUGEPAGE)
                 self._buffers.append(buf)
                 views[c.name] = memoryview(buf)[: capacity * c.nbytes]
             else:

@@ -19,6 +19,7 @@ class StoreStats:
     ahead: int = 0  # experts read ahead (guessed for the next layer)
     ahead_hits: int = 0  # routed experts that a read-ahead had already fetched (counted as misses too)
     page_hits: int = 0  # experts computed in place from the page cache (os cache, CPU kernels)
+    wasted: int = 0  # reads of wrong prefill guesses (read, never used): reads == misses + ahead + wasted
     log: list[tuple[int, int, int]] | None = None  # (layer, offset, length) of every read, when tracing
 
     @property
@@ -27,7 +28,7 @@ class StoreStats:
         return self.hits / n if n else 0.0
 
     def reset(self) -> None:
-        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = 0
+        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = self.wasted = 0
         if self.log is not None:
             self.log.clear()
 

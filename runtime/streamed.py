@@ -106,6 +106,7 @@ class StreamedSwitchGLU(nn.Module):
         self._metal = metal_kernels and self._quantized and all(self._metal_shapes(x) for x in tiers)
         self._next = _Hidden(None)  # (layer, MoE block) of the next MoE layer, for read-ahead
         self.read_ahead = 0
+        self._next_prefill = _Hidden(None)  # the next MoE layer's EntryGuess (prefill ring)
 
     def read_ahead_for(self, layer: int, block: nn.Module, count: int) -> None:
         """On one-token calls, guess ``count`` experts of the next MoE ``layer`` by applying its router
@@ -113,6 +114,12 @@ class StreamedSwitchGLU(nn.Module):
         them while this layer computes. A wrong guess costs disk time only."""
         self._next.module = (layer, block)
         self.read_ahead = count
+
+    def prefill_guess_next(self, guess) -> None:
+        """On multi-token calls, run the next MoE layer's :class:`~moestream.runtime.prefill_stream.EntryGuess`
+        on this layer's input once this layer's reads are queued: the prefill ring then reads the next
+        layer's experts while this one computes, not only from the next layer's entry."""
+        self._next_prefill.module = guess
 
     def overlap_with(self, shared: EarlySharedExpert) -> None:
         """Evaluate ``shared`` while this layer's expert reads are in flight."""
@@ -129,6 +136,8 @@ class StreamedSwitchGLU(nn.Module):
         overlap = [lambda: shared.start(x)] if shared is not None else []
         if self.read_ahead and self._next.module is not None and x.size == x.shape[-1]:
             overlap.insert(0, lambda: self._guess_next(x))
+        if self._next_prefill.module is not None and x.size > x.shape[-1]:
+            overlap.insert(0, lambda: self._next_prefill.module(x, normed=True) or [])
         if self._cpu:
             return self._cpu_call(x, inds, experts, overlap)
         if self._metal and x.size == x.shape[-1]:
@@ -218,7 +227,7 @@ class StreamedSwitchGLU(nn.Module):
         xs = np.array(x.astype(mx.float32)).reshape(-1, h)
         flat = inds.reshape(xs.shape[0], -1)
         out = np.zeros((*flat.shape, h), np.float32)
-        for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
+        for slab, part, slots in self._store.fetch(self._layer, experts, overlap, many=xs.shape[0] > 1):
             glu = self._glus.module[slab.key]
             a = slab.numpy
             if self.recorder is None and self._mode == "affine" and not self._bias:

@@ -46,8 +46,9 @@ def test_read_ahead_leaves_outputs_unchanged(pack, cache, cpu_kernels):
     decode_layers = 14 * (len(m.moe_layers()) - 1)  # every layer but the last guesses for the next
     assert st0.ahead == 0 and st.ahead == 4 * decode_layers
     assert 0 < st.ahead_hits <= st.ahead  # some guesses were right, on a random model too
-    # the disk read every routed expert once, plus the wrong guesses
-    assert st.reads == st0.reads + st.ahead - st.ahead_hits
+    # the disk read every routed expert once, plus the wrong guesses (the prompt's prefill guesses
+    # too: how many of its wrong ones were cancelled before they started varies between runs)
+    assert st.reads - st.wasted == st0.reads - st0.wasted + st.ahead - st.ahead_hits
 
 
 def test_a_guess_for_another_layer_is_not_used(pack):

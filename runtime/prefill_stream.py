@@ -1,0 +1,225 @@
+"""Prefill's expert stream: a ring of expert slots that keeps the disk busy through a whole prompt.
+
+A prompt chunk of T tokens routes to most of a layer's experts (T x k pairs over E experts: for
+512 tokens at k = 4 over 512 experts, 98% of them), so prefill reads nearly every expert of every
+layer. With the decode slabs those reads wait for the router, and the disk idles while the layer's
+attention and projections run (about a third of a cold 512-token prefill here). The ring changes
+two things:
+
+- at each MoE layer's entry, before its attention, the layer's router applied to the layer's input
+  guesses the experts the chunk will route to, and their reads start at once into the ring, most
+  often-guessed first (:meth:`PrefillStream.guess`);
+- once the real routing is known, :meth:`PrefillStream.fetch` drops the wrong guesses (cancelling
+  reads not yet started), queues the missed experts, and hands experts to the caller as their reads
+  land; a slot is reused as soon as its expert has been computed.
+
+So reads run back to back, overlapping the resident compute and the experts' own compute. Only
+for the CPU kernels (they compute eagerly from numpy views, so a slot is free once the caller
+returns) and untiered layers of one block layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections import deque
+from concurrent.futures import Future
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .slabs import Slab
+
+log = logging.getLogger(__name__)
+
+MIN_GROUP = 8  # experts handed over at once while reads lag (fewer, larger kernel launches)
+MAX_GROUP = 32  # and at most: a full ring's slots come back while its experts are computed, not after
+
+
+class PrefillStream:
+    """``capacity`` page-aligned expert slots and the reads in flight into them.
+
+    Args:
+        layout: an expert file of the block layout the ring holds.
+        capacity: slots.
+        submit: ``submit(layer, expert, slab, slot) -> Future`` issues one expert's read.
+        stats: the store's counters (``wasted`` counts the reads of wrong guesses).
+    """
+
+    def __init__(self, layout, capacity: int, submit: Callable[[int, int, Slab, int], Future], stats=None):
+        self.slab = Slab(layout, capacity, numpy_only=True)
+        self.capacity = capacity
+        self._submit = submit
+        self._stats = stats
+        self._free: deque[int] = deque(range(capacity))
+        self._held: dict[tuple[int, int], tuple[int, Future]] = {}  # (layer, expert) -> slot, read; issue order
+        self._queue: deque[tuple[int, int]] = deque()  # waiting for a free slot
+        self._dropped: list[tuple[int, Future]] = []  # wrong guesses whose reads are still running
+        self.guessed = 0  # experts read on a guess
+        self.guess_hits = 0  # routed experts a guess had read or started
+        self._guesses: set[tuple[int, int]] = set()
+        self._touched = False
+
+    def guess(self, layer: int, experts: list[int]) -> None:
+        """Start reading ``experts`` of ``layer`` (in this order) before its routing is known."""
+        for e in experts:
+            k = (layer, int(e))
+            if k not in self._held and k not in self._guesses:
+                self._queue.append(k)
+                self._guesses.add(k)
+                self.guessed += 1
+        self._pump()
+
+    def fetch(self, layer: int, experts: np.ndarray) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
+        """Drop the wrong guesses and queue the missed experts now; the returned iterator yields
+        (slab, experts, slots) groups until every one of ``experts`` has been handed over. The
+        caller computes a group before asking for the next (its slots are then reused)."""
+        need = set(np.asarray(experts).tolist())
+        self._touched = True
+        self._drop(lambda k: k[0] != layer or k[1] not in need)
+        self.guess_hits += sum(1 for k in self._guesses if k[0] == layer and k[1] in need)
+        self._guesses.clear()
+        queued = set(self._queue)
+        self._queue.extend(k for k in ((layer, e) for e in sorted(need)) if k not in self._held and k not in queued)
+        self._pump()
+        return self._groups({(layer, e) for e in need})
+
+    def _groups(self, pending: set[tuple[int, int]]) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
+        # Guesses for the next layer may be queued or held meanwhile: only ``pending`` is handed over.
+        try:
+            while pending:
+                if not any(k in pending for k in self._held):
+                    # the pending reads queue behind no guess (they were queued first), so only dropped
+                    # reads can be holding the slots they wait for
+                    if not self._dropped:
+                        raise RuntimeError("prefill ring: no slot for a pending read")
+                    self._dropped[0][1].exception()
+                    self._pump()
+                    continue
+                group = self._ready(pending)
+                try:
+                    yield self.slab, np.array([e for _, e in group]), np.array([self._held[k][0] for k in group])
+                finally:
+                    for k in group:
+                        self._free.append(self._held.pop(k)[0])
+                        pending.discard(k)
+                    self._pump()
+        except BaseException:
+            self._drop(lambda k: True)  # an error or an abandoned fetch: nothing here is wanted now
+            raise
+
+    def _ready(self, pending: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The pending experts whose reads are done, oldest first: at least one (waiting for the
+        oldest), and while more are in flight, at least MIN_GROUP or all that are left; at most MAX_GROUP."""
+        keys = [k for k in self._held if k in pending]
+        self._held[keys[0]][1].result()  # re-raises a short read, I/O error or checksum mismatch
+        want = min(MIN_GROUP, len(keys))
+        done = [k for k in keys if self._held[k][1].done()]
+        while len(done) < want:
+            waiting = set(keys) - set(done)
+            next(self._held[k][1] for k in keys if k in waiting).result()
+            done = [k for k in keys if self._held[k][1].done()]
+        done = done[:MAX_GROUP]
+        for k in done:
+            self._held[k][1].result()
+        return done
+
+    def _drop(self, unwanted: Callable[[tuple[int, int]], bool]) -> None:
+        self._queue = deque(k for k in self._queue if not unwanted(k))
+        for k in [k for k in self._held if unwanted(k)]:
+            slot, f = self._held.pop(k)
+            if f.cancel():  # not started: no read
+                self._free.append(slot)
+            else:
+                self._dropped.append((slot, f))
+                if self._stats is not None:
+                    self._stats.wasted += 1
+
+    def _pump(self) -> None:
+        """Issue queued reads into free slots (slots of dropped reads come back once those finish)."""
+        still = []
+        for slot, f in self._dropped:
+            (self._free.append(slot) if f.done() else still.append((slot, f)))
+        self._dropped = still
+        while self._free and self._queue:
+            layer, e = self._queue.popleft()
+            slot = self._free.popleft()
+            self._held[layer, e] = (slot, self._submit(layer, e, self.slab, slot))
+
+    def release_pages(self) -> None:
+        """Give the ring's memory back to the OS (decode does not use it); it is faulted in again by
+        the next prefill's reads."""
+        if not self._touched:
+            return
+        self._drop(lambda k: True)
+        for _, f in self._dropped:
+            f.exception()  # waits: a page must not be released under a read
+        self._dropped = []
+        self._free = deque(range(self.capacity))
+        for buf in self.slab._buffers:
+            buf.madvise(mmap.MADV_DONTNEED)
+        self._touched = False
+
+
+def default_budget() -> int:
+    """Bytes of ring by default: 4 GiB, at most an eighth of the machine's RAM (the ring should hold
+    what the disk reads during one layer's resident compute: ~1.5 s of a 512-token chunk here)."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 16 << 30
+    return min(4 << 30, ram // 8)
+
+
+class EntryGuess:
+    """Called with a MoE layer's input (before its attention): on a chunk large enough that most
+    experts will be routed to (tokens x k >= experts), guesses which ones by applying the layer's
+    router to the normalized input (the residual stream changes little within a layer) and starts
+    their reads. A router that is not a plain linear (DeepSeek's grouped gate): every expert, in order.
+    """
+
+    def __init__(self, guess: Callable[[int, list[int]], None], layer: int, block, norm, num_experts: int):
+        self._guess, self.layer, self._block, self._norm, self._n = guess, layer, block, norm, num_experts
+
+    def __call__(self, h, normed: bool = False) -> None:
+        """``h``: the layer's input (the residual stream); ``normed``: already normalized (the previous
+        MoE layer's input, when that layer makes the guess for this one)."""
+        import mlx.core as mx
+
+        from .model import get_experts_per_token
+        from .streamed import router_of
+
+        tokens = h.size // h.shape[-1]
+        k = get_experts_per_token(self._block)
+        if tokens * k < self._n:
+            return
+        router = router_of(self._block)
+        if router is None:
+            self._guess(self.layer, list(range(self._n)))
+            return
+        x = self._norm(h) if self._norm is not None and not normed else h
+        logits = np.array(router(x).astype(mx.float32)).reshape(tokens, -1)[:, : self._n]
+        top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+        counts = np.bincount(top.reshape(-1), minlength=self._n)
+        order = np.argsort(-counts, kind="stable")
+        self._guess(self.layer, order[counts[order] > 0].tolist())
+
+
+_HOOKED: dict[type, type] = {}
+
+
+def guess_at_entry(layer, guess: EntryGuess) -> None:
+    """Make decoder ``layer`` call ``guess`` with its input first (its class is swapped for a
+    subclass whose ``__call__`` does that and then runs mlx-lm's own code)."""
+    cls = type(layer)
+    if cls not in _HOOKED.values():
+        if cls not in _HOOKED:
+            def __call__(self, x, *args, **kwargs):
+                self._entry_guess(x)
+                return cls.__call__(self, x, *args, **kwargs)
+
+            _HOOKED[cls] = type(f"Guessing{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        layer.__class__ = _HOOKED[cls]
+    layer._entry_guess = guess
