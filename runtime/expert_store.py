@@ -75,7 +75,8 @@ class ExpertStore:
             copy through the page cache), else read buffered and dropped.
         prefill_buffer: bytes of the prefill ring (:mod:`~moestream.runtime.prefill_stream`; CPU kernels,
             ``os``/``none`` caches); default :func:`~moestream.runtime.prefill_stream.default_budget`,
-            0 turns it off. Its pages are given back when decode starts.
+            0 turns it off. Its pages, once touched, stay with the process (a reader buffer, like the
+            slabs): faulting them in again for each prompt would halve its first reads' speed.
     """
 
     def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
@@ -247,8 +248,7 @@ class ExpertStore:
 
         ``overlap``: callables returning arrays to evaluate while the first reads are in flight.
         ``many``: a multi-token chunk (prefill): served by the prefill ring where there is one (the
-        caller computes each group eagerly before asking for the next). A one-token fetch gives the
-        ring's pages back.
+        caller computes each group eagerly before asking for the next).
 
         Yields one group at a time (more than one only when the experts outnumber a slab's slots):
         its experts sit in the given slots of its slab. Before asking for the next group the caller
@@ -267,15 +267,12 @@ class ExpertStore:
             return
         overlap = overlap if overlap is not None else []
         ring = self.prefill_stream
-        if ring is not None:
-            if many and layer in self._ring_layers:
-                self.stats.misses += len(experts)
-                groups = ring.fetch(layer, experts)
-                _run_overlap(overlap)
-                yield from groups
-                return
-            if not many:
-                ring.release_pages()
+        if ring is not None and many and layer in self._ring_layers:
+            self.stats.misses += len(experts)
+            groups = ring.fetch(layer, experts)
+            _run_overlap(overlap)
+            yield from groups
+            return
         ahead, self._ahead = self._ahead, None  # a read-ahead is good for the next fetch only
         in_place = []
         if self._in_place:
@@ -434,7 +431,7 @@ class ExpertStore:
 
     def close(self) -> None:
         if self.prefill_stream is not None:
-            self.prefill_stream.release_pages()  # waits for its reads
+            self.prefill_stream.close()  # waits for its reads
         self._pool.shutdown(wait=True)
         for mapped in self._mapped.values():
             mapped.close()

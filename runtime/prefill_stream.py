@@ -20,7 +20,6 @@ returns) and untiered layers of one block layout.
 
 from __future__ import annotations
 
-import logging
 import mmap
 from collections import deque
 from concurrent.futures import Future
@@ -29,8 +28,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .slabs import Slab
-
-log = logging.getLogger(__name__)
 
 MIN_GROUP = 8  # experts handed over at once while reads lag (fewer, larger kernel launches)
 MAX_GROUP = 32  # and at most: a full ring's slots come back while its experts are computed, not after
@@ -55,10 +52,9 @@ class PrefillStream:
         self._held: dict[tuple[int, int], tuple[int, Future]] = {}  # (layer, expert) -> slot, read; issue order
         self._queue: deque[tuple[int, int]] = deque()  # waiting for a free slot
         self._dropped: list[tuple[int, Future]] = []  # wrong guesses whose reads are still running
-        self.guessed = 0  # experts read on a guess
+        self.guessed = 0  # experts guessed (queued for reading before their layer's routing)
         self.guess_hits = 0  # routed experts a guess had read or started
         self._guesses: set[tuple[int, int]] = set()
-        self._touched = False
 
     def guess(self, layer: int, experts: list[int]) -> None:
         """Start reading ``experts`` of ``layer`` (in this order) before its routing is known."""
@@ -75,7 +71,6 @@ class PrefillStream:
         (slab, experts, slots) groups until every one of ``experts`` has been handed over. The
         caller computes a group before asking for the next (its slots are then reused)."""
         need = set(np.asarray(experts).tolist())
-        self._touched = True
         self._drop(lambda k: k[0] != layer or k[1] not in need)
         self.guess_hits += sum(1 for k in self._guesses if k[0] == layer and k[1] in need)
         self._guesses.clear()
@@ -146,19 +141,19 @@ class PrefillStream:
             slot = self._free.popleft()
             self._held[layer, e] = (slot, self._submit(layer, e, self.slab, slot))
 
-    def release_pages(self) -> None:
-        """Give the ring's memory back to the OS (decode does not use it); it is faulted in again by
-        the next prefill's reads."""
-        if not self._touched:
-            return
+    def prefault(self) -> None:
+        """Touch every page of the ring now. A read into a page not yet faulted in ran at about half
+        speed here (the kernel allocates and zeroes it inside the read; with a full page cache it
+        reclaims first), so a first prefill pays that unless this ran before (bench's warm-up)."""
+        for buf in self.slab._buffers:
+            np.frombuffer(buf, np.uint8)[:: mmap.PAGESIZE] = 0
+
+    def close(self) -> None:
+        """Drop what is queued and wait for the reads still writing into the ring."""
         self._drop(lambda k: True)
         for _, f in self._dropped:
-            f.exception()  # waits: a page must not be released under a read
+            f.exception()
         self._dropped = []
-        self._free = deque(range(self.capacity))
-        for buf in self.slab._buffers:
-            buf.madvise(mmap.MADV_DONTNEED)
-        self._touched = False
 
 
 def default_budget() -> int:

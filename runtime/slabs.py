@@ -36,9 +36,8 @@ class Slab:
         views: dict[str, memoryview] = {}
         for c in x.components:
             if numpy_only:
-                buf = mmap.mmap(-1, max(1, capacity * c.nbytes))  # anonymous: page-aligned, zeroed
-                if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages: a first read into a slot faults 512x less
-                    buf.madvise(mmap.MADV_HUGEPAGE)
+                # anonymous: page-aligned, zeroed; private (Python's default is shared memory)
+                buf = mmap.mmap(-1, max(1, capacity * c.nbytes), flags=_PRIVATE)
                 self._buffers.append(buf)
                 views[c.name] = memoryview(buf)[: capacity * c.nbytes]
             else:
@@ -53,7 +52,7 @@ class Slab:
         # Padding between and after components lands in a per-slot sink (it is part of the checksum).
         pad = x.stride - sum(c.nbytes for c in x.components)
         if numpy_only and pad:
-            self._buffers += [mmap.mmap(-1, pad) for _ in range(capacity)]
+            self._buffers += [mmap.mmap(-1, pad, flags=_PRIVATE) for _ in range(capacity)]
             self.sinks = self._buffers[-capacity:]
         else:
             self.sinks = [bytearray(pad) for _ in range(capacity)]
@@ -85,6 +84,7 @@ class Slab:
 
 
 _PAGE = mmap.PAGESIZE
+_PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _libc = None
 
 
