@@ -35,8 +35,8 @@ def main() -> None:
     waits: list[float] = []
     fetch = expert_store.ExpertStore.fetch
 
-    def timed_fetch(self, layer, experts, overlap=None):
-        it = fetch(self, layer, experts, overlap)
+    def timed_fetch(self, layer, experts, overlap=None, many=False):
+        it = fetch(self, layer, experts, overlap, many)
         while True:
             t = time.perf_counter()
             try:

@@ -27,12 +27,10 @@ import errno
 import logging
 import os
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
-import mlx.core as mx
 import numpy as np
 import xxhash
 
@@ -40,7 +38,8 @@ from moestream.layouts import ExpertLayer, Pack, PackError
 
 from .prefill_stream import PrefillStream, default_budget
 from .slabs import MappedLayer, Slab, block_key
-from .store_policy import StoreStats, parse_cache, parse_size  # noqa: F401  (parse_size: re-exported)
+from .store_lru import LruExperts
+from .store_policy import StoreStats, parse_cache, parse_size, run_overlap  # noqa: F401  (parse_size: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +49,6 @@ class _ReadAhead:
     layer: int
     slab: Slab
     reads: dict  # expert -> (slot, future)
-
-
-@dataclass
-class _LayerCache:
-    slab: Slab
-    slots: OrderedDict = field(default_factory=OrderedDict)  # expert -> slot, in LRU order
 
 
 class ExpertStore:
@@ -116,17 +109,7 @@ class ExpertStore:
         if self.policy.startswith("mmap"):
             self._mapped = {x.file: MappedLayer(self._fds[x.file], x) for x in m.experts}
         elif self.policy == "lru":
-            # Each layer gets an equal share; a tiered layer splits its share by its files' sizes.
-            per_layer = self.cache_bytes // max(1, len(self._tiers))
-            self._lru: dict[tuple[int, int], _LayerCache] = {}
-            for layer, xs in self._tiers.items():
-                total = sum(x.num_experts * x.stride for x in xs)
-                for t, x in enumerate(xs):
-                    slots = per_layer * x.num_experts // total
-                    self._lru[layer, t] = _LayerCache(Slab(x, max(1, min(x.num_experts, slots))))
-            if any(sum(c.slab.capacity for (lay, _), c in self._lru.items() if lay == layer) < m.top_k
-                   for layer in self._tiers):
-                log.warning("lru cache of %d bytes holds fewer than top-k experts per layer", self.cache_bytes)
+            self._lru = LruExperts(self._tiers, self.cache_bytes, m.top_k, self.stats)
         else:
             cap = min(n, max_slots or max(2 * m.top_k, 32))
             # Two slab sets per block layout, alternated between calls (double buffering).
@@ -231,7 +214,7 @@ class ExpertStore:
 
     def _read_all(self, x: ExpertLayer, todo: list[tuple[int, int]], slab: Slab, overlap: list) -> None:
         futures = [self._pool.submit(self._read, x, j, slab, s) for j, s in todo]
-        _run_overlap(overlap)  # compute that needs no expert (the shared expert) runs while reads are in flight
+        run_overlap(overlap)  # compute that needs no expert (the shared expert) runs while reads are in flight
         for f in futures:
             f.result()  # re-raises a short read or I/O error
 
@@ -255,10 +238,11 @@ class ExpertStore:
         appends the lazy outputs that read the slab to ``slab.pending``.
         """
         if self.policy == "lru":
-            yield from self._fetch_lru(layer, experts, overlap if overlap is not None else [])
+            yield from self._lru.fetch(layer, self._by_tier(layer, experts), overlap if overlap is not None else [],
+                                       self._read_all)
             return
         if self.policy.startswith("mmap"):
-            _run_overlap(overlap or [])
+            run_overlap(overlap or [])
             self.stats.misses += len(experts)
             for t, part, local in self._by_tier(layer, experts):
                 yield self._mapped[self._tiers[layer][t].file], part, local
@@ -270,7 +254,7 @@ class ExpertStore:
         if ring is not None and many and layer in self._ring_layers:
             self.stats.misses += len(experts)
             groups = ring.fetch(layer, experts)
-            _run_overlap(overlap)
+            run_overlap(overlap)
             yield from groups
             return
         ahead, self._ahead = self._ahead, None  # a read-ahead is good for the next fetch only
@@ -280,7 +264,7 @@ class ExpertStore:
             if not len(experts):  # all in the page cache: nothing to read
                 if ahead is not None:
                     ahead.slab.inflight += [f for _, f in ahead.reads.values()]
-                _run_overlap(overlap)
+                run_overlap(overlap)
                 yield from in_place
                 return
         groups = []  # (file, slab key, experts, positions), at most a slab's capacity each
@@ -315,7 +299,7 @@ class ExpertStore:
         else:
             nxt = issue(groups[0])
         # Double buffering: group g + 1 is read into the other slab while the caller computes group g.
-        _run_overlap(overlap)
+        run_overlap(overlap)
         yield from in_place  # computed while the first reads are in flight
         for i in range(len(groups)):
             slab, part, slots, futures = nxt
@@ -375,50 +359,12 @@ class ExpertStore:
         self.stats.misses += len(part)
         return ahead.slab, part, np.array(slots), futures
 
-    def _fetch_lru(self, layer: int, experts: np.ndarray, overlap: list):
-        for t, tier_part, tier_local in self._by_tier(layer, experts):
-            lc = self._lru[layer, t]
-            x = self._tiers[layer][t]
-            cap = lc.slab.capacity
-            for g0 in range(0, len(tier_part), cap):
-                part = tier_part[g0:g0 + cap].tolist()
-                pos = dict(zip(part, tier_local[g0:g0 + cap].tolist()))
-                want = set(part)
-                todo, slots = [], []
-                used = set(lc.slots.values())  # once: inside the comprehension it was rebuilt per slot
-                free = [s for s in range(cap) if s not in used]
-                for e in part:
-                    if e in lc.slots:
-                        lc.slots.move_to_end(e)
-                        self.stats.hits += 1
-                    else:
-                        if not free:  # evict the least recently used expert not needed by this group
-                            victim = next(v for v in lc.slots if v not in want)
-                            free.append(lc.slots.pop(victim))
-                        slot = free.pop()
-                        lc.slots[e] = slot
-                        todo.append((pos[e], slot))
-                        self.stats.misses += 1
-                    slots.append(lc.slots[e])
-                if todo:
-                    lc.slab.settle()
-                    self._read_all(x, todo, lc.slab, overlap)
-                _run_overlap(overlap)
-                yield lc.slab, np.array(part), np.array(slots)
-        _run_overlap(overlap)
-
     def prefetch_all(self) -> None:
         """lru mode: read every expert of every layer into the cache (it must hold them all)."""
         if self.policy != "lru":
             raise ValueError("prefetch_all needs an lru cache")
-        for (layer, t), lc in self._lru.items():
-            n = self._tiers[layer][t].num_experts
-            if lc.slab.capacity < n:
-                raise ValueError(f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts "
-                                 f"(file {self._tiers[layer][t].file})")
-        for layer in self._tiers:
-            for _ in self._fetch_lru(layer, np.arange(self.pack.manifest.num_experts), []):
-                pass
+        every = np.arange(self.pack.manifest.num_experts)
+        self._lru.prefetch_all(lambda layer: self._by_tier(layer, every), self._read_all)
 
     def drop_page_cache(self, layer: int | None = None) -> None:
         """Drop the expert files (or one layer's) from the page cache, unmapping mapped pages first:
@@ -439,9 +385,3 @@ class ExpertStore:
             os.close(fd)
         self._fds.clear()
         self._direct.clear()
-
-
-def _run_overlap(overlap: list) -> None:
-    """Call and evaluate (then forget) the pending overlap work."""
-    while overlap:
-        mx.eval(overlap.pop(0)())

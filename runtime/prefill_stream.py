@@ -20,7 +20,7 @@ returns) and untiered layers of one block layout.
 
 from __future__ import annotations
 
-import mmap
+import os
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Iterator
@@ -145,8 +145,7 @@ class PrefillStream:
         """Touch every page of the ring now. A read into a page not yet faulted in ran at about half
         speed here (the kernel allocates and zeroes it inside the read; with a full page cache it
         reclaims first), so a first prefill pays that unless this ran before (bench's warm-up)."""
-        for buf in self.slab._buffers:
-            np.frombuffer(buf, np.uint8)[:: mmap.PAGESIZE] = 0
+        self.slab.prefault()
 
     def close(self) -> None:
         """Drop what is queued and wait for the reads still writing into the ring."""
@@ -159,8 +158,6 @@ class PrefillStream:
 def default_budget() -> int:
     """Bytes of ring by default: 4 GiB, at most an eighth of the machine's RAM (the ring should hold
     what the disk reads during one layer's resident compute: ~1.5 s of a 512-token chunk here)."""
-    import os
-
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

@@ -72,6 +72,11 @@ class Slab:
         self.pending: list[mx.array] = []  # lazy outputs that still read this slab
         self.inflight: list = []  # read-ahead reads into this slab that no caller waits for
 
+    def prefault(self) -> None:
+        """Touch every page of a ``numpy_only`` slab now (a read into a page not yet faulted in is slower)."""
+        for buf in self._buffers:
+            np.frombuffer(buf, np.uint8)[:: mmap.PAGESIZE] = 0
+
     def settle(self) -> None:
         """Evaluate every pending computation that reads this slab and finish the reads still writing
         into it, so its slots may be rewritten."""

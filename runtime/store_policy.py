@@ -19,7 +19,8 @@ class StoreStats:
     ahead: int = 0  # experts read ahead (guessed for the next layer)
     ahead_hits: int = 0  # routed experts that a read-ahead had already fetched (counted as misses too)
     page_hits: int = 0  # experts computed in place from the page cache (os cache, CPU kernels)
-    wasted: int = 0  # reads of wrong prefill guesses (read, never used): reads == misses + ahead + wasted
+    wasted: int = 0  # reads of wrong prefill guesses (read, never used): with os/none,
+    # reads == misses - ahead_hits + ahead + wasted
     log: list[tuple[int, int, int]] | None = None  # (layer, offset, length) of every read, when tracing
 
     @property
@@ -48,3 +49,12 @@ def parse_cache(spec: str) -> tuple[str, int]:
     if not spec.startswith("lru:"):
         raise PackError(f"--cache {spec}: expected os, os-map, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
     return "lru", parse_size(spec[4:], "--cache lru:SIZE, SIZE =")
+
+
+def run_overlap(overlap: list) -> None:
+    """Call and evaluate (then forget) the pending overlap work (compute that needs no expert, run
+    while reads are in flight)."""
+    import mlx.core as mx
+
+    while overlap:
+        mx.eval(overlap.pop(0)())
