@@ -99,6 +99,11 @@ class PrefillStream:
                         self._free.append(self._held.pop(k)[0])
                         pending.discard(k)
                     self._pump()
+            # The layer's wrong guesses that had started are long done by now; waiting for them here
+            # keeps the counters of this fetch complete when it returns.
+            for _, f in self._dropped:
+                f.exception()
+            self._pump()
         except BaseException:
             self._drop(lambda k: True)  # an error or an abandoned fetch: nothing here is wanted now
             raise
