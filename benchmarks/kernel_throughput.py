@@ -4,7 +4,7 @@ machine's memory read bandwidth, all measured in one run.
 For each width (2/3/4/8 bits, group 64) on a [rows, 4096] matrix: GB/s of weight bytes (codes plus
 bf16 scales and biases) for one token: the int8-activation kernels (2 and 4 bits), the float32
 numba kernels and ``mx.quantized_matmul`` (float32 activations); and GFLOP/s for a 64-token batch.
-The baseline is a parallel float32 sum over 1 GiB. The default matrix (128 Ki rows, 256-1024 MB) is
+The baseline is numpy sums over 1 GiB of float32, split over the compute threads. The default matrix (128 Ki rows, 256-1024 MB) is
 larger than the caches, so one token's product reads it from RAM.
 
 Usage: python benchmarks/kernel_throughput.py [--rows 131072]
@@ -16,6 +16,7 @@ import argparse
 import time
 
 import mlx.core as mx
+import numba
 import numpy as np
 
 from moestream.runtime.bench import memory_bandwidth
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4096)
     args = ap.parse_args()
     mem = memory_bandwidth() / 1e9
-    print(f"memory read bandwidth (parallel sum over 1 GiB): {mem:.2f} GB/s")
+    print(f"memory read bandwidth (numpy sums over 1 GiB, {numba.get_num_threads()} threads): {mem:.2f} GB/s")
     rng = np.random.default_rng(0)
     n, k = args.rows, args.cols
     nb = min(n, 8192)  # the 64-token batch: compute-bound, a smaller matrix will do
