@@ -1,8 +1,8 @@
 """Decode kernels with int8 activations: integer dot products over 2-, 3- and 4-bit MLX-affine codes.
 
 The float kernels in :mod:`moestream.runtime.cpu_kernels` spend ~5 vector instructions per 4-bit
-code (shift, mask, int->float, load of the activation, FMA) and reach about 40% of this machine's
-memory bandwidth for one token. Here, as in llama.cpp's q4 x q8 dot products, each activation group
+code (shift, mask, int->float, load of the activation, FMA) and reach about a tenth of this
+machine's memory bandwidth for one token (4 of 31-38 GB/s, ``benchmarks/kernel_throughput.py``). Here, as in llama.cpp's q4 x q8 dot products, each activation group
 is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes are multiplied as bytes:
 ``pmaddubsw`` multiplies 32 unsigned codes by 32 signed activations and adds pairs into int16,
 ``pmaddwd`` adds pairs again into int32: two instructions per 32 codes, plus one mask or shift to
@@ -37,6 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+BLOCK = 8  # groups whose scale and bias work is done as one vector
 
 
 @functools.cache
@@ -102,6 +103,22 @@ def _load_float(builder, ptr, index, dtype):
     return v
 
 
+def _load_floats(builder, ptr, index, dtype, n: int = BLOCK):
+    """Elements ``index .. index + n - 1`` of a scale/bias/activation row as a float32 vector."""
+    at = builder.gep(ptr, [index])
+    if dtype == types.uint16:
+        v = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(16), n).as_pointer()), align=2)
+        wide = builder.shl(builder.zext(v, ir.VectorType(I32, n)), ir.Constant(ir.VectorType(I32, n), [16] * n))
+        return builder.bitcast(wide, ir.VectorType(F32, n))
+    return builder.load(builder.bitcast(at, ir.VectorType(F32, n).as_pointer()), align=4)
+
+
+def _hsum(builder, vec, lanes: int, total):
+    for i in range(lanes):
+        total = builder.fadd(total, builder.extract_element(vec, ir.Constant(I32, i)), flags=("fast",))
+    return total
+
+
 def _make_dot(bits: int, vbytes: int, nt: int):
     """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)``:
     one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
@@ -113,6 +130,12 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     scales and biases, the row's first at elements ``s_off`` and ``b_off``. With ``nt`` tokens each
     byte vector of codes is loaded and split into fields once and meets ``nt`` activation vectors
     (prefill: a routed expert sees a few tokens at a time).
+
+    Groups go in blocks of ``BLOCK``: the block's scales, biases and activation terms are loaded as
+    vectors, the bias terms summed by vector FMAs, and each group's integer sums meet one lane of
+    ``s * dx``. Per group that leaves the integer products, a convert and one FMA (the scalar
+    per-group epilogue had as many instructions as the products). Groups past the last whole block
+    take the scalar epilogue.
     """
     fields = _fields(bits)
     wbytes = 12 if bits == 3 else vbytes  # bytes of codes a unit loads
@@ -121,6 +144,7 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     vi16 = ir.VectorType(I16, vbytes // 2)
     vi32 = ir.VectorType(I32, lanes)
     vf32 = ir.VectorType(F32, lanes)
+    vblk = ir.VectorType(F32, BLOCK)
     if vbytes == 32:
         maddubs, madd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
     else:
@@ -153,10 +177,14 @@ def _make_dot(bits: int, vbytes: int, nt: int):
                 f_shift = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]),
                                                          "llvm.x86.avx512.pmultishift.qb.256")
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in range(nt)]
+            sides = [cgutils.alloca_once_value(builder, ir.Constant(vblk, [0.0] * BLOCK)) for _ in range(nt)]
             ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
-            with cgutils.for_range(builder, groups_) as gl:
-                g = gl.index
-                isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
+            isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
+
+            def integer_sums(g):
+                """Group ``g``'s codes against each token's int8 activations: int32 lane sums."""
+                for t in range(nt):
+                    builder.store(ir.Constant(vi32, [0] * lanes), isums[t])
                 with cgutils.for_range(builder, upg_) as ul:
                     u = builder.add(builder.mul(g, upg_), ul.index)
                     at = builder.gep(wp, [builder.mul(u, ir.Constant(u.type, wbytes))])
@@ -174,6 +202,7 @@ def _make_dot(bits: int, vbytes: int, nt: int):
                             codes.append(builder.and_(code, mask) if f < fields - 1 else code)
                     xbase = builder.mul(u, ir.Constant(u.type, vbytes * fields))
                     for t in range(nt):
+                        acc = builder.load(isums[t])
                         p = None
                         for f in range(fields):
                             xv = builder.load(builder.bitcast(builder.gep(
@@ -181,22 +210,45 @@ def _make_dot(bits: int, vbytes: int, nt: int):
                                 align=1)
                             prod = builder.call(f_maddubs, [codes[f], xv])  # |.| <= 2 * 15 * 127 per int16 lane
                             p = prod if p is None else builder.add(p, prod)
-                        builder.store(builder.add(builder.load(isums[t]), builder.call(f_madd, [p, ones])), isums[t])
+                        acc = builder.add(acc, builder.call(f_madd, [p, ones]))
+                        builder.store(acc, isums[t])
+                return [builder.sitofp(builder.load(isums[t]), vf32) for t in range(nt)]
+
+            def fma_acc(t, fv, scale):
+                term = builder.fmul(fv, scale, flags=("fast",))
+                builder.store(builder.fadd(builder.load(accs[t]), term, flags=("fast",)), accs[t])
+
+            nblk = builder.udiv(groups_, ir.Constant(groups_.type, BLOCK))
+            with cgutils.for_range(builder, nblk) as bl:
+                g0 = builder.mul(bl.index, ir.Constant(groups_.type, BLOCK))
+                sv, bv = _load_floats(builder, sp, g0, a_s.dtype), _load_floats(builder, bp, g0, a_b.dtype)
+                sdx = []
+                for t in range(nt):
+                    dxv, xgv, egv = (_load_floats(builder, a[t], g0, types.float32) for a in per_group)
+                    side = builder.fadd(builder.fmul(bv, xgv, flags=("fast",)), builder.fmul(sv, egv, flags=("fast",)),
+                                        flags=("fast",))
+                    builder.store(builder.fadd(builder.load(sides[t]), side, flags=("fast",)), sides[t])
+                    sdx.append(builder.fmul(sv, dxv, flags=("fast",)))
+                for j in range(BLOCK):
+                    fvs = integer_sums(builder.add(g0, ir.Constant(g0.type, j)))
+                    for t in range(nt):
+                        lane = builder.shuffle_vector(sdx[t], ir.Constant(vblk, ir.Undefined),
+                                                      ir.Constant(ir.VectorType(I32, lanes), [j] * lanes))
+                        fma_acc(t, fvs[t], lane)
+            with cgutils.for_range_slice(builder, builder.mul(nblk, ir.Constant(groups_.type, BLOCK)), groups_,
+                                         ir.Constant(groups_.type, 1)) as (g, _):
+                fvs = integer_sums(g)
                 sg = _load_float(builder, sp, g, a_s.dtype)
                 bg = _load_float(builder, bp, g, a_b.dtype)
                 for t in range(nt):
                     dxt, xgt, egt = (builder.load(builder.gep(a[t], [g])) for a in per_group)
-                    fv = builder.sitofp(builder.load(isums[t]), vf32)
-                    term = builder.fmul(fv, _splat(builder, vf32, builder.fmul(sg, dxt)), flags=("fast",))
-                    builder.store(builder.fadd(builder.load(accs[t]), term, flags=("fast",)), accs[t])
+                    fma_acc(t, fvs[t], _splat(builder, vf32, builder.fmul(sg, dxt)))
                     side = builder.fadd(builder.fmul(bg, xgt), builder.fmul(sg, egt))
                     builder.store(builder.fadd(builder.load(ysbs[t]), side), ysbs[t])
             op = data(signature.args[13], out_).data
             for t in range(nt):
-                vec = builder.load(accs[t])
-                total = builder.load(ysbs[t])
-                for i in range(lanes):
-                    total = builder.fadd(total, builder.extract_element(vec, ir.Constant(I32, i)))
+                total = _hsum(builder, builder.load(accs[t]), lanes, builder.load(ysbs[t]))
+                total = _hsum(builder, builder.load(sides[t]), BLOCK, total)
                 where = builder.add(out_off_, builder.mul(builder.add(t0_, ir.Constant(t0_.type, t)), out_step_))
                 builder.store(total, builder.gep(op, [where]))
             return context.get_dummy_value()
