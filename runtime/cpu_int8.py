@@ -70,17 +70,27 @@ def supported(bits: int, group: int) -> bool:
     return available() and bits in (2, 4) and group * bits // 8 >= 16 and group * bits // 8 % 16 == 0
 
 
-def unit_bytes(bits: int, group: int) -> int:
-    """Bytes of codes a unit's byte vector holds once decoded (3 bits: 12 bytes decode to 32 codes)."""
-    return 32 if bits == 3 else min(32, group * bits // 8)
+def unit_bytes(bits: int, group: int, k: int | None = None) -> int:
+    """Bytes of codes a unit's byte vector holds once decoded (3 bits: 12 bytes decode to 32 codes).
+    Groups of 16 bytes share a 32-byte unit with their neighbour (the unit's int32 lanes split
+    between the two groups) when rows of ``k`` inputs hold whole blocks of groups: half-width
+    vectors ran at half the speed."""
+    if bits == 3:
+        return 32
+    gb = group * bits // 8
+    return 32 if gb == 16 and k is not None and k % (group * BLOCK) == 0 else min(32, gb)
+
+
+def groups_per_unit(bits: int, group: int, k: int | None = None) -> int:
+    return 1 if bits == 3 else max(1, unit_bytes(bits, group, k) // (group * bits // 8))
 
 
 def _fields(bits: int) -> int:
     return 1 if bits == 3 else 8 // bits
 
 
-def units_per_group(bits: int, group: int) -> int:
-    return group // (unit_bytes(bits, group) * _fields(bits))
+def units_per_group(bits: int, group: int, k: int | None = None) -> int:
+    return max(1, group // (unit_bytes(bits, group, k) * _fields(bits)))
 
 
 # 3 bits: 8 codes in each 3 bytes, LSB-first. A unit is 12 bytes (32 codes): each 3-byte chunk is
@@ -119,7 +129,7 @@ def _hsum(builder, vec, lanes: int, total):
     return total
 
 
-def _make_dot(bits: int, vbytes: int, nt: int):
+def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1):
     """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)``:
     one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
 
@@ -135,7 +145,9 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     vectors, the bias terms summed by vector FMAs, and each group's integer sums meet one lane of
     ``s * dx``. Per group that leaves the integer products, a convert and one FMA (the scalar
     per-group epilogue had as many instructions as the products). Groups past the last whole block
-    take the scalar epilogue.
+    take the scalar epilogue. With ``gpu`` groups to a unit (16-byte groups in 32-byte units: the
+    caller guarantees whole blocks), lane ``l`` of a unit's sums belongs to its group
+    ``l * gpu // lanes``.
     """
     fields = _fields(bits)
     wbytes = 12 if bits == 3 else vbytes  # bytes of codes a unit loads
@@ -181,12 +193,12 @@ def _make_dot(bits: int, vbytes: int, nt: int):
             ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
             isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
 
-            def integer_sums(g):
-                """Group ``g``'s codes against each token's int8 activations: int32 lane sums."""
+            def integer_sums(first, count):
+                """Units ``first ..`` (``count``) against each token's int8 activations: int32 lane sums."""
                 for t in range(nt):
                     builder.store(ir.Constant(vi32, [0] * lanes), isums[t])
-                with cgutils.for_range(builder, upg_) as ul:
-                    u = builder.add(builder.mul(g, upg_), ul.index)
+                with cgutils.for_range(builder, count) as ul:
+                    u = builder.add(first, ul.index)
                     at = builder.gep(wp, [builder.mul(u, ir.Constant(u.type, wbytes))])
                     if bits == 3:  # exactly 12 bytes: no read past a buffer's end
                         v12 = builder.bitcast(builder.load(builder.bitcast(at, ir.VectorType(I32, 3).as_pointer()),
@@ -229,15 +241,20 @@ def _make_dot(bits: int, vbytes: int, nt: int):
                                         flags=("fast",))
                     builder.store(builder.fadd(builder.load(sides[t]), side, flags=("fast",)), sides[t])
                     sdx.append(builder.fmul(sv, dxv, flags=("fast",)))
-                for j in range(BLOCK):
-                    fvs = integer_sums(builder.add(g0, ir.Constant(g0.type, j)))
+                for j in range(BLOCK // gpu):
+                    if gpu == 1:
+                        fvs = integer_sums(builder.mul(builder.add(g0, ir.Constant(g0.type, j)), upg_), upg_)
+                    else:
+                        u = builder.add(builder.udiv(g0, ir.Constant(g0.type, gpu)), ir.Constant(g0.type, j))
+                        fvs = integer_sums(u, ir.Constant(g0.type, 1))
+                    which = [j * gpu + l * gpu // lanes for l in range(lanes)]
                     for t in range(nt):
                         lane = builder.shuffle_vector(sdx[t], ir.Constant(vblk, ir.Undefined),
-                                                      ir.Constant(ir.VectorType(I32, lanes), [j] * lanes))
+                                                      ir.Constant(ir.VectorType(I32, lanes), which))
                         fma_acc(t, fvs[t], lane)
             with cgutils.for_range_slice(builder, builder.mul(nblk, ir.Constant(groups_.type, BLOCK)), groups_,
                                          ir.Constant(groups_.type, 1)) as (g, _):
-                fvs = integer_sums(g)
+                fvs = integer_sums(builder.mul(g, upg_), upg_)
                 sg = _load_float(builder, sp, g, a_s.dtype)
                 bg = _load_float(builder, bp, g, a_b.dtype)
                 for t in range(nt):
@@ -258,37 +275,42 @@ def _make_dot(bits: int, vbytes: int, nt: int):
     return dot
 
 
-_WIDTHS = [(2, 16), (2, 32), (4, 16), (4, 32), (3, 32)]  # (bits, unit bytes)
-_DOT = {(bits, v, nt): _make_dot(bits, v, nt) for bits, v in _WIDTHS for nt in (1, 2, 4)}
+_WIDTHS = [(2, 16, 1), (2, 32, 1), (2, 32, 2), (4, 16, 1), (4, 32, 1), (4, 32, 2), (3, 32, 1)]  # bits, unit bytes, groups
+_DOT = {(bits, v, gpu, nt): _make_dot(bits, v, nt, gpu) for bits, v, gpu in _WIDTHS for nt in (1, 2, 4)}
 
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _quantize_rows(x, group, vbytes, fields, centre, xq, dx, xg, eg):
     # Per row and group: int8 codes round(x / dx), dx = max|x| / 127, in the unit layout; exact sums;
-    # the centring term c * (sum(x) - dx * sum(xq)). A group is a whole number of units.
+    # the centring term c * (sum(x) - dx * sum(xq)). A unit may span two groups.
     J, K = x.shape
     per_unit = vbytes * fields
-    upg = group // per_unit
+    G = K // group
+    inv = np.empty(G, np.float32)
+    qs = np.empty(G, np.float32)
     for j in range(J):
-        for g in range(K // group):
+        for g in range(G):
             m = np.float32(0.0)
             s = np.float32(0.0)
             for i in range(g * group, (g + 1) * group):
                 s += x[j, i]
                 m = max(m, abs(x[j, i]))
             d = m / np.float32(127.0)
-            inv = np.float32(1.0) / d if m > 0 else np.float32(0.0)
-            qs = np.float32(0.0)
-            for u in range(g * upg, (g + 1) * upg):
-                base = u * per_unit
-                for t in range(vbytes):
-                    for f in range(fields):
-                        q = np.rint(x[j, base + t * fields + f] * inv)
-                        qs += q
-                        xq[j, base + f * vbytes + t] = np.int8(q)
+            inv[g] = np.float32(1.0) / d if m > 0 else np.float32(0.0)
+            qs[g] = 0.0
             dx[j, g] = d
             xg[j, g] = s
-            eg[j, g] = centre * (s - d * qs)
+        for u in range(K // per_unit):
+            base = u * per_unit
+            for t in range(vbytes):
+                for f in range(fields):
+                    i = base + t * fields + f
+                    g = i // group
+                    q = np.rint(x[j, i] * inv[g])
+                    qs[g] += q
+                    xq[j, base + f * vbytes + t] = np.int8(q)
+        for g in range(G):
+            eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g])
 
 
 def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, ...]:
@@ -298,7 +320,7 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
     J, K = x.shape
     xq = np.empty((J, K), np.int8)
     dx, xg, eg = (np.empty((J, K // group), np.float32) for _ in range(3))
-    _quantize_rows(x, group, unit_bytes(bits, group), _fields(bits), ((1 << bits) - 1) / 2, xq, dx, xg, eg)
+    _quantize_rows(x, group, unit_bytes(bits, group, K), _fields(bits), ((1 << bits) - 1) / 2, xq, dx, xg, eg)
     return xq, dx, xg, eg
 
 
@@ -368,7 +390,12 @@ def _make_kernels(dot1, dot2, dot4):
     return matvec, experts, grouped
 
 
-_KERNELS = {(bits, v): _make_kernels(_DOT[bits, v, 1], _DOT[bits, v, 2], _DOT[bits, v, 4]) for bits, v in _WIDTHS}
+_KERNELS = {w: _make_kernels(*(_DOT[(*w, nt)] for nt in (1, 2, 4))) for w in _WIDTHS}
+
+
+def _plan(bits: int, group: int, k: int) -> tuple[tuple[int, int, int], int]:
+    """The kernel family for rows of ``k`` inputs, and its units per group."""
+    return (bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k)), units_per_group(bits, group, k)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -386,11 +413,10 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     ``w``: uint32 codes [out, in * bits / 32]; ``scales``/``biases``: [out, in / group] as bf16 bits
     (uint16), float16 (widened here) or float32.
     """
-    v = unit_bytes(bits, group_size)
+    kern, upg = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     dst = out if out is not None and out.flags.c_contiguous else np.empty((x.shape[0], w.shape[0]), np.float32)
-    _KERNELS[bits, v][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         units_per_group(bits, group_size), dst)
+    _KERNELS[kern][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg, dst)
     if out is not None and dst is not out:
         out[...] = dst
         return out
@@ -401,11 +427,11 @@ def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
                      bits: int, group_size: int) -> np.ndarray:
     """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack ``w [S, out, in * bits / 32]`` (a slab,
     or a memory-mapped layer file's experts with its block stride)."""
-    v = unit_bytes(bits, group_size)
+    kern, upg = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    _KERNELS[bits, v][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         units_per_group(bits, group_size), np.ascontiguousarray(slots, dtype=np.int64), out)
+    _KERNELS[kern][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
+                      np.ascontiguousarray(slots, dtype=np.int64), out)
     return out
 
 
@@ -414,12 +440,11 @@ def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     """Rows of ``x`` sorted by expert: the first ``seg_count[0]`` rows times ``dequantize(w[seg_slot[0]]).T``,
     the next ``seg_count[1]`` times ``w[seg_slot[1]]``, and so on (a prefill group's experts in one
     launch; each row's result is what :func:`qmv_int8` gives for it)."""
-    v = unit_bytes(bits, group_size)
+    kern, upg = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     count = np.ascontiguousarray(seg_count, dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    _KERNELS[bits, v][2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-                         units_per_group(bits, group_size), np.ascontiguousarray(seg_slot, dtype=np.int64), start,
-                         count, out)
+    _KERNELS[kern][2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
+                      np.ascontiguousarray(seg_slot, dtype=np.int64), start, count, out)
     return out

@@ -57,6 +57,19 @@ def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
     assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2)) < 0.03
 
 
+@pytest.mark.parametrize("bits,group", [(2, 64), (4, 32)])
+@pytest.mark.parametrize("k", [1024, 640])  # 1024: 16-byte groups paired in 32-byte units; 640: not (10 groups)
+def test_int8_paired_and_tail_groups(bits, group, k):
+    _need(bits, group)
+    assert cpu_int8.groups_per_unit(bits, group, k) == (2 if k % (group * cpu_int8.BLOCK) == 0 else 1)
+    rng = np.random.default_rng(bits * 1000 + k)
+    wq, s, b, deq, s64, b64 = _quantized(rng, (40, k), bits, group)
+    x = (rng.standard_normal((5, k)) * 2).astype(np.float32)
+    x[:, 3] *= 30
+    want, _ = _reference(x, deq, s64, b64, bits, group)
+    np.testing.assert_allclose(qmm(x, wq, s, b, bits, group, int8=True), want, rtol=0, atol=3e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
 def test_int8_with_float16_and_float32_scales(dtype):
     rng = np.random.default_rng(7)
