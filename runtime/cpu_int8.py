@@ -129,7 +129,7 @@ def _hsum(builder, vec, lanes: int, total):
     return total
 
 
-def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1):
+def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
     """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)``:
     one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
 
@@ -147,7 +147,8 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1):
     per-group epilogue had as many instructions as the products). Groups past the last whole block
     take the scalar epilogue. With ``gpu`` groups to a unit (16-byte groups in 32-byte units: the
     caller guarantees whole blocks), lane ``l`` of a unit's sums belongs to its group
-    ``l * gpu // lanes``.
+    ``l * gpu // lanes``. ``units`` per group is compiled in (the ``upg`` argument is not read):
+    a loop of unknown count around each group's units cost 3-bit rows 40% of their speed.
     """
     fields = _fields(bits)
     wbytes = 12 if bits == 3 else vbytes  # bytes of codes a unit loads
@@ -168,8 +169,9 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1):
 
         def codegen(context, builder, signature, args):
             aw, _, axq, adx, axg, aeg, a_s, a_b = signature.args[:8]
-            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, upg_, t0_, out_, out_off_,
+            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, _, t0_, out_, out_off_,
              out_step_) = args
+            upg_ = ir.Constant(groups_.type, units)
             data = lambda ty, v: context.make_array(ty)(context, builder, v)
             K = builder.extract_value(data(axq, xq_).shape, 1)
             wp = builder.gep(builder.bitcast(data(aw, w_).data, I8.as_pointer()), [w_off_])
@@ -275,8 +277,7 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1):
     return dot
 
 
-_WIDTHS = [(2, 16, 1), (2, 32, 1), (2, 32, 2), (4, 16, 1), (4, 32, 1), (4, 32, 2), (3, 32, 1)]  # bits, unit bytes, groups
-_DOT = {(bits, v, gpu, nt): _make_dot(bits, v, nt, gpu) for bits, v, gpu in _WIDTHS for nt in (1, 2, 4)}
+
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -390,12 +391,16 @@ def _make_kernels(dot1, dot2, dot4):
     return matvec, experts, grouped
 
 
-_KERNELS = {w: _make_kernels(*(_DOT[(*w, nt)] for nt in (1, 2, 4))) for w in _WIDTHS}
+@functools.cache
+def _kernels(bits: int, vbytes: int, gpu: int, upg: int):
+    """(matvec, experts, grouped) for one code width, unit size, groups per unit and units per group."""
+    return _make_kernels(*(_make_dot(bits, vbytes, nt, gpu, upg) for nt in (1, 2, 4)))
 
 
-def _plan(bits: int, group: int, k: int) -> tuple[tuple[int, int, int], int]:
+def _plan(bits: int, group: int, k: int):
     """The kernel family for rows of ``k`` inputs, and its units per group."""
-    return (bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k)), units_per_group(bits, group, k)
+    upg = units_per_group(bits, group, k)
+    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), upg), upg
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -416,7 +421,7 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     kern, upg = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     dst = out if out is not None and out.flags.c_contiguous else np.empty((x.shape[0], w.shape[0]), np.float32)
-    _KERNELS[kern][0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg, dst)
+    kern[0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg, dst)
     if out is not None and dst is not out:
         out[...] = dst
         return out
@@ -430,7 +435,7 @@ def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     kern, upg = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    _KERNELS[kern][1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
+    kern[1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
                       np.ascontiguousarray(slots, dtype=np.int64), out)
     return out
 
@@ -445,6 +450,6 @@ def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     count = np.ascontiguousarray(seg_count, dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    _KERNELS[kern][2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
+    kern[2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
                       np.ascontiguousarray(seg_slot, dtype=np.int64), start, count, out)
     return out
