@@ -1,7 +1,8 @@
 """``moestream calibrate``: run text through a pack and record :class:`~moestream.quant.Calibration`.
 
 The model runs streamed from a pack (an 8-bit pack's activations are close to the source's) with
-the CPU kernels, whose expert path exposes each expert's SwiGLU intermediate. Memory: the sums and
+the CPU kernels, whose expert path exposes each expert's SwiGLU intermediate, in float32 throughout
+(no int8 activations: their rounding would be noise in the statistics). Memory: the sums and
 one window of activations, besides the runtime itself.
 """
 
@@ -28,7 +29,10 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     from .model import get_switch, load, moe_blocks
     from .streamed import CpuQuantizedLinear
 
+    from . import cpu_kernels
+
     rt = load(pack, cpu_kernels=True)
+    int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products
     try:
         if not rt.cpu_kernels:
             raise PackError(f"{pack}: calibrate needs a quantized pack (an 8-bit one is closest to the source)")
@@ -61,4 +65,5 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
                  len(linears))
         return cal
     finally:
+        cpu_kernels.INT8_ACTIVATIONS = int8
         rt.close()

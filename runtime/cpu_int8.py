@@ -1,4 +1,4 @@
-"""Decode kernels with int8 activations: integer dot products over 2-, 3- and 4-bit MLX-affine codes.
+"""Decode kernels with int8 activations: integer dot products over 2-, 3-, 4- and 8-bit MLX-affine codes.
 
 The float kernels in :mod:`moestream.runtime.cpu_kernels` spend ~5 vector instructions per 4-bit
 code (shift, mask, int->float, load of the activation, FMA) and reach about a tenth of this
@@ -6,7 +6,9 @@ machine's memory bandwidth for one token (4 of 31-38 GB/s, ``benchmarks/kernel_t
 is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes are multiplied as bytes:
 ``pmaddubsw`` multiplies 32 unsigned codes by 32 signed activations and adds pairs into int16,
 ``pmaddwd`` adds pairs again into int32: two instructions per 32 codes, plus one mask or shift to
-take a field out of each byte. Per row and group,
+take a field out of each byte (8-bit codes are split into nibbles, ``q = 16 hi + lo``, whose
+products are summed with weights 1 and 16 by ``pmaddwd``: unsplit, two products of 255 * 127 would
+saturate ``pmaddubsw``'s int16). Per row and group,
 
     y += s_g * dx_g * sum(q * xq) + s_g * e_g + b_g * sum(x),   e_g = c * (sum(x) - dx_g * sum(xq))
 
@@ -63,11 +65,11 @@ def _has(feature: str) -> bool:
 
 
 def supported(bits: int, group: int) -> bool:
-    """Widths the int8 kernels take: 2 and 4 bits with at least 16 bytes of codes per group, and 3
+    """Widths the int8 kernels take: 2, 4 and 8 bits with at least 16 bytes of codes per group, and 3
     bits (groups of 32k) where the CPU has AVX-512 VBMI's bit-field gather (``vpmultishiftqb``)."""
     if bits == 3:
         return _has("avx512vbmi") and _has("avx512vl") and group % 32 == 0
-    return available() and bits in (2, 4) and group * bits // 8 >= 16 and group * bits // 8 % 16 == 0
+    return available() and bits in (2, 4, 8) and group * bits // 8 >= 16 and group * bits // 8 % 16 == 0
 
 
 def unit_bytes(bits: int, group: int, k: int | None = None) -> int:
@@ -186,6 +188,7 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
             f_maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(vi16, [vi8, vi8]), maddubs)
             f_madd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi32, [vi16, vi16]), madd)
             ones = ir.Constant(vi16, [1] * (vbytes // 2))
+            sixteens = ir.Constant(vi16, [16] * (vbytes // 2))
             mask = ir.Constant(vi8, [(1 << bits) - 1] * vbytes)
             if bits == 3:
                 f_shift = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]),
@@ -208,6 +211,10 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
                         spread = builder.shuffle_vector(v12, ir.Constant(ir.VectorType(I8, 12), ir.Undefined),
                                                         ir.Constant(ir.VectorType(I32, 32), _SPREAD3))
                         codes = [builder.and_(builder.call(f_shift, [ir.Constant(vi8, _SHIFT3), spread]), mask)]
+                    elif bits == 8:  # q = 16 * hi + lo: 255 * 127 * 2 would saturate pmaddubsw's int16
+                        wv = builder.load(builder.bitcast(at, vi8.as_pointer()), align=1)
+                        codes = [builder.and_(wv, ir.Constant(vi8, [15] * vbytes)),
+                                 builder.lshr(wv, ir.Constant(vi8, [4] * vbytes))]
                     else:
                         wv = builder.load(builder.bitcast(at, vi8.as_pointer()), align=1)
                         codes = []
@@ -217,6 +224,13 @@ def _make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
                     xbase = builder.mul(u, ir.Constant(u.type, vbytes * fields))
                     for t in range(nt):
                         acc = builder.load(isums[t])
+                        if bits == 8:
+                            xv = builder.load(builder.bitcast(builder.gep(xps[t], [xbase]), vi8.as_pointer()), align=1)
+                            lo, hi = (builder.call(f_maddubs, [c, xv]) for c in codes)
+                            acc = builder.add(acc, builder.add(builder.call(f_madd, [lo, ones]),
+                                                               builder.call(f_madd, [hi, sixteens])))
+                            builder.store(acc, isums[t])
+                            continue
                         p = None
                         for f in range(fields):
                             xv = builder.load(builder.bitcast(builder.gep(

@@ -336,6 +336,7 @@ class CpuQuantizedLinear(nn.Module):
         # For the output head: during prefill only the last position's logits are used, and unlike
         # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
         self.last_only = False
+        self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
         self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -348,7 +349,7 @@ class CpuQuantizedLinear(nn.Module):
         xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
         if self.recorder is not None:
             self.recorder(xs)
-        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size)
+        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
         if self._bias.module is not None:
             y += self._bias.module
         return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
@@ -359,6 +360,9 @@ def _np_float(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
 
 
+ROUTERS = ("gate", "shared_expert_gate", "router")  # mlx-lm's names for MoE routers and gates
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
     """Swap every affine quantized linear (2/3/4/8 bits) for :class:`CpuQuantizedLinear`. Returns the count."""
     n = 0
@@ -366,6 +370,9 @@ def use_cpu_kernels(model: nn.Module) -> int:
         for key, child in list(m.children().items()):
             if isinstance(child, nn.QuantizedLinear) and getattr(child, "mode", "affine") == "affine" \
                     and child.bits in (2, 3, 4, 8):
-                setattr(m, key, CpuQuantizedLinear(child))
+                lin = CpuQuantizedLinear(child)
+                if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
+                    lin.int8 = False
+                setattr(m, key, lin)
                 n += 1
     return n

@@ -39,7 +39,8 @@ def _need(bits, group):
         pytest.skip(f"no int8 kernel for {bits}-bit g{group} on this CPU (3 bits need AVX-512 VBMI)")
 
 
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128)])
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128),
+                                        (8, 32), (8, 64), (8, 128)])
 @pytest.mark.parametrize("tokens", [1, 7])  # 7: token blocks of 4, 2 and 1
 def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
     _need(bits, group)
@@ -79,7 +80,7 @@ def test_int8_with_float16_and_float32_scales(dtype):
     np.testing.assert_allclose(qmm(x, wq, s, b, 4, 64, int8=True), want, rtol=0, atol=3e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int8_experts_match_each_experts_matrix(bits):
     _need(bits, 64)
     rng = np.random.default_rng(60 + bits)
@@ -100,10 +101,10 @@ def test_int8_experts_match_each_experts_matrix(bits):
 
 
 def test_widths_without_int8_kernels_stay_exact():
-    """8 bits, 2-bit g32 (8 bytes a group), and 3 bits on a CPU without VBMI, keep the float
-    kernels even when int8 is asked for."""
+    """2-bit g32 (8 bytes a group), and 3 bits on a CPU without VBMI, keep the float kernels even
+    when int8 is asked for."""
     rng = np.random.default_rng(3)
-    widths = [(8, 64), (2, 32)] + ([] if cpu_int8.supported(3, 64) else [(3, 64)])
+    widths = [(2, 32)] + ([] if cpu_int8.supported(3, 64) else [(3, 64)])
     for bits, group in widths:
         assert not cpu_int8.supported(bits, group)
         wq, s, b, deq, _, _ = _quantized(rng, (16, 256), bits, group)
@@ -145,7 +146,7 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
     assert kl.max() < 1e-3, kl
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_grouped_prefill_rows_match_each_experts_product(bits):
     """A prefill group's experts in one launch: each segment of rows gives what qmv_int8 gives for it
     with that expert's matrix, bit for bit, and stays within the rounding bound of the exact product."""
