@@ -2,7 +2,7 @@
 machine's memory read bandwidth, all measured in one run.
 
 For each width (2/3/4/8 bits, group 64) on a [rows, 4096] matrix: GB/s of weight bytes (codes plus
-bf16 scales and biases) for one token: the int8-activation kernels (2 and 4 bits), the float32
+bf16 scales and biases) for one token: the int8-activation kernels (2, 3, 4 and 8 bits), the float32
 numba kernels and ``mx.quantized_matmul`` (float32 activations); and GFLOP/s for a 64-token batch.
 The baseline is numpy sums over 1 GiB of float32, split over the compute threads. The default matrix (128 Ki rows, 256-1024 MB) is
 larger than the caches, so one token's product reads it from RAM.

@@ -38,7 +38,7 @@ def memory_bandwidth(nbytes: int = 1 << 30, threads: int | None = None) -> float
     """Read bandwidth of RAM in bytes/s: numpy sums of ``nbytes`` of float32 split over ``threads``
     (numba's compute threads by default) in parallel, best of 3. numpy's reduction is vectorized and
     releases the GIL; a scalar accumulation loop (this probe before) is bound by the latency of its
-    adds, not by memory, and read 5x low on an AMD EPYC (7 against 40 GB/s)."""
+    adds, not by memory, and read 4-5x low on an AMD EPYC (7-9 against 28-38 GB/s)."""
     from concurrent.futures import ThreadPoolExecutor
 
     threads = threads or numba.get_num_threads()

@@ -134,7 +134,7 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
 
 def _make_kernels(dot1, dot2, dot4):
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def matvec(w, xq, dx, xg, eg, s, b, groups, upg, out):
+    def matvec(w, xq, dx, xg, eg, s, b, groups, out):
         # out[t, n] for a [N, words] matrix; rows split over threads, tokens in blocks of 4, 2, 1.
         T, N = out.shape
         ws, ss, bs = w.strides[0], s.strides[0] // s.itemsize, b.strides[0] // b.itemsize
@@ -144,16 +144,16 @@ def _make_kernels(dot1, dot2, dot4):
             for n in range(c * N // nch, (c + 1) * N // nch):
                 t = 0
                 while t + 4 <= T:
-                    dot4(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
+                    dot4(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, t, o, n, N)
                     t += 4
                 if t + 2 <= T:
-                    dot2(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
+                    dot2(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, t, o, n, N)
                     t += 2
                 if t < T:
-                    dot1(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, upg, t, o, n, N)
+                    dot1(w, n * ws, xq, dx, xg, eg, s, b, n * ss, n * bs, groups, t, o, n, N)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def experts(w, xq, dx, xg, eg, s, b, groups, upg, slots, out):
+    def experts(w, xq, dx, xg, eg, s, b, groups, slots, out):
         # Row j of the activations times matrix slots[j] of a [S, N, words] stack: one launch for all K.
         J, N = out.shape
         w0, w1 = w.strides[0], w.strides[1]
@@ -165,11 +165,10 @@ def _make_kernels(dot1, dot2, dot4):
             j, ch = c // nch, c % nch
             e = slots[j]
             for n in range(ch * N // nch, (ch + 1) * N // nch):
-                dot1(w, e * w0 + n * w1, xq, dx, xg, eg, s, b, e * s0 + n * s1, e * b0 + n * b1, groups, upg, j, o, n,
-                     N)
+                dot1(w, e * w0 + n * w1, xq, dx, xg, eg, s, b, e * s0 + n * s1, e * b0 + n * b1, groups, j, o, n, N)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def grouped(w, xq, dx, xg, eg, s, b, groups, upg, seg_slot, seg_start, seg_count, out):
+    def grouped(w, xq, dx, xg, eg, s, b, groups, seg_slot, seg_start, seg_count, out):
         # Prefill: activation rows sorted by expert, segment i (rows seg_start[i] ..) times matrix
         # seg_slot[i] of the stack; one launch for every expert of a group, and within a segment
         # each row of codes meets its tokens in blocks of 4, 2, 1.
@@ -187,13 +186,13 @@ def _make_kernels(dot1, dot2, dot4):
                 wo, so, bo = e * w0 + n * w1, e * s0 + n * s1, e * b0 + n * b1
                 t = first
                 while t + 4 <= last:
-                    dot4(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+                    dot4(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, t, o, n, N)
                     t += 4
                 if t + 2 <= last:
-                    dot2(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+                    dot2(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, t, o, n, N)
                     t += 2
                 if t < last:
-                    dot1(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, upg, t, o, n, N)
+                    dot1(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, t, o, n, N)
 
     return matvec, experts, grouped
 
@@ -205,9 +204,8 @@ def _kernels(bits: int, vbytes: int, gpu: int, upg: int):
 
 
 def _plan(bits: int, group: int, k: int):
-    """The kernel family for rows of ``k`` inputs, and its units per group."""
-    upg = units_per_group(bits, group, k)
-    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), upg), upg
+    """The kernel family for rows of ``k`` inputs."""
+    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), units_per_group(bits, group, k))
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -225,10 +223,10 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     ``w``: uint32 codes [out, in * bits / 32]; ``scales``/``biases``: [out, in / group] as bf16 bits
     (uint16), float16 (widened here) or float32.
     """
-    kern, upg = _plan(bits, group_size, x.shape[1])
+    kern = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     dst = out if out is not None and out.flags.c_contiguous else np.empty((x.shape[0], w.shape[0]), np.float32)
-    kern[0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg, dst)
+    kern[0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], dst)
     if out is not None and dst is not out:
         out[...] = dst
         return out
@@ -239,11 +237,11 @@ def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
                      bits: int, group_size: int) -> np.ndarray:
     """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack ``w [S, out, in * bits / 32]`` (a slab,
     or a memory-mapped layer file's experts with its block stride)."""
-    kern, upg = _plan(bits, group_size, x.shape[1])
+    kern = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kern[1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
-                      np.ascontiguousarray(slots, dtype=np.int64), out)
+    kern[1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
+            np.ascontiguousarray(slots, dtype=np.int64), out)
     return out
 
 
@@ -252,11 +250,11 @@ def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     """Rows of ``x`` sorted by expert: the first ``seg_count[0]`` rows times ``dequantize(w[seg_slot[0]]).T``,
     the next ``seg_count[1]`` times ``w[seg_slot[1]]``, and so on (a prefill group's experts in one
     launch; each row's result is what :func:`qmv_int8` gives for it)."""
-    kern, upg = _plan(bits, group_size, x.shape[1])
+    kern = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     count = np.ascontiguousarray(seg_count, dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kern[2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], upg,
-                      np.ascontiguousarray(seg_slot, dtype=np.int64), start, count, out)
+    kern[2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
+            np.ascontiguousarray(seg_slot, dtype=np.int64), start, count, out)
     return out

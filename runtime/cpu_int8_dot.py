@@ -55,7 +55,7 @@ def _hsum(builder, vec, lanes: int, total):
 
 
 def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
-    """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)``:
+    """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step)``:
     one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
 
     ``w``: the codes, the row from byte ``w_off`` of its buffer (any layout: offsets come from the
@@ -72,8 +72,8 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
     per-group epilogue had as many instructions as the products). Groups past the last whole block
     take the scalar epilogue. With ``gpu`` groups to a unit (16-byte groups in 32-byte units: the
     caller guarantees whole blocks), lane ``l`` of a unit's sums belongs to its group
-    ``l * gpu // lanes``. ``units`` per group is compiled in (the ``upg`` argument is not read):
-    a loop of unknown count around each group's units cost 3-bit rows 40% of their speed.
+    ``l * gpu // lanes``. ``units`` per group is compiled in: a loop of unknown count around
+    each group's units cost 3-bit rows 40% of their speed.
     """
     fields = code_fields(bits)
     wbytes = 12 if bits == 3 else vbytes  # bytes of codes a unit loads
@@ -89,12 +89,12 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
         maddubs, madd = "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"
 
     @intrinsic
-    def dot(typingctx, w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step):
-        sig = types.void(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, upg, t0, out, out_off, out_step)
+    def dot(typingctx, w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step):
+        sig = types.void(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step)
 
         def codegen(context, builder, signature, args):
             aw, _, axq, adx, axg, aeg, a_s, a_b = signature.args[:8]
-            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, _, t0_, out_, out_off_,
+            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, t0_, out_, out_off_,
              out_step_) = args
             upg_ = ir.Constant(groups_.type, units)
             data = lambda ty, v: context.make_array(ty)(context, builder, v)
@@ -201,7 +201,7 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1):
                     fma_acc(t, fvs[t], _splat(builder, vf32, builder.fmul(sg, dxt)))
                     side = builder.fadd(builder.fmul(bg, xgt), builder.fmul(sg, egt))
                     builder.store(builder.fadd(builder.load(ysbs[t]), side), ysbs[t])
-            op = data(signature.args[13], out_).data
+            op = data(signature.args[12], out_).data
             for t in range(nt):
                 total = _hsum(builder, builder.load(accs[t]), lanes, builder.load(ysbs[t]))
                 total = _hsum(builder, builder.load(sides[t]), BLOCK, total)
