@@ -7,7 +7,7 @@ numba kernels and ``mx.quantized_matmul`` (float32 activations); and GFLOP/s for
 The baseline is numpy sums over 1 GiB of float32, split over the compute threads. The default matrix (128 Ki rows, 256-1024 MB) is
 larger than the caches, so one token's product reads it from RAM.
 
-Usage: python benchmarks/kernel_throughput.py [--rows 131072]
+Usage: python benchmarks/kernel_throughput.py [--rows 131072] [--bits 4,8,2,3]
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=131072)
     ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--bits", default="4,8,2,3", help="widths to run, comma-separated")
     args = ap.parse_args()
     mem = memory_bandwidth() / 1e9
     print(f"memory read bandwidth (numpy sums over 1 GiB, {numba.get_num_threads()} threads): {mem:.2f} GB/s")
     rng = np.random.default_rng(0)
     n, k = args.rows, args.cols
     nb = min(n, 8192)  # the 64-token batch: compute-bound, a smaller matrix will do
-    for bits in (4, 8, 2, 3):
+    for bits in (int(b) for b in args.bits.split(",")):
         wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
         mx.eval(wq, s, b)
         nbytes = wq.nbytes + s.nbytes + b.nbytes

@@ -6,9 +6,12 @@ machine's memory bandwidth for one token (4 of 31-38 GB/s, ``benchmarks/kernel_t
 is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes are multiplied as bytes:
 ``pmaddubsw`` multiplies 32 unsigned codes by 32 signed activations and adds pairs into int16,
 ``pmaddwd`` adds pairs again into int32: two instructions per 32 codes, plus one mask or shift to
-take a field out of each byte (8-bit codes are split into nibbles, ``q = 16 hi + lo``, whose
-products are summed with weights 1 and 16 by ``pmaddwd``: unsplit, two products of 255 * 127 would
-saturate ``pmaddubsw``'s int16). Per row and group,
+take a field out of each byte. 8-bit codes would saturate ``pmaddubsw``'s int16 (two products of
+255 * 127), so they go through ``vpdpbusd`` where the CPU has VNNI (u8 times s8 summed into int32),
+and otherwise as ``r = q - 128`` in int8: ``pmaddubsw(|r|, sign(r) * xq)`` is ``r * xq`` with
+|pairs| <= 2 * 128 * 127, and the quantizer's centring term adds ``128 * dx * sum(xq)`` back. Each
+block of groups asks for the codes ``PREFETCH`` bytes ahead (the hardware prefetchers stop at
+page ends; 8-bit rows ran at half speed without). Per row and group,
 
     y += s_g * dx_g * sum(q * xq) + s_g * e_g + b_g * sum(x),   e_g = c * (sum(x) - dx_g * sum(xq))
 
@@ -60,6 +63,18 @@ def _has(feature: str) -> bool:
     return available() and bool(ll.get_host_cpu_features().get(feature, False))
 
 
+def vnni8() -> bool:
+    """8-bit codes go through ``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI: unsigned codes times signed
+    activations summed into int32, one instruction a unit); otherwise through the sign trick."""
+    return _has("avxvnni") or (_has("avx512vnni") and _has("avx512vl"))
+
+
+def code_offset(bits: int) -> float:
+    """What the kernel subtracts from each code before its products (the quantizer's centring term
+    adds it back): 128 for 8-bit codes on the sign-trick path, which multiplies ``q - 128`` as int8."""
+    return 128.0 if bits == 8 and not vnni8() else 0.0
+
+
 def supported(bits: int, group: int) -> bool:
     """Widths the int8 kernels take: 2, 4 and 8 bits with at least 16 bytes of codes per group, and 3
     bits (groups of 32k) where the CPU has AVX-512 VBMI's bit-field gather (``vpmultishiftqb``)."""
@@ -88,9 +103,10 @@ def units_per_group(bits: int, group: int, k: int | None = None) -> int:
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _quantize_rows(x, group, vbytes, fields, centre, xq, dx, xg, eg):
+def _quantize_rows(x, group, vbytes, fields, centre, offset, xq, dx, xg, eg):
     # Per row and group: int8 codes round(x / dx), dx = max|x| / 127, in the unit layout; exact sums;
-    # the centring term c * (sum(x) - dx * sum(xq)). A unit may span two groups.
+    # the centring term c * (sum(x) - dx * sum(xq)), plus offset * dx * sum(xq) where the kernel
+    # multiplies q - offset (8 bits). A unit may span two groups.
     J, K = x.shape
     per_unit = vbytes * fields
     G = K // group
@@ -118,7 +134,7 @@ def _quantize_rows(x, group, vbytes, fields, centre, xq, dx, xg, eg):
                     qs[g] += q
                     xq[j, base + f * vbytes + t] = np.int8(q)
         for g in range(G):
-            eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g])
+            eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g]) + offset * dx[j, g] * qs[g]
 
 
 def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, ...]:
@@ -128,7 +144,8 @@ def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
     J, K = x.shape
     xq = np.empty((J, K), np.int8)
     dx, xg, eg = (np.empty((J, K // group), np.float32) for _ in range(3))
-    _quantize_rows(x, group, unit_bytes(bits, group, K), _fields(bits), ((1 << bits) - 1) / 2, xq, dx, xg, eg)
+    _quantize_rows(x, group, unit_bytes(bits, group, K), _fields(bits), ((1 << bits) - 1) / 2,
+                   code_offset(bits), xq, dx, xg, eg)
     return xq, dx, xg, eg
 
 
@@ -198,14 +215,15 @@ def _make_kernels(dot1, dot2, dot4):
 
 
 @functools.cache
-def _kernels(bits: int, vbytes: int, gpu: int, upg: int):
+def _kernels(bits: int, vbytes: int, gpu: int, upg: int, vnni: bool):
     """(matvec, experts, grouped) for one code width, unit size, groups per unit and units per group."""
-    return _make_kernels(*(make_dot(bits, vbytes, nt, gpu, upg) for nt in (1, 2, 4)))
+    return _make_kernels(*(make_dot(bits, vbytes, nt, gpu, upg, vnni=vnni) for nt in (1, 2, 4)))
 
 
 def _plan(bits: int, group: int, k: int):
     """The kernel family for rows of ``k`` inputs."""
-    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), units_per_group(bits, group, k))
+    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), units_per_group(bits, group, k),
+                    bits == 8 and vnni8())
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

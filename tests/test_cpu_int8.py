@@ -100,6 +100,31 @@ def test_int8_experts_match_each_experts_matrix(bits):
         np.testing.assert_allclose(got[j], want[0], rtol=0, atol=3e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+def test_8bit_sign_trick_and_vnni_paths(vnni, monkeypatch):
+    """8-bit codes go through ``vpdpbusd`` where the CPU has VNNI and the sign trick elsewhere: both
+    against the rounded reference here (matvec with token blocks, experts, grouped prefill)."""
+    if vnni and not cpu_int8.vnni8():
+        pytest.skip("this CPU has no VNNI")
+    monkeypatch.setattr(cpu_int8, "vnni8", lambda: vnni)
+    assert cpu_int8.code_offset(8) == (0.0 if vnni else 128.0)
+    rng = np.random.default_rng(800 + vnni)
+    for group in (32, 64, 128):
+        wq, s, b, deq, s64, b64 = _quantized(rng, (37, 1024), 8, group)
+        x = (rng.standard_normal((7, 1024)) * 2).astype(np.float32)
+        x[:, 5] *= 30
+        want, _ = _reference(x, deq, s64, b64, 8, group)
+        tol = 3e-5 * np.abs(want).max()
+        np.testing.assert_allclose(qmm(x, wq, s, b, 8, group, int8=True), want, rtol=0, atol=tol)
+        stack = [np.stack([a, a[::-1]]) for a in (wq, s, b)]
+        got = cpu_int8.qmm_experts_int8(x[:2], *stack, np.array([1, 0]), 8, group)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=tol)
+        got = cpu_int8.qmm_grouped_int8(x, *stack, np.array([0, 1]), np.array([5, 2]), 8, group)
+        np.testing.assert_allclose(got[:5], want[:5], rtol=0, atol=tol)
+        flipped, _ = _reference(x[5:], deq[::-1], s64[::-1], b64[::-1], 8, group)
+        np.testing.assert_allclose(got[5:], flipped, rtol=0, atol=tol)
+
+
 def test_widths_without_int8_kernels_stay_exact():
     """2-bit g32 (8 bytes a group), and 3 bits on a CPU without VBMI, keep the float kernels even
     when int8 is asked for."""
