@@ -132,22 +132,34 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
             if bits == 3:
                 f_shift = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]),
                                                          "llvm.x86.avx512.pmultishift.qb.256")
+                f_mload = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vi8, [vi8.as_pointer(), I32, ir.VectorType(ir.IntType(1), 32), vi8]),
+                    "llvm.masked.load.v32i8.p0v32i8")
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in range(nt)]
             sides = [cgutils.alloca_once_value(builder, ir.Constant(vblk, [0.0] * BLOCK)) for _ in range(nt)]
             ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
             isums = [cgutils.alloca_once_value(builder, ir.Constant(vi32, [0] * lanes)) for _ in range(nt)]
+            # A group's pmaddubsw pairs summed in int16 before one pmaddwd, where they cannot overflow
+            # (3 bits g64: 2 units, 2 * 7 * 127 each): one pmaddwd and add fewer per unit.
+            short = bits != 8 and 2 * ((1 << bits) - 1) * 127 * fields * units <= 32767
+            zeros16 = ir.Constant(vi16, [0] * (vbytes // 2))
+            isums16 = [cgutils.alloca_once_value(builder, zeros16) for _ in range(nt)] if short else []
 
             def integer_sums(first, count):
-                """Units ``first ..`` (``count``) against each token's int8 activations: int32 lane sums."""
+                """Units ``first ..`` (``count`` <= ``units``) against each token's int8 activations:
+                int32 lane sums."""
                 for t in range(nt):
                     builder.store(ir.Constant(vi32, [0] * lanes), isums[t])
+                    if short:
+                        builder.store(zeros16, isums16[t])
                 with cgutils.for_range(builder, count) as ul:
                     u = builder.add(first, ul.index)
                     at = builder.gep(wp, [builder.mul(u, ir.Constant(u.type, wbytes))])
-                    if bits == 3:  # exactly 12 bytes: no read past a buffer's end
-                        v12 = builder.bitcast(builder.load(builder.bitcast(at, ir.VectorType(I32, 3).as_pointer()),
-                                                           align=1), ir.VectorType(I8, 12))
-                        spread = builder.shuffle_vector(v12, ir.Constant(ir.VectorType(I8, 12), ir.Undefined),
+                    if bits == 3:  # a masked load of exactly 12 bytes: one instruction, no read past a buffer's end
+                        v12 = builder.call(f_mload, [builder.bitcast(at, vi8.as_pointer()), ir.Constant(I32, 1),
+                                                     ir.Constant(ir.VectorType(ir.IntType(1), 32), [1] * 12 + [0] * 20),
+                                                     ir.Constant(vi8, [0] * 32)])
+                        spread = builder.shuffle_vector(v12, ir.Constant(vi8, ir.Undefined),
                                                         ir.Constant(ir.VectorType(I32, 32), _SPREAD3))
                         codes = [builder.and_(builder.call(f_shift, [ir.Constant(vi8, _SHIFT3), spread]), mask)]
                     elif bits == 8 and vnni:
@@ -181,8 +193,13 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
                                 align=1)
                             prod = builder.call(f_maddubs, [codes[f], xv])  # |.| <= 2 * 15 * 127 per int16 lane
                             p = prod if p is None else builder.add(p, prod)
-                        acc = builder.add(acc, builder.call(f_madd, [p, ones]))
-                        builder.store(acc, isums[t])
+                        if short:
+                            builder.store(builder.add(builder.load(isums16[t]), p), isums16[t])
+                        else:
+                            builder.store(builder.add(acc, builder.call(f_madd, [p, ones])), isums[t])
+                if short:
+                    for t in range(nt):
+                        builder.store(builder.call(f_madd, [builder.load(isums16[t]), ones]), isums[t])
                 return [builder.sitofp(builder.load(isums[t]), vf32) for t in range(nt)]
 
             def fma_acc(t, fv, scale):
