@@ -4,12 +4,16 @@ layout and the arithmetic are described there)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.extending import _Intrinsic
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 BLOCK = 8  # groups whose scale and bias work is done as one vector
 PREFETCH = 2048  # bytes of codes ahead that each block asks for (see make_dot)
 
@@ -96,7 +100,6 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
     else:
         maddubs, madd, psign = "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd", "llvm.x86.ssse3.psign.b.128"
 
-    @intrinsic
     def dot(typingctx, w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step):
         sig = types.void(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step)
 
@@ -254,4 +257,26 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
 
         return sig, codegen
 
-    return dot
+    return _Dot(dot, (bits, vbytes, nt, gpu, units, prefetch, vnni))
+
+
+class _Dot(_Intrinsic):
+    """The row dot product as a numba intrinsic that pickles as its parameters and this file's hash.
+
+    numba's cache key for the kernels hashes their closure (the three dots) pickled; a plain
+    intrinsic pickles its definition, whose state changes once compiled, so the key never matched:
+    every process compiled each width again (2-3 s) and added another entry to the cache."""
+
+    def __init__(self, defn, params: tuple):
+        super().__init__("dot", defn)
+        self._register()
+        self.params = params
+
+    def __reduce__(self):
+        return _rebuild, (_SOURCE, self.params)
+
+
+def _rebuild(source: str, params: tuple) -> _Dot:
+    if source != _SOURCE:
+        raise RuntimeError("cpu_int8_dot changed since this kernel was pickled")
+    return make_dot(*params)

@@ -174,7 +174,7 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_grouped_prefill_rows_match_each_experts_product(bits):
     """A prefill group's experts in one launch: each segment of rows gives what qmv_int8 gives for it
-    with that expert's matrix, bit for bit, and stays within the rounding bound of the exact product."""
+    with that expert's matrix (to a few ulp), and stays within the rounding bound of the exact product."""
     from moestream.runtime.cpu_int8 import qmm_grouped_int8, qmv_int8
     from moestream.runtime.cpu_kernels import qmm_grouped
 
@@ -186,10 +186,14 @@ def test_grouped_prefill_rows_match_each_experts_product(bits):
     slots, counts = np.array([4, 0, 2, 5]), np.array([7, 1, 4, 2])  # blocks of 4, 2, 1 within segments
     x = rng.standard_normal((counts.sum(), k)).astype(np.float32)
     got = qmm_grouped_int8(x, codes, sc, bi, slots, counts, bits, 64)
-    assert np.array_equal(qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=True), got)
+    np.testing.assert_allclose(qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=True), got, rtol=0,
+                               atol=1e-6 * np.abs(got).max())
     r = 0
     for e, c in zip(slots, counts):
-        np.testing.assert_array_equal(got[r:r + c], qmv_int8(x[r:r + c], codes[e], sc[e], bi[e], bits, 64))
+        # the same integer sums; the float epilogue may round differently between a kernel compiled
+        # in this process and one loaded from numba's cache (fastmath), so to a few ulp
+        np.testing.assert_allclose(got[r:r + c], qmv_int8(x[r:r + c], codes[e], sc[e], bi[e], bits, 64),
+                                   rtol=0, atol=1e-6 * np.abs(got).max())
         want, bound = _reference(x[r:r + c], q[e][3], q[e][4], q[e][5], bits, 64)
         np.testing.assert_allclose(got[r:r + c], want, rtol=0, atol=3e-5 * np.abs(want).max())
         exact = x[r:r + c].astype(np.float64) @ q[e][3].T
@@ -202,3 +206,27 @@ def test_grouped_prefill_rows_match_each_experts_product(bits):
         exact = x[r:r + c].astype(np.float64) @ q[e][3].T
         np.testing.assert_allclose(flt[r:r + c], exact, rtol=0, atol=2e-5 * np.abs(exact).max())
         r += c
+
+
+def test_kernels_come_from_numba_cache_in_a_second_process(tmp_path):
+    """A second process loads the compiled kernels instead of compiling them again (numba's cache key
+    hashes the pickled intrinsics: with per-process ids every run compiled and added an entry)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from moestream.runtime import cpu_int8
+k, g = 512, 64
+kern = cpu_int8._plan(4, g, k)
+w, s = np.zeros((8, k // 8), np.uint32), np.zeros((8, k // g), np.uint16)
+x = cpu_int8.quantize_activations(np.ones((1, k), np.float32), 4, g)
+kern[0](w, *x, s, s, k // g, np.empty((1, 8), np.float32))
+print(sum(kern[0].stats.cache_hits.values()), sum(kern[0].stats.cache_misses.values()))
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    first, second = (tuple(map(int, r.stdout.split())) for r in runs)
+    assert first == (0, 1) and second == (1, 0), (first, second)
