@@ -4,7 +4,8 @@ machine's memory read bandwidth, all measured in one run.
 For each width (2/3/4/8 bits, group 64) on a [rows, 4096] matrix: GB/s of weight bytes (codes plus
 bf16 scales and biases) for one token: the int8-activation kernels (2, 3, 4 and 8 bits), the float32
 numba kernels and ``mx.quantized_matmul`` (float32 activations); and GFLOP/s for a 64-token batch.
-The baseline is numpy sums over 1 GiB of float32, split over the compute threads. The default matrix (128 Ki rows, 256-1024 MB) is
+The baseline is numpy sums of float32 split over the compute threads (1 GiB for the header line,
+512 MiB in each round below). The default matrix (128 Ki rows, 256-1024 MB) is
 larger than the caches, so one token's product reads it from RAM.
 
 On a shared machine the memory bandwidth drifts by 1.5x within a minute, so the one-token figure

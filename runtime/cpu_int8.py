@@ -69,10 +69,11 @@ def vnni8() -> bool:
     return _has("avxvnni") or (_has("avx512vnni") and _has("avx512vl"))
 
 
-def code_offset(bits: int) -> float:
+def code_offset(bits: int, vnni: bool | None = None) -> float:
     """What the kernel subtracts from each code before its products (the quantizer's centring term
-    adds it back): 128 for 8-bit codes on the sign-trick path, which multiplies ``q - 128`` as int8."""
-    return 128.0 if bits == 8 and not vnni8() else 0.0
+    adds it back): 128 for 8-bit codes on the sign-trick path, which multiplies ``q - 128`` as int8.
+    ``vnni``: the 8-bit path (None: this CPU's, :func:`vnni8`)."""
+    return 128.0 if bits == 8 and not (vnni8() if vnni is None else vnni) else 0.0
 
 
 def supported(bits: int, group: int) -> bool:
@@ -137,15 +138,15 @@ def _quantize_rows(x, group, vbytes, fields, centre, offset, xq, dx, xg, eg):
             eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g]) + offset * dx[j, g] * qs[g]
 
 
-def quantize_activations(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, ...]:
+def quantize_activations(x: np.ndarray, bits: int, group: int, vnni: bool | None = None) -> tuple[np.ndarray, ...]:
     """``x [J, K]`` float32 -> (int8 codes [J, K] in unit layout, then per group [J, K/group]: scales,
-    exact sums, centring terms)."""
+    exact sums, centring terms for the 8-bit path ``vnni``, as in :func:`code_offset`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     J, K = x.shape
     xq = np.empty((J, K), np.int8)
     dx, xg, eg = (np.empty((J, K // group), np.float32) for _ in range(3))
     _quantize_rows(x, group, unit_bytes(bits, group, K), _fields(bits), ((1 << bits) - 1) / 2,
-                   code_offset(bits), xq, dx, xg, eg)
+                   code_offset(bits, vnni), xq, dx, xg, eg)
     return xq, dx, xg, eg
 
 
