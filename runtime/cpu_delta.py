@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _recurrence(q, k, v, g, beta, state, mask, y):
+def _recurrence(q, k, v, g, beta, state_in, state, mask, y):
     # q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv, Gk] (Gk 1: one decay per head, else per key
-    # channel); beta [B, T, Hv]; state [B, Hv, Dv, Dk] (updated in place); mask [B, T]; y [B, T, Hv, Dv].
+    # channel); beta [B, T, Hv]; state_in -> state [B, Hv, Dv, Dk]; mask [B, T]; y [B, T, Hv, Dv].
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     rep = Hv // Hk
@@ -38,6 +38,7 @@ def _recurrence(q, k, v, g, beta, state, mask, y):
     for bh in prange(B * Hv):
         b, h = bh // Hv, bh % Hv
         hk = h // rep  # mlx-lm repeats each key head over consecutive value heads
+        state[b, h] = state_in[b, h]  # 64 KB: the head's state then stays in cache for all T steps
         for t in range(T):
             # A masked step computes its output but leaves the state as it was (as mlx-lm's ops do).
             s_t = state[b, h] if mask[b, t] else state[b, h].copy()
@@ -68,11 +69,16 @@ def recurrence(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.arra
     B, T = q.shape[:2]
     gn = f32(g)
     gn = gn[..., None] if gn.ndim == 3 else gn
-    st = np.array(state.astype(mx.float32))  # a copy: updated in place
+    # The state (4 MB a 397B layer) is read in place from MLX's memory and written straight into a
+    # new MLX array: converting it to numpy and back cost 4x the kernel's time at decode.
+    state = state.astype(mx.float32)
+    new = mx.zeros(state.shape, mx.float32)
+    mx.eval(state, new)
     m = np.ones((B, T), np.bool_) if mask is None else np.array(mask).astype(np.bool_).reshape(B, T)
     y = np.empty((B, T, v.shape[2], v.shape[3]), np.float32)
-    _recurrence(f32(q), f32(k), f32(v), np.ascontiguousarray(gn), f32(beta), st, m, y)
-    return mx.array(y).astype(q.dtype), mx.array(st)
+    _recurrence(f32(q), f32(k), f32(v), np.ascontiguousarray(gn), f32(beta), np.asarray(memoryview(state)),
+                np.asarray(memoryview(new)), m, y)
+    return mx.array(y).astype(q.dtype), new
 
 
 def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel: bool = True,

@@ -157,7 +157,9 @@ def switch_paths(model: nn.Module) -> dict[int, str]:
     return {int(m.group(1)): name for name in switch_modules(model) if (m := pat.match(name))}
 
 
-def cast_floats(params, dtype):
-    from mlx.utils import tree_map
+def cast_floats(params, dtype, keep: frozenset[str] = frozenset()):
+    """Float parameters to ``dtype``, except those whose dotted path is in ``keep``."""
+    from mlx.utils import tree_map_with_path
 
-    return tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, params)
+    return tree_map_with_path(
+        lambda path, a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) and path not in keep else a, params)

@@ -320,6 +320,7 @@ class CpuQuantizedLinear(nn.Module):
         super().__init__()
         from . import cpu_int8
         from .cpu_kernels import as_f32
+        from .hugepages import back_with_huge_pages
 
         self.inner = lin  # keeps the parameters in the tree
         w = lin["weight"]
@@ -332,6 +333,8 @@ class CpuQuantizedLinear(nn.Module):
         keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 and in_place else as_f32(_np_float(a))
         self._s = _Hidden(keep(lin["scales"]))
         self._b = _Hidden(keep(lin["biases"]))
+        for a in (self._w.module, self._s.module, self._b.module):
+            back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
         self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
         # For the output head: during prefill only the last position's logits are used, and unlike
         # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
@@ -356,11 +359,23 @@ class CpuQuantizedLinear(nn.Module):
 
 
 def _np_float(a: mx.array) -> np.ndarray:
-    """Scales/biases as numpy: bf16 as raw uint16 bits (numpy has no bf16)."""
-    return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+    """Scales/biases as numpy views of the MLX arrays (no copy): bf16 as raw uint16 bits (numpy has no bf16)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    mx.eval(a)
+    return np.asarray(memoryview(a))
 
 
 ROUTERS = ("gate", "shared_expert_gate", "router")  # mlx-lm's names for MoE routers and gates
+
+
+def _cpu_linear(m) -> bool:
+    return isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" and m.bits in (2, 3, 4, 8)
+
+
+def cpu_linear_paths(model: nn.Module) -> list[str]:
+    """Parameter paths of the linears :func:`use_cpu_kernels` swaps."""
+    return [name for name, m in model.named_modules() if _cpu_linear(m)]
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
@@ -368,8 +383,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
     n = 0
     for name, m in list(model.named_modules()):
         for key, child in list(m.children().items()):
-            if isinstance(child, nn.QuantizedLinear) and getattr(child, "mode", "affine") == "affine" \
-                    and child.bits in (2, 3, 4, 8):
+            if _cpu_linear(child):
                 lin = CpuQuantizedLinear(child)
                 if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
                     lin.int8 = False
