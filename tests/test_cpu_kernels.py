@@ -68,7 +68,10 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
         want = np.array(ref(x))
         rt = load(tmp_path / f"p{bits}", cpu_kernels=True)
         try:
-            assert any(isinstance(m, CpuQuantizedLinear) for _, m in rt.model.named_modules())
+            lins = [m for _, m in rt.model.named_modules() if isinstance(m, CpuQuantizedLinear)]
+            assert lins
+            # bf16 scales and biases stay as stored (raw uint16), not cast to float32 with the rest
+            assert {m._s.module.dtype for m in lins} == {m._b.module.dtype for m in lins} == {np.dtype(np.uint16)}
             got = np.array(rt.model(x))
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
             toks = [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
