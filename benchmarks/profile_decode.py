@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

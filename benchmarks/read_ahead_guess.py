@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

@@ -419,3 +419,18 @@ def test_streamed_equals_resident_with_cpu_kernels(pack):
             rt.close()
     with pytest.raises(PackError, match="mmap"):
         load(pack, cache="mmap", cpu_kernels=False)
+
+
+@pytest.mark.parametrize("user", [None, "ACTIVE"])
+def test_openmp_wait_policy_set_on_first_import(user):
+    """The package sets OMP_WAIT_POLICY=PASSIVE before anything it imports loads libgomp (which reads
+    the variable once, at load), and keeps a user's own setting."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = ("import moestream, os, sys; from moestream import _libgomp_loaded; "
+            "before = _libgomp_loaded(); import moestream.runtime; "
+            "print(os.environ['OMP_WAIT_POLICY'], before)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [user or "PASSIVE", "False"]
