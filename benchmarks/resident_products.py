@@ -1,5 +1,6 @@
-"""Where a decode token's resident products go: every quantized linear the CPU kernels run, timed
-per weight shape (calls per token, ms per token, bytes, GB/s), over a few decoded tokens of a pack.
+"""Where a decode token's resident products go: every int8-activation product of a resident linear
+(``cpu_int8.qmv_int8``; not the routers' float products nor the experts), timed per weight shape
+(calls per token, ms per token, bytes, GB/s), over a few decoded tokens of a pack.
 
 Usage: python benchmarks/resident_products.py PACK [--cache os-map] [-k 4] [--tokens 20]
 """
@@ -10,7 +11,7 @@ import argparse
 import collections
 import time
 
-import moestream.runtime  # noqa: F401  (sets the OpenMP wait policy before anything loads libgomp)
+import moestream.runtime  # noqa: F401, I001  (first: sets the OpenMP wait policy before anything loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

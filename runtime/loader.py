@@ -157,7 +157,7 @@ def switch_paths(model: nn.Module) -> dict[int, str]:
     return {int(m.group(1)): name for name in switch_modules(model) if (m := pat.match(name))}
 
 
-def cast_floats(params, dtype, keep: frozenset[str] = frozenset()):
+def cast_floats(params: dict, dtype: mx.Dtype, keep: frozenset[str] = frozenset()) -> dict:
     """Float parameters to ``dtype``, except those whose dotted path is in ``keep``."""
     from mlx.utils import tree_map_with_path
 

@@ -40,8 +40,8 @@ class Slab:
             if numpy_only:
                 # anonymous: page-aligned, zeroed; private (Python's default is shared memory)
                 buf = mmap.mmap(-1, max(1, capacity * c.nbytes), flags=_PRIVATE)
-                if hasattr(mmap, "MADV_HUGEPAGE"):  # before the first touch: faults take 2 MB pages
-                    buf.madvise(mmap.MADV_HUGEPAGE)
+                # before the first touch, so faults take huge pages (no collapse: nothing to move yet)
+                back_with_huge_pages(np.frombuffer(buf, np.uint8), collapse=False)
                 self._buffers.append(buf)
                 views[c.name] = memoryview(buf)[: capacity * c.nbytes]
             else:
@@ -52,7 +52,7 @@ class Slab:
                 mx.eval(a)
                 self.arrays[c.name] = a
                 views[c.name] = memoryview(a).cast("B")
-                back_with_huge_pages(np.frombuffer(views[c.name], np.uint8))
+                back_with_huge_pages(np.frombuffer(views[c.name], np.uint8), collapse=False)
             self.numpy[c.name] = np.frombuffer(views[c.name], NP_STORAGE[c.dtype]).reshape(capacity, *c.shape)
         # Padding between and after components lands in a per-slot sink (it is part of the checksum).
         pad = x.stride - sum(c.nbytes for c in x.components)

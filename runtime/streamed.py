@@ -328,7 +328,8 @@ class CpuQuantizedLinear(nn.Module):
         # bf16 scales stay as stored (raw uint16) where the decode kernels read them in place (int8
         # kernels, and the float ones at 2/4/8 bits): widening to float32 would add 11% to the bytes
         # a 4-bit g64 matrix-vector product reads. Prefill (BLAS) widens per call. float16, and 3 bits
-        # without the int8 kernel (its float kernel wants float32), are widened once here.
+        # without the int8 kernel (its float kernel wants float32), are widened once here; a 3-bit
+        # linear that has the int8 kernel but runs the float one (routers) widens once, on first use.
         in_place = lin.bits != 3 or cpu_int8.supported(3, lin.group_size)
         keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 and in_place else as_f32(_np_float(a))
         self._s = _Hidden(keep(lin["scales"]))
@@ -336,6 +337,7 @@ class CpuQuantizedLinear(nn.Module):
         for a in (self._w.module, self._s.module, self._b.module):
             back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
         self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
+        self._f32 = _Hidden(None)  # float32 scales and biases, made on first use (3 bits, float kernel)
         # For the output head: during prefill only the last position's logits are used, and unlike
         # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
         self.last_only = False
@@ -343,7 +345,7 @@ class CpuQuantizedLinear(nn.Module):
         self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .cpu_kernels import qmm
+        from .cpu_kernels import BLAS_MIN_TOKENS, _use_int8, as_f32, qmm
 
         lin = self.inner
         if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
@@ -352,7 +354,14 @@ class CpuQuantizedLinear(nn.Module):
         xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
         if self.recorder is not None:
             self.recorder(xs)
-        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
+        s, b = self._s.module, self._b.module
+        if lin.bits == 3 and s.dtype == np.uint16 and xs.shape[0] < BLAS_MIN_TOKENS \
+                and not _use_int8(self.int8, xs.shape[0], 3, lin.group_size):
+            # 3-bit float kernel (a router, or int8 off) wants float32: widened once, not each call
+            if self._f32.module is None:
+                self._f32.module = (as_f32(s), as_f32(b))
+            s, b = self._f32.module
+        y = qmm(xs, self._w.module, s, b, lin.bits, lin.group_size, int8=self.int8)
         if self._bias.module is not None:
             y += self._bias.module
         return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
@@ -373,20 +382,33 @@ def _cpu_linear(m) -> bool:
     return isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" and m.bits in (2, 3, 4, 8)
 
 
+def _cpu_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(path, parent, attribute, linear) of each affine quantized linear (2/3/4/8 bits) held directly
+    as an attribute (not in a list or dict): the ones :func:`use_cpu_kernels` swaps."""
+    out = []
+    for name, m in model.named_modules():
+        for key, child in m.children().items():
+            if _cpu_linear(child):
+                out.append((f"{name}.{key}" if name else key, m, key, child))
+    return out
+
+
 def cpu_linear_paths(model: nn.Module) -> list[str]:
     """Parameter paths of the linears :func:`use_cpu_kernels` swaps."""
-    return [name for name, m in model.named_modules() if _cpu_linear(m)]
+    return [path for path, *_ in _cpu_linears(model)]
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
     """Swap every affine quantized linear (2/3/4/8 bits) for :class:`CpuQuantizedLinear`. Returns the count."""
-    n = 0
-    for name, m in list(model.named_modules()):
-        for key, child in list(m.children().items()):
-            if _cpu_linear(child):
-                lin = CpuQuantizedLinear(child)
-                if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
-                    lin.int8 = False
-                setattr(m, key, lin)
-                n += 1
-    return n
+    from . import hugepages
+
+    before = hugepages.ADVISED.copy()
+    found = _cpu_linears(model)
+    for _, m, key, child in found:
+        lin = CpuQuantizedLinear(child)
+        if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
+            lin.int8 = False
+        setattr(m, key, lin)
+    log.info("CPU linears: %.2f GB moved onto huge pages in %.2f s", (hugepages.ADVISED["bytes"] - before["bytes"]) / 1e9,
+             hugepages.ADVISED["seconds"] - before["seconds"])
+    return len(found)

@@ -27,11 +27,18 @@ def test_recurrence_matches_mlx_lm(B, T, Hk, Hv, vec, masked):
         m[1, :5] = False
         mask = mx.array(m)
     y_ref, s_ref = gated_delta_ops(q, k, v, g, beta, state, mask)
+    state_before = np.array(state)
     y, s = cpu_delta.recurrence(q, k, v, g, beta, state, mask)
     assert y.shape == y_ref.shape and s.shape == s_ref.shape
     np.testing.assert_allclose(np.array(y), np.array(y_ref), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.array(s), np.array(s_ref), rtol=1e-4, atol=1e-5)
     assert float(mx.abs(y_ref).max()) > 0.1  # not a comparison of zeros
+    # The kernel reads the state in place and writes a new array: the caller's state is untouched,
+    # and a second step from the same state gives the same result in a buffer of its own.
+    np.testing.assert_array_equal(np.array(state), state_before)
+    y2, s2 = cpu_delta.recurrence(q, k, v, g, beta, state, mask)
+    np.testing.assert_array_equal(np.array(s2), np.array(s))
+    assert np.asarray(memoryview(s2)).ctypes.data != np.asarray(memoryview(s)).ctypes.data
 
 
 def test_update_signature_and_options_match():

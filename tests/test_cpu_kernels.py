@@ -105,3 +105,31 @@ def test_qmm_experts_matches_mlx_dequantize(bits):
                                      bits=bits))
         want = x[j].astype(np.float64) @ deq.astype(np.float64).T
         np.testing.assert_allclose(got[j], want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cpu_linear_float_path_with_bf16_scales(bits):
+    """A CPU linear on the float kernel (int8 off, as routers run) with bf16 scales as stored: equal to
+    MLX's own quantized product, and at 3 bits (whose float kernel wants float32) widened only once."""
+    import mlx.nn as nn
+
+    from moestream.runtime.streamed import CpuQuantizedLinear
+
+    rng = np.random.default_rng(bits)
+    lin = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=False), group_size=64, bits=bits)
+    lin.weight = mx.array(rng.integers(0, 2**32, lin.weight.shape, dtype=np.uint32))
+    lin.scales = (mx.array(rng.uniform(0.01, 0.02, lin.scales.shape).astype(np.float32))).astype(mx.bfloat16)
+    lin.biases = (mx.array(rng.uniform(-0.1, 0.1, lin.biases.shape).astype(np.float32))).astype(mx.bfloat16)
+    x = mx.array(rng.standard_normal((1, 256)).astype(np.float32))
+    w = mx.dequantize(lin.weight, lin.scales.astype(mx.float32), lin.biases.astype(mx.float32), 64, bits)
+    want = np.array(x, np.float64) @ np.array(w, np.float64).T
+    cpu = CpuQuantizedLinear(lin)
+    cpu.int8 = False
+    assert cpu._s.module.dtype == np.uint16
+    for _ in range(2):
+        np.testing.assert_allclose(np.array(cpu(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if bits == 3:
+        first = cpu._f32.module
+        assert first is not None and first[0].dtype == np.float32
+        cpu(x)
+        assert cpu._f32.module is first
