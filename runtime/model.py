@@ -26,6 +26,7 @@ from moestream.layouts.errors import MoestreamError
 
 from .expert_store import ExpertStore
 from .loader import build_model, cast_floats
+from .shared_input import share_inputs
 from .streamed import EarlySharedExpert, StreamedSwitchGLU, cpu_linear_paths, use_cpu_kernels
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                 get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
+            share_inputs(model)
             from .cpu_attention import use_cpu_attention
             from .cpu_delta import use_cpu_delta
 

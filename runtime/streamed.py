@@ -318,11 +318,23 @@ class CpuQuantizedLinear(nn.Module):
 
     def __init__(self, lin: nn.QuantizedLinear):
         super().__init__()
+        self.inner = lin  # keeps the parameters in the tree
+        self.bind()
+        self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
+        # For the output head: during prefill only the last position's logits are used, and unlike
+        # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
+        self.last_only = False
+        self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
+        self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
+        self.shared = None  # a SharedInput: one product with siblings on the same input (shared_input.py)
+
+    def bind(self) -> None:
+        """numpy views of the weights as they lie (after a change to ``inner``'s arrays)."""
         from . import cpu_int8
         from .cpu_kernels import as_f32
         from .hugepages import back_with_huge_pages
 
-        self.inner = lin  # keeps the parameters in the tree
+        lin = self.inner
         w = lin["weight"]
         self._w = _Hidden(np.asarray(memoryview(w)).view(np.uint32).reshape(w.shape))
         # bf16 scales stay as stored (raw uint16) where the decode kernels read them in place (int8
@@ -336,17 +348,13 @@ class CpuQuantizedLinear(nn.Module):
         self._b = _Hidden(keep(lin["biases"]))
         for a in (self._w.module, self._s.module, self._b.module):
             back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
-        self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
         self._f32 = _Hidden(None)  # float32 scales and biases, made on first use (3 bits, float kernel)
-        # For the output head: during prefill only the last position's logits are used, and unlike
-        # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
-        self.last_only = False
-        self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
-        self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
 
     def __call__(self, x: mx.array) -> mx.array:
         from .cpu_kernels import BLAS_MIN_TOKENS, _use_int8, as_f32, qmm
 
+        if self.shared is not None and self.recorder is None:
+            return self.shared.module.output(self, x)
         lin = self.inner
         if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
             x = x[..., -1:, :]
