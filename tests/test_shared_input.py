@@ -6,20 +6,19 @@ import pytest
 
 from moestream.runtime import cpu_kernels
 from moestream.runtime.streamed import CpuQuantizedLinear
+from tiny_packs import tiny_pack
 
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    from moestream.convert import convert
-    from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
+    from moestream.convert.tiny import tiny_config
     from moestream.runtime import load
 
-    tmp = tmp_path_factory.mktemp("shared")
-    src = write_tiny_checkpoint(tmp / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
-                                                         num_hidden_layers=4, vocab_size=512,
-                                                         shared_expert_intermediate_size=64))
-    convert(str(src), tmp / "p4", bits=4)
-    rt = load(tmp / "p4", cpu_kernels=True)
+    # 4 layers: gated-delta and attention layers both (full attention every 4th)
+    pack = tiny_pack(tmp_path_factory, "shared", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
+                                                            num_hidden_layers=4, vocab_size=512,
+                                                            shared_expert_intermediate_size=64), seed=5)
+    rt = load(pack, cpu_kernels=True)
     yield rt
     rt.close()
 
