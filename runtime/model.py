@@ -249,6 +249,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         for f in pack.manifest.resident_files:
             weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
         model.load_weights(weights, strict=True)
+        del weights  # the model holds them now; replaced arrays (cast, shared products) can then be freed
         if cdt is not None:
             # The CPU kernels read bf16 scales and biases as stored: float32 copies would add 11% to
             # the bytes a 4-bit g64 product reads (and to resident RAM).
@@ -267,7 +268,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                 get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
-            share_inputs(model)
+            if share_inputs(model):
+                mx.clear_cache()  # the arrays the concatenations replaced go back to the system
             from .cpu_attention import use_cpu_attention
             from .cpu_delta import use_cpu_delta
 

@@ -10,8 +10,11 @@ wakes the OpenMP workers: tens of microseconds each, which on the small matrices
 :func:`share_inputs` concatenates each such group's codes, scales and biases once, at load, into one
 matrix and makes the members' own arrays row slices of it (views: no memory is added). The first
 member called with an input computes every member's rows in one product; the others, called with
-the same input object (MLX arrays are immutable, so the same object holds the same values), take
-their slice. A member called with any other input computes alone, as before.
+the same input object, take their slice, and once every member has had its slice the group lets go
+of the input and the product (a 512-token prefill's would otherwise stay, ~5 MB a token on the 397B).
+A member called with any other input, or again, computes alone, as before. This relies on the model
+code not changing an input in place between sibling calls (mlx-lm's do not: only reshapes, or the
+expert call, run between them).
 """
 
 from __future__ import annotations
@@ -52,22 +55,26 @@ class SharedInput:
                 setattr(m.inner, a, arr[r0:r1])  # a view of the concatenated array
             mx.eval(m.inner.parameters())
             m.bind()  # its own numpy views (computing alone) now point into the shared arrays
-            m.shared = _Hidden(self)
-            m.shared_rows = (r0, r1)
+            m.shared = _Hidden((self, r0, r1))
         q = inners[0]
         # built tiny (the constructor quantizes random weights), then given the concatenated arrays
         fused = nn.QuantizedLinear(q.group_size, 1, bias=False, group_size=q.group_size, bits=q.bits)
         fused.weight, fused.scales, fused.biases = cat["weight"], cat["scales"], cat["biases"]
         self.fused = CpuQuantizedLinear(fused)
         self.fused.int8 = members[0].int8
-        self._x: mx.array | None = None  # the input last computed, kept alive so its identity holds
+        self.size = len(members)
+        self._x: mx.array | None = None  # the input of the product held, kept alive so its identity holds
         self._y: mx.array | None = None
+        self._served: set[int] = set()  # rows (r0) of the members that took their slice of it
 
-    def output(self, member: CpuQuantizedLinear, x: mx.array) -> mx.array:
-        if x is not self._x:
-            self._x, self._y = x, self.fused(x)
-        r0, r1 = member.shared_rows
-        return self._y[..., r0:r1]
+    def output(self, r0: int, r1: int, x: mx.array) -> mx.array:
+        if x is not self._x or r0 in self._served:
+            self._x, self._y, self._served = x, self.fused(x), set()
+        self._served.add(r0)
+        y = self._y[..., r0:r1]
+        if len(self._served) == self.size:  # everyone served: nothing left to hold
+            self._x = self._y = None
+        return y
 
 
 def share_inputs(model: nn.Module) -> int:
@@ -79,6 +86,9 @@ def share_inputs(model: nn.Module) -> int:
         for names in GROUPS:
             lins = [kids[k] for k in names if isinstance(kids.get(k), CpuQuantizedLinear)]
             lins = [x for x in lins if x.shared is None and "bias" not in x.inner]
+            if len({_key(x) for x in lins}) > 1:  # e.g. different bits: the largest matching subset
+                best = max({_key(x) for x in lins}, key=lambda k: sum(_key(x) == k for x in lins))
+                lins = [x for x in lins if _key(x) == best]
             if len(lins) < 2 or len({_key(x) for x in lins}) != 1 or lins[0].last_only:
                 continue
             SharedInput(lins)

@@ -326,7 +326,7 @@ class CpuQuantizedLinear(nn.Module):
         self.last_only = False
         self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
         self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
-        self.shared = None  # a SharedInput: one product with siblings on the same input (shared_input.py)
+        self.shared = None  # (SharedInput, first row, end row): one product with its siblings (shared_input.py)
 
     def bind(self) -> None:
         """numpy views of the weights as they lie (after a change to ``inner``'s arrays)."""
@@ -354,7 +354,8 @@ class CpuQuantizedLinear(nn.Module):
         from .cpu_kernels import BLAS_MIN_TOKENS, _use_int8, as_f32, qmm
 
         if self.shared is not None and self.recorder is None:
-            return self.shared.module.output(self, x)
+            group, r0, r1 = self.shared.module
+            return group.output(r0, r1, x)
         lin = self.inner
         if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
             x = x[..., -1:, :]

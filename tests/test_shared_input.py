@@ -27,7 +27,7 @@ def _groups(model):
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, CpuQuantizedLinear) and m.shared is not None:
-            out.setdefault(id(m.shared.module), []).append((name, m))
+            out.setdefault(id(m.shared.module[0]), []).append((name, m))
     return list(out.values())
 
 
@@ -39,7 +39,7 @@ def test_groups_found_and_members_are_views(runtime):
             "up_proj"} <= names
     assert "down_proj" not in names and "o_proj" not in names and "out_proj" not in names
     for g in groups:
-        fused = g[0][1].shared.module.fused._w.module
+        fused = g[0][1].shared.module[0].fused._w.module
         lo, hi = fused.ctypes.data, fused.ctypes.data + fused.nbytes
         for _, m in g:  # each member's codes lie inside the shared matrix: no second copy
             assert lo <= m._w.module.ctypes.data and m._w.module.ctypes.data + m._w.module.nbytes <= hi
@@ -57,6 +57,8 @@ def test_one_product_per_input_equal_to_each_alone(runtime, monkeypatch, tokens)
         calls.clear()
         together = [np.array(m(x)) for _, m in g]
         assert len(calls) == 1  # the first member computed the group's rows; the others sliced them
+        group = g[0][1].shared.module[0]
+        assert group._x is None and group._y is None  # all served: the input and product let go
         alone = []
         for _, m in g:
             shared, m.shared = m.shared, None
@@ -67,5 +69,8 @@ def test_one_product_per_input_equal_to_each_alone(runtime, monkeypatch, tokens)
         for (name, _), a, b in zip(g, together, alone):
             assert a.shape == b.shape, name
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1e-30, np.abs(b).max()), err_msg=name)
-        y = np.array(g[1][1](x + 0))  # another input object: computed again, not the cached rows
+        x2 = x + 0
+        y = np.array(g[1][1](x2))  # another input object: computed again, not the cached rows
         assert len(calls) == 1 + len(g) + 1 and y.shape == alone[1].shape
+        np.testing.assert_array_equal(np.array(g[1][1](x2)), y)  # the same member, same input: again
+        assert len(calls) == 1 + len(g) + 2
