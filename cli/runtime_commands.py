@@ -259,7 +259,8 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
-@click.option("--repeat", type=int, default=1, show_default=True)
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Timed runs; the best is reported (the fully resident baseline takes as many).")
 @click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
 @click.option("--read-ahead", type=int, default=0, show_default=True,
               help="Experts of the next layer to guess and read while a layer computes (0: off).")

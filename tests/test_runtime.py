@@ -369,6 +369,20 @@ def test_bench_reports_roofline_and_baselines(pack):
     assert all(f"baseline {b}" in text for b in ("resident", "mlx_lm", "naive_mmap_none")) and "roofline" in text
 
 
+def test_bench_repeat_applies_to_the_resident_baseline_too(pack, monkeypatch):
+    """--repeat R: the run and its fully resident baseline are each the best of R timed runs."""
+    from moestream.runtime import bench as bench_mod
+
+    seeds = []
+    real = bench_mod.decode_run
+    monkeypatch.setattr(bench_mod, "decode_run", lambda *a, **k: seeds.append(k.get("seed")) or real(*a, **k))
+    r = bench_mod.bench(pack, prompt_tokens=8, gen_tokens=4, cache="none", baselines=True, repeat=3)
+    # seeds 1 and 2 are timed repeats only: the run's and the resident baseline's (warm-ups use 99 and 7,
+    # the naive mmap and mlx-lm baselines seed 0)
+    assert seeds.count(1) == seeds.count(2) == 2, seeds
+    assert r["repeat"] == 3 and r["baselines"]["resident"]["decode_tps"] > 0
+
+
 def test_synth_zipf_routing_makes_hot_experts(tmp_path):
     """With zipf routing an LRU cache of a seventh of the experts hits far more often than uniform."""
     from moestream.convert.synth import synth
