@@ -122,8 +122,9 @@ def _qmm_pow2(xk, xg, w, s, b, bits, group, out, lut):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _qmm_3(x, xg, w8, s, b, group, out):
-    # 3-bit: 8 codes in 3 bytes, LSB-first across the byte stream of each row.
+def _qmm_3(x, xg, w8, s, b, group, out, lut):
+    # 3-bit: 8 codes in 3 bytes, LSB-first across the byte stream of each row; scales and biases
+    # read where they lie (bf16 as raw uint16 through ``lut``), as the other widths' kernels do.
     T, K = x.shape
     N = w8.shape[0]
     G = K // group
@@ -138,7 +139,7 @@ def _qmm_3(x, xg, w8, s, b, group, out):
                     xo = g * group + i * 8
                     for k in range(8):
                         part += np.float32((v >> (3 * k)) & 7) * x[t, xo + k]
-                acc += s[n, g] * part + b[n, g] * xg[t, g]
+                acc += _val(s[n], g, lut) * part + _val(b[n], g, lut) * xg[t, g]
             out[t, n] = acc
 
 
@@ -222,13 +223,13 @@ def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bi
     if _use_int8(int8, T, bits, group_size):
         return cpu_int8.qmv_int8(x, w, scales, biases, bits, group_size, out)
     out = np.empty((T, N), np.float32) if out is None else out
-    if T >= BLAS_MIN_TOKENS or bits == 3 or scales.dtype == np.float16:
+    if T >= BLAS_MIN_TOKENS or scales.dtype == np.float16:
         scales, biases = as_f32(scales), as_f32(biases)
     if T >= BLAS_MIN_TOKENS:
         return _qmm_blas(x, w, scales, biases, bits, group_size, out)
     xg = _group_sums(x, group_size)
     if bits == 3:
-        _qmm_3(x, xg, w.view(np.uint8).reshape(N, -1), scales, biases, group_size, out)
+        _qmm_3(x, xg, w.view(np.uint8).reshape(N, -1), scales, biases, group_size, out, _BF16)
     else:
         per = 32 // bits
         xk = np.ascontiguousarray(x.reshape(T, K // per, per).transpose(0, 2, 1))

@@ -37,8 +37,7 @@ GROUPS = (("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"), ("in_proj_qkvz
 
 def _key(lin: CpuQuantizedLinear) -> tuple:
     inner = lin.inner
-    return (inner.weight.shape[1], inner.weight.dtype, inner.scales.dtype, inner.bits, inner.group_size,
-            lin.int8, lin.last_only)
+    return inner.weight.shape[1], inner.weight.dtype, inner.scales.dtype, inner.bits, inner.group_size, lin.int8
 
 
 class SharedInput:
@@ -48,9 +47,8 @@ class SharedInput:
         inners = [m.inner for m in members]
         cat = {a: mx.concatenate([q[a] for q in inners]) for a in ("weight", "scales", "biases")}
         mx.eval(*cat.values())
-        rows = np.cumsum([0] + [q.weight.shape[0] for q in inners])
-        self.ranges = list(zip(rows[:-1].tolist(), rows[1:].tolist()))
-        for m, (r0, r1) in zip(members, self.ranges):
+        rows = np.cumsum([0] + [q.weight.shape[0] for q in inners]).tolist()
+        for m, r0, r1 in zip(members, rows[:-1], rows[1:]):
             for a, arr in cat.items():
                 setattr(m.inner, a, arr[r0:r1])  # a view of the concatenated array
             mx.eval(m.inner.parameters())
@@ -85,11 +83,12 @@ def share_inputs(model: nn.Module) -> int:
         kids = m.children()
         for names in GROUPS:
             lins = [kids[k] for k in names if isinstance(kids.get(k), CpuQuantizedLinear)]
-            lins = [x for x in lins if x.shared is None and "bias" not in x.inner]
-            if len({_key(x) for x in lins}) > 1:  # e.g. different bits: the largest matching subset
-                best = max({_key(x) for x in lins}, key=lambda k: sum(_key(x) == k for x in lins))
-                lins = [x for x in lins if _key(x) == best]
-            if len(lins) < 2 or len({_key(x) for x in lins}) != 1 or lins[0].last_only:
+            lins = [x for x in lins if x.shared is None and "bias" not in x.inner and not x.last_only]
+            keys = [_key(x) for x in lins]
+            if len(set(keys)) > 1:  # e.g. different bits: the largest subset of one layout
+                best = max(set(keys), key=keys.count)
+                lins = [x for x, k in zip(lins, keys) if k == best]
+            if len(lins) < 2:
                 continue
             SharedInput(lins)
             n += 1

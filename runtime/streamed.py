@@ -330,28 +330,23 @@ class CpuQuantizedLinear(nn.Module):
 
     def bind(self) -> None:
         """numpy views of the weights as they lie (after a change to ``inner``'s arrays)."""
-        from . import cpu_int8
         from .cpu_kernels import as_f32
         from .hugepages import back_with_huge_pages
 
         lin = self.inner
         w = lin["weight"]
         self._w = _Hidden(np.asarray(memoryview(w)).view(np.uint32).reshape(w.shape))
-        # bf16 scales stay as stored (raw uint16) where the decode kernels read them in place (int8
-        # kernels, and the float ones at 2/4/8 bits): widening to float32 would add 11% to the bytes
-        # a 4-bit g64 matrix-vector product reads. Prefill (BLAS) widens per call. float16, and 3 bits
-        # without the int8 kernel (its float kernel wants float32), are widened once here; a 3-bit
-        # linear that has the int8 kernel but runs the float one (routers) widens once, on first use.
-        in_place = lin.bits != 3 or cpu_int8.supported(3, lin.group_size)
-        keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 and in_place else as_f32(_np_float(a))
+        # bf16 scales stay as stored (raw uint16): every decode kernel reads them in place, and
+        # widening to float32 would add 11% to the bytes a 4-bit g64 matrix-vector product reads.
+        # Prefill (BLAS) widens per call. float16 (numba has no float16 arrays) is widened once here.
+        keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 else as_f32(_np_float(a))
         self._s = _Hidden(keep(lin["scales"]))
         self._b = _Hidden(keep(lin["biases"]))
         for a in (self._w.module, self._s.module, self._b.module):
             back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
-        self._f32 = _Hidden(None)  # float32 scales and biases, made on first use (3 bits, float kernel)
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .cpu_kernels import BLAS_MIN_TOKENS, _use_int8, as_f32, qmm
+        from .cpu_kernels import qmm
 
         if self.shared is not None and self.recorder is None:
             group, r0, r1 = self.shared.module
@@ -363,14 +358,7 @@ class CpuQuantizedLinear(nn.Module):
         xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
         if self.recorder is not None:
             self.recorder(xs)
-        s, b = self._s.module, self._b.module
-        if lin.bits == 3 and s.dtype == np.uint16 and xs.shape[0] < BLAS_MIN_TOKENS \
-                and not _use_int8(self.int8, xs.shape[0], 3, lin.group_size):
-            # 3-bit float kernel (a router, or int8 off) wants float32: widened once, not each call
-            if self._f32.module is None:
-                self._f32.module = (as_f32(s), as_f32(b))
-            s, b = self._f32.module
-        y = qmm(xs, self._w.module, s, b, lin.bits, lin.group_size, int8=self.int8)
+        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
         if self._bias.module is not None:
             y += self._bias.module
         return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
