@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .errors import PackError
@@ -216,6 +216,7 @@ class Manifest:
             m = cls(**d)
         except (TypeError, KeyError) as e:
             raise PackError(f"{where}: malformed manifest ({e})") from None
+        m.check_paths(where)  # first: the layout checks use the names
         m.check_layout(where)
         return m
 
@@ -230,7 +231,9 @@ class Manifest:
             raise PackError(f"{path}: unreadable manifest ({e})") from None
         if not isinstance(d, dict):
             raise PackError(f"{path}: malformed manifest (not a JSON object)")
-        return cls.from_dict(d, str(path))
+        m = cls.from_dict(d, str(path))
+        m.check_paths(str(path), Path(pack))
+        return m
 
     def save(self, pack: str | os.PathLike) -> None:
         """Write atomically: the manifest's appearance is what marks a pack as complete."""
@@ -279,6 +282,44 @@ class Manifest:
         for k, t in self.resident_tensors.items():
             if t.file not in names:
                 raise PackError(f"{where}: resident tensor {k} names unknown file {t.file}")
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """Every path the manifest names, as (what it is, path relative to the pack folder)."""
+        return ([("expert file", x.file) for x in self.experts]
+                + [("resident file", r.file) for r in self.resident_files]
+                + [(f"resident tensor {k}'s file", t.file) for k, t in self.resident_tensors.items()]
+                + [("extra file", name) for name in self.extra_files])
+
+    def check_paths(self, where: str = MANIFEST_NAME, root: str | os.PathLike | None = None) -> None:
+        """Every named file lies inside the pack folder: packs are shared and downloaded, and a manifest
+        naming ``/etc/passwd`` or ``../../x`` must not make a reader open it.
+
+        Without ``root`` only the names are checked (relative, no ``..``); with it each name is also
+        resolved (symlinks followed) and must stay under ``root`` resolved.
+        """
+        base = None
+        if root is not None:
+            try:
+                base = Path(root).resolve()
+            except (OSError, RuntimeError) as e:
+                raise PackError(f"{where}: cannot resolve the pack folder {root} ({e})") from None
+        for kind, name in self.named_files():
+            bad = f"{where}: {kind} {name!r}"
+            if not isinstance(name, str) or not name or "\0" in name:
+                raise PackError(f"{bad}: not a file name")
+            # Windows forms too (``C:``, ``\\x``): a pack may be unpacked or read on another system.
+            if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+                raise PackError(f"{bad}: absolute path (pack files must be named relative to the pack folder)")
+            if ".." in PureWindowsPath(name).parts:
+                raise PackError(f"{bad}: leaves the pack folder (\"..\")")
+            if base is None:
+                continue
+            try:
+                target = (base / name).resolve()
+            except (OSError, RuntimeError) as e:  # a symlink loop
+                raise PackError(f"{bad}: cannot resolve ({e})") from None
+            if not target.is_relative_to(base):
+                raise PackError(f"{bad}: resolves to {str(target)!r}, outside the pack folder (through a symlink)")
 
 
 def _prod(shape: list[int]) -> int:
