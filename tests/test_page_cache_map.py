@@ -59,6 +59,13 @@ def _cached(pack) -> bool:
         os.close(fd)
 
 
+def _same_logits(got, want) -> None:
+    # Mapped blocks reach the numba kernels as read-only strided views, slabs as contiguous arrays:
+    # other specializations, which may round differently (4.8e-7 of a 0.89 maximum seen in one clean
+    # run; 0 in most). Serving a wrong expert's block moves these logits by ~5e-2 of the maximum.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_mapped_hits_compute_what_reads_compute(pack):
     tokens = np.random.default_rng(3).integers(0, 512, 16).tolist()
     want, st_os = _run(pack, tokens, cache="os")
@@ -66,12 +73,12 @@ def test_mapped_hits_compute_what_reads_compute(pack):
         pytest.skip("this filesystem does not keep the expert files in the page cache")
     # warm: every expert the run routes to is in the page cache, so none is read
     got, st = _run(pack, tokens, cache="os-map")
-    np.testing.assert_array_equal(got, want)
+    _same_logits(got, want)
     assert st.page_hits == st_os.misses and st.reads == 0 and st.misses == 0
     # partly cold: some reads, some mapped, the same logits
     _drop(pack)
     got, st = _run(pack, tokens, cache="os-map")
-    np.testing.assert_array_equal(got, want)
+    _same_logits(got, want)
     assert st.reads > 0 and st.page_hits > 0
     assert st.page_hits + st.misses == st_os.misses
 

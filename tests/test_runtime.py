@@ -418,7 +418,8 @@ def test_chat_thinking_hidden_or_dimmed(capsys):
 
 
 def test_streamed_equals_resident_with_cpu_kernels(pack):
-    """With the CPU kernels (the Linux default) streaming and every-expert-in-RAM are bit-identical too."""
+    """With the CPU kernels (the Linux default) streaming and every-expert-in-RAM are bit-identical too
+    (the mmap baselines, computing from the file's mapping, up to rounding)."""
     m = Manifest.load(pack)
     x = _tokens(12)
     resident = load(pack, cache=f"lru:{sum(e.file_size for e in m.experts) + (1 << 20)}", cpu_kernels=True)
@@ -430,9 +431,13 @@ def test_streamed_equals_resident_with_cpu_kernels(pack):
     for cache in ("none", "os", "mmap", "mmap-none"):  # mmap: the naive page-fault baseline computes the same
         rt = load(pack, cache=cache, cpu_kernels=True)
         try:
-            assert np.array_equal(np.array(rt.model(x)), want)
+            got = np.array(rt.model(x))
         finally:
             rt.close()
+        if cache.startswith("mmap"):  # read-only strided views of the file: other numba specializations
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=cache)
+        else:  # slabs, like the resident LRU's: the same compiled kernels on the same bytes
+            assert np.array_equal(got, want), cache
     with pytest.raises(PackError, match="mmap"):
         load(pack, cache="mmap", cpu_kernels=False)
 
