@@ -13,7 +13,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from moestream.runtime.cpu_attention import sdpa
+from moestream.runtime.cpu.attention import sdpa
 
 
 def timed(fn, n: int = 3) -> tuple[float, np.ndarray]:

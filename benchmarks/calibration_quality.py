@@ -69,7 +69,7 @@ def main() -> None:
     from moestream.convert import convert
     from moestream.quant.calibration import Calibration
     from moestream.runtime import evaluate, load
-    from moestream.runtime.calibrate import calibrate
+    from moestream.runtime.collect_calibration import calibrate
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-import moestream.runtime.expert_store as expert_store
-from moestream.runtime import cpu_attention, load
+import moestream.runtime.store.expert_store as expert_store
+from moestream.runtime import load
+from moestream.runtime.cpu import attention as cpu_attention
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 
 - numpy's own allocation (numpy asks the kernel for transparent huge pages on large arrays),
 - an MLX allocation, as ``mx.load`` gives the runtime its resident weights (4 KB pages),
-- the same kind of MLX allocation after :func:`moestream.runtime.hugepages.back_with_huge_pages`.
+- the same kind of MLX allocation after :func:`moestream.runtime.store.hugepages.back_with_huge_pages`.
 
 Usage: python benchmarks/huge_pages.py [--rows 248320] [--rounds 5]
 """
@@ -17,8 +17,8 @@ import moestream.runtime  # noqa: F401, I001  (first: sets the OpenMP wait polic
 import mlx.core as mx
 import numpy as np
 
-from moestream.runtime import cpu_int8
-from moestream.runtime.hugepages import back_with_huge_pages
+from moestream.runtime.cpu import int8 as cpu_int8
+from moestream.runtime.store.hugepages import back_with_huge_pages
 
 
 def _best(f, n: int = 5) -> float:

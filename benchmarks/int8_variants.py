@@ -16,9 +16,9 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from moestream.runtime import cpu_int8
+from moestream.runtime.cpu import int8 as cpu_int8
 from moestream.runtime.bench import memory_bandwidth
-from moestream.runtime.cpu_int8_dot import PREFETCH, make_dot
+from moestream.runtime.cpu.int8_dot import PREFETCH, make_dot
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import numba
 import numpy as np
 
 from moestream.runtime.bench import memory_bandwidth
-from moestream.runtime import cpu_int8
-from moestream.runtime.cpu_kernels import qmm
+from moestream.runtime.cpu import int8 as cpu_int8
+from moestream.runtime.cpu.kernels import qmm
 
 
 def timed(fn, n: int = 10) -> float:

@@ -297,7 +297,7 @@ def main() -> None:
         return
     limit = None
     if args.memory_limit:
-        from moestream.runtime.expert_store import parse_size
+        from moestream.runtime.store.expert_store import parse_size
 
         limit = parse_size(args.memory_limit, "--memory-limit")
     print(f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "

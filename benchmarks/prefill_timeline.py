@@ -24,7 +24,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from moestream.runtime import load
-from moestream.runtime.store_policy import parse_size
+from moestream.runtime.store.policy import parse_size
 
 
 def fresh_pages(pack, n: int) -> None:

@@ -1,6 +1,6 @@
 """Where a streamed token's time goes: cProfile of prefill and decode on a pack, grouped by stage.
 
-Stages: quantized kernels (``runtime/cpu_kernels.py``), waiting for expert reads (thread locks),
+Stages: quantized kernels (``runtime/cpu/kernels.py``), waiting for expert reads (thread locks),
 MLX evaluation plus array conversions (``numpy.array`` on MLX arrays forces MLX to compute what
 precedes it: attention, gated-delta, norms), and widening bf16 scales.
 

@@ -49,8 +49,8 @@ def main() -> None:
     from moestream.convert import convert
     from moestream.convert.recipes import load_recipe
     from moestream.runtime import evaluate, load
-    from moestream.runtime.calibrate import calibrate
-    from moestream.runtime.routing import lru_miss_bytes_per_token
+    from moestream.runtime.collect_calibration import calibrate
+    from moestream.runtime.analysis.routing import lru_miss_bytes_per_token
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)

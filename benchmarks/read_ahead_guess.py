@@ -17,8 +17,8 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from moestream.runtime import load
-from moestream.runtime.model import moe_blocks
-from moestream.runtime.streamed import StreamedSwitchGLU, router_of
+from moestream.runtime.model.runtime import moe_blocks
+from moestream.runtime.model.streamed import StreamedSwitchGLU, router_of
 
 
 def main() -> None:

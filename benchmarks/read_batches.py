@@ -22,7 +22,7 @@ import numpy as np
 
 from moestream.layouts import open_pack
 from moestream.runtime.bench import read_bandwidth
-from moestream.runtime.expert_store import ExpertStore
+from moestream.runtime.store.expert_store import ExpertStore
 
 
 def raw_batches(root, m, k: int, batches: int, rng) -> None:

@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from moestream.runtime import cpu_int8, load
+from moestream.runtime import load
+from moestream.runtime.cpu import int8 as cpu_int8
 
 
 def main() -> None:

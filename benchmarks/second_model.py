@@ -83,7 +83,7 @@ def main() -> None:
     from moestream.convert import convert
     from moestream.convert.recipes import load_recipe
     from moestream.runtime import evaluate, load
-    from moestream.runtime.calibrate import calibrate
+    from moestream.runtime.collect_calibration import calibrate
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """One product per shared input, on and off: two runtimes of the same pack in one process, one with
-:func:`moestream.runtime.shared_input.share_inputs` and one without, decoding in alternated rounds
+:func:`moestream.runtime.model.shared_input.share_inputs` and one without, decoding in alternated rounds
 (p50 of each round's tokens; the median over rounds is printed), so the machine's drift hits both.
 
 Usage: python benchmarks/shared_input_ab.py PACK [--cache none] [-k 4] [--rounds 6] [--tokens 10]
@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-import moestream.runtime.model as model_mod
+import moestream.runtime.model.runtime as model_mod
 from moestream.runtime import load
 
 

@@ -21,7 +21,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from moestream.runtime import cpu_attention, cpu_delta, cpu_int8, cpu_kernels, expert_store, load, streamed
+from moestream.runtime import load
+from moestream.runtime.cpu import attention as cpu_attention
+from moestream.runtime.cpu import delta as cpu_delta
+from moestream.runtime.cpu import int8 as cpu_int8
+from moestream.runtime.cpu import kernels as cpu_kernels
+from moestream.runtime.store import expert_store
+from moestream.runtime.model import streamed
 
 SPENT: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()

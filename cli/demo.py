@@ -37,7 +37,7 @@ def run_demo(workdir: str | Path, bits: tuple[int, ...] = (4, 2), seed: int = 0,
     from moestream.convert import convert
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.layouts import open_pack
-    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime.model.build import load_resident_model
 
     workdir = Path(workdir)
     src = workdir / "checkpoint"

@@ -18,7 +18,7 @@ def _size(ctx, param, value):
     if value is None:  # nothing imported: the runtime loads inside the command (Ctrl-C handled there)
         return None
     from moestream.layouts.errors import MoestreamError
-    from moestream.runtime.store_policy import parse_size
+    from moestream.runtime.store.policy import parse_size
 
     try:
         return parse_size(value, "--prefill-buffer")
@@ -177,8 +177,8 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
     """
     import shutil
 
-    from moestream.runtime.calibrate import calibrate as run
-    from moestream.runtime.expert_store import parse_size
+    from moestream.runtime.collect_calibration import calibrate as run
+    from moestream.runtime.store.expert_store import parse_size
 
     budget = parse_size(matrix_bytes, "--matrix-bytes")
     text = text_file.read()[skip_chars:]
@@ -304,8 +304,8 @@ def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_cont
     Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
     """
     from moestream.layouts import open_pack
-    from moestream.runtime.model import check_kernels
-    from moestream.runtime.server import build_server
+    from moestream.runtime.model.runtime import check_kernels
+    from moestream.runtime.serve.server import build_server
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
     check_kernels(kernels)  # likewise --kernels metal without a Metal device

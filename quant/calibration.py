@@ -1,6 +1,6 @@
 """Calibration statistics: input second moments of every quantized matmul, and routing counts.
 
-Recorded by ``moestream calibrate`` (:mod:`moestream.runtime.calibrate`) on calibration text.
+Recorded by ``moestream calibrate`` (:mod:`moestream.runtime.collect_calibration`) on calibration text.
 
 For each MoE layer and each expert: how many tokens were routed to it, and the sum of squares of
 each input channel of its gate/up projections (the hidden state) and of its down projection (the

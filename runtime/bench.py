@@ -29,7 +29,7 @@ import numpy as np
 
 from moestream.layouts import Manifest
 
-from .generate import peak_rss
+from moestream.runtime.generate import peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
           prefill_buffer: int | None = None) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them). ``kernels``, ``verify`` as in
     ``load`` (``verify`` applies to this run; the resident baseline checks its blocks before timing)."""
-    from .model import load
+    from moestream.runtime.model.runtime import load
 
     pack = Path(pack)
     m = Manifest.load(pack)
@@ -213,8 +213,8 @@ def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cac
 
 
 def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out) -> dict:
-    from .loader import load_resident_model
-    from .model import load
+    from moestream.runtime.model.build import load_resident_model
+    from moestream.runtime.model.runtime import load
 
     base = {}
     if out.get("cpu_kernels"):
@@ -247,7 +247,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     model, p = load_resident_model(pack, dtype="float32")
     p.close()
     if experts_per_token:
-        from .model import moe_blocks, set_experts_per_token
+        from moestream.runtime.model.runtime import moe_blocks, set_experts_per_token
         for mlp in moe_blocks(model).values():
             set_experts_per_token(mlp, experts_per_token)
     decode_run(model, None, 16, 2, vocab, seed=7)
@@ -263,7 +263,7 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
     Starts cold (the files dropped from the page cache); the kernel's readahead and page cache
     work as they do for llama.cpp's mmap'd weights.
     """
-    from .model import load
+    from moestream.runtime.model.runtime import load
 
     gc.collect()
     rt = load(pack, cache=policy, experts_per_token=experts_per_token, tokenizer=False)

@@ -37,7 +37,7 @@ def load_reference(path: str | Path, backend: str = "mlx"):
     if backend == "transformers" and not (path / "manifest.json").exists():
         return _transformers_reference(path)
     if (path / "manifest.json").exists():
-        from .loader import load_resident_model
+        from moestream.runtime.model.build import load_resident_model
 
         model, pack = load_resident_model(path, dtype="float32")
         pack.close()
@@ -96,7 +96,7 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
             agree.append(np.array(lr.argmax(-1) == lp.argmax(-1)))
     out = {"tokens": n + len(wins), "windows": len(wins), "window": window, "ppl": float(np.exp(nll / n))}
     if trace is not None and trace.layers:
-        from .routing import routed_bytes_per_token
+        from moestream.runtime.analysis.routing import routed_bytes_per_token
 
         m = rt.pack.manifest
         out["expert_bytes_per_token"] = routed_bytes_per_token(trace.layers, m)
@@ -121,7 +121,7 @@ def _routing_trace(rt):
     other models."""
     if not hasattr(rt, "trace_routing"):
         return None
-    from .model import get_switch, moe_blocks
+    from moestream.runtime.model.runtime import get_switch, moe_blocks
 
     blocks = list(moe_blocks(rt.model).values())
     current = getattr(get_switch(blocks[0]), "trace", None) if blocks else None

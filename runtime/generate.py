@@ -15,7 +15,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .model import Runtime
+from moestream.runtime.model.runtime import Runtime
 
 
 @dataclass

@@ -62,7 +62,7 @@ def float_kernels(monkeypatch):
     """The CPU kernels with float32 activations only: for tests that check the streaming plumbing
     (slots, groups, tiers) by exact agreement with a resident model. The int8-activation decode
     kernels have their own error bounds (test_cpu_int8.py)."""
-    from moestream.runtime import cpu_kernels
+    from moestream.runtime.cpu import kernels as cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
 

@@ -13,8 +13,8 @@ from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.main import cli
 from moestream.quant import quantize
 from moestream.quant.calibration import Calibration
-from moestream.runtime.calibrate import calibrate
-from moestream.runtime.loader import load_resident_model
+from moestream.runtime.collect_calibration import calibrate
+from moestream.runtime.model.build import load_resident_model
 
 
 def _mx_dequant(wq, s, b, bits, g) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_calibration_statistics_match_the_resident_model(tiny):
     # Independent: mlx-lm's model with every expert in RAM and MLX's kernels; capture what the
     # MoE blocks' switch_mlp and the output head receive.
     model, pack = load_resident_model(d / "p8", dtype="float32")
-    tok_ids = pack and __import__("moestream.runtime.model", fromlist=["load_tokenizer"]).load_tokenizer(pack.root)
+    tok_ids = pack and __import__("moestream.runtime.model.runtime", fromlist=["load_tokenizer"]).load_tokenizer(pack.root)
     ids = tok_ids.encode(text)[:200]
     pack.close()
     seen = {}

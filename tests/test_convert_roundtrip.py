@@ -97,7 +97,7 @@ def _transformers_logits(folder: Path, tokens: np.ndarray, tmp: Path) -> np.ndar
 
 
 def _pack_logits(pack: Path, tokens: np.ndarray) -> np.ndarray:
-    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime.model.build import load_resident_model
 
     model, p = load_resident_model(pack, dtype="float32")
     p.close()

@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moestream.runtime import cpu_attention
-from moestream.runtime.cpu_attention import sdpa
-from moestream.runtime.rebind import rebound
+from moestream.runtime.cpu import attention as cpu_attention
+from moestream.runtime.cpu.attention import sdpa
+from moestream.runtime.model.patches import rebound
 
 
 def _qkv(rng, B, Hq, Hk, Lq, Lk, D):

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models.gated_delta import gated_delta_ops, gated_delta_update
 
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
-from moestream.runtime import cpu_delta
+from moestream.runtime.cpu import delta as cpu_delta
 
 
 def _inputs(rng, B, T, Hk, Hv, Dk, Dv, vec):
@@ -61,7 +61,7 @@ def test_only_the_given_model_is_switched(tmp_path):
     cfg = tiny_config(hidden_size=64, num_experts=4, moe_intermediate_size=32, num_hidden_layers=2, vocab_size=256,
                       shared_expert_intermediate_size=32)
     src = write_tiny_checkpoint(tmp_path / "src", cfg)
-    from moestream.runtime.loader import cast_floats
+    from moestream.runtime.model.build import cast_floats
 
     ours, _ = load_model(src)
     theirs, _ = load_model(src)

@@ -5,8 +5,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moestream.runtime import cpu_int8
-from moestream.runtime.cpu_kernels import qmm, qmm_experts
+from moestream.runtime.cpu import int8 as cpu_int8
+from moestream.runtime.cpu.kernels import qmm, qmm_experts
 
 pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="int8 kernels need an x86-64 CPU with AVX2")
 
@@ -148,8 +148,9 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
 
     from moestream.convert import convert
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
-    from moestream.runtime import cpu_kernels, load
-    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime import load
+    from moestream.runtime.cpu import kernels as cpu_kernels
+    from moestream.runtime.model.build import load_resident_model
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", True)
     src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=256, num_experts=8, moe_intermediate_size=128,
@@ -177,8 +178,8 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
 def test_grouped_prefill_rows_match_each_experts_product(bits):
     """A prefill group's experts in one launch: each segment of rows gives what qmv_int8 gives for it
     with that expert's matrix (to a few ulp), and stays within the rounding bound of the exact product."""
-    from moestream.runtime.cpu_int8 import qmm_grouped_int8, qmv_int8
-    from moestream.runtime.cpu_kernels import qmm_grouped
+    from moestream.runtime.cpu.int8 import qmm_grouped_int8, qmv_int8
+    from moestream.runtime.cpu.kernels import qmm_grouped
 
     _need(bits, 64)
     rng = np.random.default_rng(70 + bits)
@@ -219,7 +220,7 @@ def test_kernels_come_from_numba_cache_in_a_second_process(tmp_path):
 
     code = """
 import numpy as np
-from moestream.runtime import cpu_int8
+from moestream.runtime.cpu import int8 as cpu_int8
 k, g = 512, 64
 kern = cpu_int8._plan(4, g, k)
 w, s = np.zeros((8, k // 8), np.uint32), np.zeros((8, k // g), np.uint16)

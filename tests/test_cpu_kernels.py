@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moestream.runtime.cpu_kernels import as_f32, qmm, silu_mul
+from moestream.runtime.cpu.kernels import as_f32, qmm, silu_mul
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -50,11 +50,11 @@ def test_silu_mul():
 def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
     """The float kernels (int8 activations off: their own test is in test_cpu_int8.py)."""
     from moestream.convert import convert
-    from moestream.runtime import cpu_kernels
+    from moestream.runtime.cpu import kernels as cpu_kernels
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.runtime import generate, load
-    from moestream.runtime.loader import load_resident_model
-    from moestream.runtime.streamed import CpuQuantizedLinear
+    from moestream.runtime.model.build import load_resident_model
+    from moestream.runtime.model.streamed import CpuQuantizedLinear
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
     src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
@@ -87,7 +87,7 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_qmm_experts_matches_mlx_dequantize(bits):
     """Each row against its own expert's matrix, as MLX dequantizes it (fresh random weights and slots)."""
-    from moestream.runtime.cpu_kernels import qmm_experts
+    from moestream.runtime.cpu.kernels import qmm_experts
 
     rng = np.random.default_rng(40 + bits)
     S, n, k = 5, 48, 256
@@ -113,7 +113,7 @@ def test_cpu_linear_float_path_with_bf16_scales(bits):
     uint16, read in place at 3 bits too): equal to MLX's own quantized product."""
     import mlx.nn as nn
 
-    from moestream.runtime.streamed import CpuQuantizedLinear
+    from moestream.runtime.model.streamed import CpuQuantizedLinear
 
     rng = np.random.default_rng(bits)
     lin = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=False), group_size=64, bits=bits)

@@ -69,7 +69,7 @@ def test_a_filesystem_refusing_direct_reads_falls_back_to_buffered(pack, monkeyp
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, bufs, off)
 
-    from moestream.runtime import expert_store
+    from moestream.runtime.store import expert_store
 
     direct_fds: set = set()
     orig = expert_store.ExpertStore.__init__

@@ -14,7 +14,7 @@ import pytest
 from moestream.convert import ConvertError, convert, supported_families
 from moestream.layouts import Manifest
 from moestream.runtime import evaluate, load
-from moestream.runtime.loader import load_resident_model
+from moestream.runtime.model.build import load_resident_model
 
 families = pytest.importorskip("families", reason="needs the test extras: torch, transformers")
 

@@ -12,7 +12,7 @@ import pytest
 from moestream.convert import ConvertError, convert, family_for
 from moestream.layouts import Manifest, open_pack
 from moestream.runtime import evaluate, load
-from moestream.runtime.loader import load_resident_model
+from moestream.runtime.model.build import load_resident_model
 
 families = pytest.importorskip("families", reason="needs the test extras: torch, transformers")
 pytest.importorskip("checkpoints")
@@ -137,8 +137,8 @@ def test_mxfp4_experts_per_token_override_reads_k(mxfp4):
 
 def test_metal_kernels_leave_gpt_oss_to_mlx(mxfp4):
     """The fused Metal kernels compute affine SwiGLU without biases: gpt-oss layers run MLX's ops."""
-    from moestream.runtime.expert_store import ExpertStore
-    from moestream.runtime.streamed import StreamedSwitchGLU
+    from moestream.runtime.store.expert_store import ExpertStore
+    from moestream.runtime.model.streamed import StreamedSwitchGLU
 
     with open_pack(mxfp4[2]) as p:
         store = ExpertStore(p)
@@ -150,7 +150,7 @@ def test_metal_kernels_leave_gpt_oss_to_mlx(mxfp4):
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: the dequantize + BLAS path
 def test_cpu_mxfp4_kernel_matches_mlx(tokens):
-    from moestream.runtime.cpu_kernels import qmm_mxfp4
+    from moestream.runtime.cpu.kernels import qmm_mxfp4
 
     w = mx.random.normal((96, 128), key=mx.random.key(1))
     q, s = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
@@ -162,7 +162,7 @@ def test_cpu_mxfp4_kernel_matches_mlx(tokens):
 def test_cpu_swiglu_oai_matches_mlx_lm():
     from mlx_lm.models.activations import swiglu_oai
 
-    from moestream.runtime.cpu_kernels import swiglu_oai as cpu
+    from moestream.runtime.cpu.kernels import swiglu_oai as cpu
 
     rng = np.random.default_rng(0)
     gate, up = (rng.standard_normal((3, 200)).astype(np.float32) * 6 for _ in range(2))

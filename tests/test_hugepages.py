@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moestream.runtime.hugepages import HUGE, back_with_huge_pages
+from moestream.runtime.store.hugepages import HUGE, back_with_huge_pages
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

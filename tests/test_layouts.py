@@ -177,7 +177,7 @@ def test_version_1_packs_still_load(tmp_path):
     import numpy as np
 
     from moestream.layouts.expert_file import HEADER
-    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime.model.build import load_resident_model
 
     pack = _small_pack(tmp_path)
     x = mx.array([[1, 5, 9, 3]])

@@ -64,7 +64,7 @@ def test_streamed_with_metal_kernels_matches_mlx(tmp_path):
     from moestream.convert import convert
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.runtime import generate, load
-    from moestream.runtime.loader import load_resident_model
+    from moestream.runtime.model.build import load_resident_model
 
     cfg = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                       num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)

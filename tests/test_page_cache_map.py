@@ -44,7 +44,7 @@ def _drop(pack):
 
 def _cached(pack) -> bool:
     """Whether this filesystem's page cache keeps the expert files once read (tmpfs, overlays...)."""
-    from moestream.runtime.slabs import MappedLayer
+    from moestream.runtime.store.slabs import MappedLayer
 
     m = Manifest.load(pack)
     x = m.experts[0]

@@ -14,7 +14,7 @@ from tiny_packs import tiny_pack
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest, PackError
 from moestream.runtime import load
-from moestream.runtime.prefill_stream import PrefillStream
+from moestream.runtime.store.prefill_ring import PrefillStream
 
 # 16 experts, top-2: a chunk of 8 or more tokens routes to most of them (tokens x k >= experts)
 CONFIG = tiny_config(hidden_size=256, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128,

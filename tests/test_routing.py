@@ -10,9 +10,9 @@ from moestream.convert import convert
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.main import cli
 from moestream.runtime import load
-from moestream.runtime.loader import load_resident_model
-from moestream.runtime.model import moe_blocks
-from moestream.runtime.routing import RoutingTrace, consecutive_reuse, lru_hit_rate, popularity
+from moestream.runtime.model.build import load_resident_model
+from moestream.runtime.model.runtime import moe_blocks
+from moestream.runtime.analysis.routing import RoutingTrace, consecutive_reuse, lru_hit_rate, popularity
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.layouts import Manifest, PackError
 from moestream.main import cli
 from moestream.runtime import evaluate, generate, load
-from moestream.runtime.loader import load_resident_model
+from moestream.runtime.model.build import load_resident_model
 
 CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                      num_hidden_layers=4, vocab_size=512, shared_expert_intermediate_size=64)
@@ -276,8 +276,8 @@ def test_decode_rss_bound(pack):
     environment) + resident weights + reader buffers + a small margin: no expert file is read whole."""
     base = subprocess.run(
         [sys.executable, "-c", "import sys; from pathlib import Path; import numpy as np; import moestream.main; "
-         "from moestream.runtime.model import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
-         "from moestream.runtime.cpu_kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
+         "from moestream.runtime.model.runtime import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
+         "from moestream.runtime.cpu.kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
          "qmm(o, np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
          "qmm(o.repeat(2, 0), np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
          "silu_mul(o.copy(), o); "
@@ -300,7 +300,7 @@ def test_decode_rss_bound(pack):
 def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
     import mlx.nn as nn
 
-    from moestream.runtime.model import moe_blocks
+    from moestream.runtime.model.runtime import moe_blocks
 
     calls = []
 

@@ -1,11 +1,11 @@
-"""Sibling CPU linears on one input share one product (runtime/shared_input.py)."""
+"""Sibling CPU linears on one input share one product (runtime/model/shared_input.py)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from moestream.runtime import cpu_kernels
-from moestream.runtime.streamed import CpuQuantizedLinear
+from moestream.runtime.cpu import kernels as cpu_kernels
+from moestream.runtime.model.streamed import CpuQuantizedLinear
 from tiny_packs import tiny_pack
 
 

@@ -18,7 +18,7 @@ from moestream.main import cli
 from moestream.quant.calibration import Calibration
 from moestream.quant.tiers import Width, allocate_widths
 from moestream.runtime import load
-from moestream.runtime.loader import load_resident_model
+from moestream.runtime.model.build import load_resident_model
 
 WIDTHS = [Width.parse(w) for w in ("2g128", "2g64", "3g64", "4g64", "8g64")]
 ERR = {w: 4.0 ** -w.bits * (1 + w.group_size / 256) for w in WIDTHS}  # shaped like measured errors
@@ -276,7 +276,7 @@ def test_tiered_presets_meet_the_quality_targets_on_the_trained_fixture(tmp_path
     benchmarks/quality_per_byte.py measures them: 4-bit class <= 0.025, 2-bit class (<= 2.6 bits per
     expert weight stored) <= 0.25 mean KL against the bf16 checkpoint."""
     from moestream.runtime import evaluate
-    from moestream.runtime.calibrate import calibrate
+    from moestream.runtime.collect_calibration import calibrate
 
     text = (TRAINED / "eval.txt").read_text()
     convert(str(TRAINED), tmp_path / "p8", bits=8)

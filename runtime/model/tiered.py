@@ -14,7 +14,7 @@ import numpy as np
 
 from moestream.layouts import ExpertLayer
 
-from .streamed import _Hidden, _switch_glu
+from moestream.runtime.model.streamed import _Hidden, _switch_glu
 
 
 class TieredSwitchGLU(nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 
 from moestream.layouts import Pack, open_pack
 
-from .rope import untruncate_yarn
+from moestream.runtime.model.rope import untruncate_yarn
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def mlx_module(model_type: str) -> str:
 
 def _expert_modules(model: nn.Module, pack: Pack) -> None:
     """Tiered layers get a TieredSwitchGLU in ``switch_mlp``'s place (one SwitchGLU per width)."""
-    from .model import get_switch, moe_blocks, set_switch
-    from .tiered import TieredSwitchGLU
+    from moestream.runtime.model.runtime import get_switch, moe_blocks, set_switch
+    from moestream.runtime.model.tiered import TieredSwitchGLU
 
     m = pack.manifest
     blocks = moe_blocks(model)
@@ -87,7 +87,7 @@ def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
     """All experts of one layer stacked as mlx-lm's ``switch_mlp`` arrays ([E, ...] per component).
 
     For a tiered layer the keys are ``tiers.T.<component>``, each tier's experts in file order (the
-    parameters of :class:`~moestream.runtime.tiered.TieredSwitchGLU`)."""
+    parameters of :class:`~moestream.runtime.model.tiered.TieredSwitchGLU`)."""
     tiers = pack.manifest.expert_tiers(layer)
     out = {}
     for t, x in enumerate(tiers):
@@ -144,7 +144,7 @@ def switch_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Path -> mlx-lm SwitchGLU (a layer's experts: ``...mlp.switch_mlp``; gpt-oss ``...mlp.experts``)."""
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    from .tiered import TieredSwitchGLU
+    from moestream.runtime.model.tiered import TieredSwitchGLU
 
     return {name: m for name, m in model.named_modules() if isinstance(m, (SwitchGLU, TieredSwitchGLU))}
 

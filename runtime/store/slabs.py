@@ -14,7 +14,7 @@ import numpy as np
 
 from moestream.layouts import ExpertLayer
 
-from .hugepages import back_with_huge_pages
+from moestream.runtime.store.hugepages import back_with_huge_pages
 
 NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
               "float32": np.float32}

@@ -19,7 +19,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from moestream.layouts import ExpertLayer
 
-from .expert_store import ExpertStore, block_key
+from moestream.runtime.store.expert_store import ExpertStore, block_key
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class StreamedSwitchGLU(nn.Module):
         self.read_ahead = count
 
     def prefill_guess_next(self, guess) -> None:
-        """On multi-token calls, run the next MoE layer's :class:`~moestream.runtime.prefill_stream.EntryGuess`
+        """On multi-token calls, run the next MoE layer's :class:`~moestream.runtime.store.prefill_ring.EntryGuess`
         on this layer's input once this layer's reads are queued: the prefill ring then reads the next
         layer's experts while this one computes, not only from the next layer's entry."""
         self._next_prefill.module = guess
@@ -250,7 +250,7 @@ class StreamedSwitchGLU(nn.Module):
                     out: np.ndarray) -> None:
         """One token: every expert of the group through :func:`qmm_experts`, gate, up and down each one
         parallel launch (per-expert launches cost ~30% of a decode layer's expert time here)."""
-        from .cpu_kernels import qmm_experts
+        from moestream.runtime.cpu.kernels import qmm_experts
 
         pos = {e: j for j, e in enumerate(flat[0].tolist())}
         cols = np.array([pos[e] for e in part.tolist()])
@@ -264,7 +264,7 @@ class StreamedSwitchGLU(nn.Module):
                      out: np.ndarray) -> None:
         """Several tokens: the (token, expert) pairs of the group sorted by expert, gate, up and down
         each one call of :func:`qmm_grouped` over all the group's experts."""
-        from .cpu_kernels import qmm_grouped
+        from moestream.runtime.cpu.kernels import qmm_grouped
 
         where = [np.nonzero(flat == e) for e in part.tolist()]
         t = np.concatenate([w[0] for w in where])
@@ -277,7 +277,7 @@ class StreamedSwitchGLU(nn.Module):
         out[t, j] = qmm_grouped(mid, *args["down_proj"])
 
     def _cpu_linear(self, glu, a: dict[str, np.ndarray], p: str, slot: int, xe: np.ndarray) -> np.ndarray:
-        from .cpu_kernels import as_f32, qmm, qmm_mxfp4
+        from moestream.runtime.cpu.kernels import as_f32, qmm, qmm_mxfp4
 
         lin = getattr(glu, p)
         if self._mode == "mxfp4":
@@ -293,7 +293,7 @@ class StreamedSwitchGLU(nn.Module):
         """The family's gated activation: plain SwiGLU, gpt-oss's clamped one, or MLX's module."""
         from mlx_lm.models.activations import SwigluOAI
 
-        from .cpu_kernels import silu_mul, swiglu_oai
+        from moestream.runtime.cpu.kernels import silu_mul, swiglu_oai
 
         act = self._glu.module.activation
         if type(act) is SwiGLU:
@@ -330,8 +330,8 @@ class CpuQuantizedLinear(nn.Module):
 
     def bind(self) -> None:
         """numpy views of the weights as they lie (after a change to ``inner``'s arrays)."""
-        from .cpu_kernels import as_f32
-        from .hugepages import back_with_huge_pages
+        from moestream.runtime.cpu.kernels import as_f32
+        from moestream.runtime.store.hugepages import back_with_huge_pages
 
         lin = self.inner
         w = lin["weight"]
@@ -346,7 +346,7 @@ class CpuQuantizedLinear(nn.Module):
             back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .cpu_kernels import qmm
+        from moestream.runtime.cpu.kernels import qmm
 
         if self.shared is not None and self.recorder is None:
             group, r0, r1 = self.shared.module
@@ -397,7 +397,7 @@ def cpu_linear_paths(model: nn.Module) -> list[str]:
 
 def use_cpu_kernels(model: nn.Module) -> int:
     """Swap every affine quantized linear (2/3/4/8 bits) for :class:`CpuQuantizedLinear`. Returns the count."""
-    from . import hugepages
+    from moestream.runtime.store import hugepages
 
     before = hugepages.ADVISED.copy()
     found = _cpu_linears(model)

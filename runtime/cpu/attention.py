@@ -9,7 +9,7 @@ and a decoded token's attention over 512 cached positions 10 ms (``benchmarks/at
 the score matrix's memory. Quantized KV caches and attention sinks (gpt-oss) go to mlx-lm's own.
 
 :func:`use_cpu_attention` gives one model's attention layers a class whose ``__call__`` is
-mlx-lm's own code with :func:`sdpa` in place of mlx-lm's function (see :func:`moestream.runtime.rebind.rebind`), so other
+mlx-lm's own code with :func:`sdpa` in place of mlx-lm's function (see :func:`moestream.runtime.model.patches.rebind`), so other
 models in the process (references, baselines) keep mlx-lm's.
 """
 
@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import base
 
-from .rebind import rebind, rebound
+from moestream.runtime.model.patches import rebind, rebound
 
 SCORE_BYTES = 64 << 20  # per query block: the [heads, rows, keys] float32 scores
 

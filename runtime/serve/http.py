@@ -3,7 +3,7 @@
 mlx-lm's :class:`~mlx_lm.server.APIHandler` parses the sampling options and builds the request;
 this subclass checks everything a client can get wrong before that (JSON, fields, model id,
 prompt length, concurrency), answers every failure with an OpenAI error object, writes the response
-through :class:`~moestream.runtime.openai_response.ResponseAssembler`, and stops a generation
+through :class:`~moestream.runtime.serve.openai_response.ResponseAssembler`, and stops a generation
 whose client has gone away.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mlx_lm import server as mlx_server
 
-from .openai_response import Delta, ResponseAssembler, error_body, message_fields
-from .server import ServerConfig, ServerStats, served_names
+from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
+from moestream.runtime.serve.server import ServerConfig, ServerStats, served_names
 
 log = logging.getLogger(__name__)
 

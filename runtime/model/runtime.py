@@ -2,8 +2,8 @@
 
 :func:`load` builds the model from the pack's config through mlx-lm, quantizes the resident modules
 as the manifest says, loads the resident safetensors strictly by name, and replaces every MoE
-layer's ``switch_mlp`` with a :class:`~moestream.runtime.streamed.StreamedSwitchGLU` over one shared
-:class:`~moestream.runtime.expert_store.ExpertStore`. On the CPU (Linux) float parameters are cast
+layer's ``switch_mlp`` with a :class:`~moestream.runtime.model.streamed.StreamedSwitchGLU` over one shared
+:class:`~moestream.runtime.store.expert_store.ExpertStore`. On the CPU (Linux) float parameters are cast
 to float32: MLX's CPU kernels are fastest, or only work, in float32.
 
 Kernels (``kernels=``): ``auto`` runs moestream's Metal expert kernels on a Metal device and its numba
@@ -24,10 +24,10 @@ import mlx.nn as nn
 from moestream.layouts import Pack, PackError, open_pack
 from moestream.layouts.errors import MoestreamError
 
-from .expert_store import ExpertStore
-from .loader import build_model, cast_floats
-from .shared_input import share_inputs
-from .streamed import EarlySharedExpert, StreamedSwitchGLU, cpu_linear_paths, use_cpu_kernels
+from moestream.runtime.store.expert_store import ExpertStore
+from moestream.runtime.model.build import build_model, cast_floats
+from moestream.runtime.model.shared_input import share_inputs
+from moestream.runtime.model.streamed import EarlySharedExpert, StreamedSwitchGLU, cpu_linear_paths, use_cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Runtime:
 
     def trace_routing(self):
         """Start recording every MoE layer's routing; returns the :class:`RoutingTrace`."""
-        from .routing import RoutingTrace
+        from moestream.runtime.analysis.routing import RoutingTrace
 
         trace = RoutingTrace(self.pack.manifest.num_experts)
         for mlp in moe_blocks(self.model).values():
@@ -72,7 +72,7 @@ class Runtime:
 
 def output_head(model: nn.Module):
     """The model's output projection when it runs on the CPU kernels (else None)."""
-    from .streamed import CpuQuantizedLinear
+    from moestream.runtime.model.streamed import CpuQuantizedLinear
 
     lm = getattr(model, "language_model", model)
     head = getattr(lm, "lm_head", None)
@@ -111,7 +111,7 @@ SWITCH_ATTRS = ("switch_mlp", "experts")  # gpt-oss names its SwitchGLU ``expert
 def _switch_attr(block: nn.Module) -> str | None:
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    from .tiered import TieredSwitchGLU
+    from moestream.runtime.model.tiered import TieredSwitchGLU
 
     for attr in SWITCH_ATTRS:
         if isinstance(getattr(block, attr, None), (SwitchGLU, StreamedSwitchGLU, TieredSwitchGLU)):
@@ -186,7 +186,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
 
     Args:
         path: the pack folder.
-        cache: ``os``, ``os-map``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.expert_store`).
+        cache: ``os``, ``os-map``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.store.expert_store`).
         experts_per_token: override the model's top-k.
         dtype: float dtype of compute; default float32 on the CPU, the pack's own on a GPU.
         threads: reader threads.
@@ -206,7 +206,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             50-83% of the time (``benchmarks/RESULTS.md``).
         prefill_buffer: bytes of the prefill ring (CPU kernels, ``os``/``none``): a prompt chunk's
             expert reads start at each MoE layer's entry, guessed by its router, and run back to back
-            through the layer's compute (:mod:`~moestream.runtime.prefill_stream`). Default 4 GiB
+            through the layer's compute (:mod:`~moestream.runtime.store.prefill_ring`). Default 4 GiB
             (at most RAM / 8); 0: off.
 
     Example:
@@ -270,13 +270,13 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             use_cpu_kernels(model)
             if share_inputs(model):
                 mx.clear_cache()  # the arrays the concatenations replaced go back to the system
-            from .cpu_attention import use_cpu_attention
-            from .cpu_delta import use_cpu_delta
+            from moestream.runtime.cpu.attention import use_cpu_attention
+            from moestream.runtime.cpu.delta import use_cpu_delta
 
             use_cpu_delta(model)
             use_cpu_attention(model)
         if store.prefill_stream is not None:
-            from .prefill_stream import EntryGuess, guess_at_entry
+            from moestream.runtime.store.prefill_ring import EntryGuess, guess_at_entry
 
             guesses = {}
             for i, mlp in blocks.items():

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from numba import njit, prange
 
-from .rebind import rebind, rebound
+from moestream.runtime.model.patches import rebind, rebound
 
 log = logging.getLogger(__name__)
 

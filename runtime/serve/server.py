@@ -29,7 +29,7 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from .model import Runtime, get_experts_per_token, load, moe_blocks, output_head, set_experts_per_token
+from moestream.runtime.model.runtime import Runtime, get_experts_per_token, load, moe_blocks, output_head, set_experts_per_token
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def build_server(pack: str, host: str = "127.0.0.1", port: int = 8080, *, api_ke
         load_timeout: seconds to wait for the pack to load.
         runtime_options: passed to :func:`moestream.runtime.load` (cache, experts_per_token, ...).
     """
-    from .server_http import StreamingAPIHandler
+    from moestream.runtime.serve.http import StreamingAPIHandler
 
     cli_args = _mlx_cli_args(["--model", str(pack), "--host", host, "--port", str(port), *(mlx_args or [])])
     provider = StreamingModelProvider(cli_args, runtime_options)

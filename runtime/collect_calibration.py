@@ -26,9 +26,9 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     ``matrix_bytes``: budget for full second-moment matrices (GPTQ's input), per expert if they all
     fit, else pooled per MoE layer; the resident linears' only if they fit what remains.
     """
-    from . import cpu_kernels
-    from .model import get_switch, load, moe_blocks
-    from .streamed import CpuQuantizedLinear
+    from moestream.runtime.cpu import kernels as cpu_kernels
+    from moestream.runtime.model.runtime import get_switch, load, moe_blocks
+    from moestream.runtime.model.streamed import CpuQuantizedLinear
 
     rt = load(pack, cpu_kernels=True)
     int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products

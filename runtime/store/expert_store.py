@@ -36,10 +36,10 @@ import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
 
-from .prefill_stream import PrefillStream, default_budget
-from .slabs import MappedLayer, Slab, block_key
-from .store_lru import LruExperts
-from .store_policy import StoreStats, parse_cache, parse_size, run_overlap  # noqa: F401  (parse_size: re-exported)
+from moestream.runtime.store.prefill_ring import PrefillStream, default_budget
+from moestream.runtime.store.slabs import MappedLayer, Slab, block_key
+from moestream.runtime.store.lru import LruExperts
+from moestream.runtime.store.policy import StoreStats, parse_cache, parse_size, run_overlap  # noqa: F401  (parse_size: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class ExpertStore:
         cpu_only: the caller computes with the CPU kernels only (numpy views): with ``none``, slabs
             are page-aligned numpy buffers read with ``O_DIRECT`` where the filesystem allows (no
             copy through the page cache), else read buffered and dropped.
-        prefill_buffer: bytes of the prefill ring (:mod:`~moestream.runtime.prefill_stream`; CPU kernels,
-            ``os``/``none`` caches); default :func:`~moestream.runtime.prefill_stream.default_budget`,
+        prefill_buffer: bytes of the prefill ring (:mod:`~moestream.runtime.store.prefill_ring`; CPU kernels,
+            ``os``/``none`` caches); default :func:`~moestream.runtime.store.prefill_ring.default_budget`,
             0 turns it off. Its pages, once touched, stay with the process (a reader buffer, like the
             slabs): faulting them in again for each prompt would halve its first reads' speed.
     """
@@ -314,7 +314,7 @@ class ExpertStore:
 
     def prefill_guess(self, layer: int, experts: list[int]) -> None:
         """Start reading ``experts`` of ``layer`` into the prefill ring (a guess made at the layer's
-        entry; see :class:`~moestream.runtime.prefill_stream.EntryGuess`)."""
+        entry; see :class:`~moestream.runtime.store.prefill_ring.EntryGuess`)."""
         if self.prefill_stream is not None and layer in self._ring_layers:
             self.prefill_stream.guess(layer, experts)
 

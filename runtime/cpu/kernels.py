@@ -21,10 +21,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import cpu_int8
+from moestream.runtime.cpu import int8 as cpu_int8
 
 # Small batches (decode) of 2-, 3-, 4- and 8-bit weights multiply int8-quantized activations with
-# integer dot products (:mod:`moestream.runtime.cpu_int8`, 2.4-7x the float kernels here; routers
+# integer dot products (:mod:`moestream.runtime.cpu.int8`, 2.4-7x the float kernels here; routers
 # excepted); MOESTREAM_INT8=0 keeps every product in float32.
 INT8_ACTIVATIONS = os.environ.get("MOESTREAM_INT8", "1") != "0"
 

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .streamed import CpuQuantizedLinear, _Hidden
+from moestream.runtime.model.streamed import CpuQuantizedLinear, _Hidden
 
 log = logging.getLogger(__name__)
 

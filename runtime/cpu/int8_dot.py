@@ -1,4 +1,4 @@
-"""The row dot product of :mod:`moestream.runtime.cpu_int8`, written as LLVM IR through numba's
+"""The row dot product of :mod:`moestream.runtime.cpu.int8`, written as LLVM IR through numba's
 ``intrinsic``: one weight row of 2/3/4/8-bit codes against ``nt`` tokens' int8 activations (the
 layout and the arithmetic are described there)."""
 

@@ -1,6 +1,6 @@
 """Decode kernels with int8 activations: integer dot products over 2-, 3-, 4- and 8-bit MLX-affine codes.
 
-The float kernels in :mod:`moestream.runtime.cpu_kernels` spend ~5 vector instructions per 4-bit
+The float kernels in :mod:`moestream.runtime.cpu.kernels` spend ~5 vector instructions per 4-bit
 code (shift, mask, int->float, load of the activation, FMA) and reach about a tenth of this
 machine's memory bandwidth for one token (4 of 31-38 GB/s, ``benchmarks/kernel_throughput.py``). Here, as in llama.cpp's q4 x q8 dot products, each activation group
 is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes are multiplied as bytes:
@@ -38,7 +38,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from .cpu_int8_dot import BLOCK, code_fields as _fields, make_dot
+from moestream.runtime.cpu.int8_dot import BLOCK, code_fields as _fields, make_dot
 
 
 @functools.cache

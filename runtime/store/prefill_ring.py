@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .slabs import Slab
+from moestream.runtime.store.slabs import Slab
 
 MIN_GROUP = 8  # experts handed over at once while reads lag (fewer, larger kernel launches)
 MAX_GROUP = 32  # and at most: a full ring's slots come back while its experts are computed, not after
@@ -185,8 +185,8 @@ class EntryGuess:
         MoE layer's input, when that layer makes the guess for this one)."""
         import mlx.core as mx
 
-        from .model import get_experts_per_token
-        from .streamed import router_of
+        from moestream.runtime.model.runtime import get_experts_per_token
+        from moestream.runtime.model.streamed import router_of
 
         tokens = h.size // h.shape[-1]
         k = get_experts_per_token(self._block)
