@@ -120,9 +120,10 @@ class MlxLmFamily:
                                f"these settings has no expert layers)")
 
     # -- config ----------------------------------------------------------------------------------
-    def prepare_config(self, config: dict) -> dict:
+    @classmethod
+    def prepare_config(cls, config: dict) -> dict:
         """The config mlx-lm's ModelArgs is built from (and the pack's config.json)."""
-        return normalized_config(config, self.config_aliases)
+        return normalized_config(config, cls.config_aliases)
 
     def cfg(self, key: str, default=None):
         return self.text_config.get(key, default)
@@ -242,6 +243,20 @@ def family_for(config: dict, where: str = "config.json") -> MlxLmFamily:
                            f"supported: {', '.join(sorted(_FAMILIES))}")
     try:
         return _FAMILIES[mt](config)
+    except ConvertError as e:
+        raise ConvertError(str(e).replace("config.json", where, 1)) from None
+
+
+def mlx_lm_config(config: dict, where: str = "config.json") -> dict:
+    """``config`` as conversion hands it to mlx-lm's ModelArgs (the family's
+    :meth:`~MlxLmFamily.prepare_config`: transformers 5's field names filled in), for loading a
+    checkpoint with mlx-lm directly (an eval reference); unchanged for a ``model_type`` no family adapts."""
+    _load_families()
+    cls = _FAMILIES.get(config.get("model_type"))
+    if cls is None:
+        return config
+    try:
+        return cls.prepare_config(config)
     except ConvertError as e:
         raise ConvertError(str(e).replace("config.json", where, 1)) from None
 

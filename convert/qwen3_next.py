@@ -24,8 +24,9 @@ class Qwen3Next(MlxLmFamily):
     router_suffixes = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
     transform = Qwen3_5Moe.transform  # same norm and conv1d conventions
 
-    def prepare_config(self, config: dict) -> dict:
-        config = normalized_config(config, self.config_aliases)
+    @classmethod
+    def prepare_config(cls, config: dict) -> dict:
+        config = normalized_config(config, cls.config_aliases)
         types = config.get("layer_types")
         if "full_attention_interval" not in config and types:
             k = types.index("full_attention") + 1 if "full_attention" in types else 0

@@ -3,7 +3,8 @@
 The text is tokenized with the pack's tokenizer and scored in non-overlapping windows (each window a
 fresh context). With a reference, the same windows run through it and each position gives
 KL(reference || pack) and whether the two agree on the top token. A Hugging Face folder reference
-runs through mlx-lm, unquantized, in float32: never through moestream's own loading code. A pack
+runs through mlx-lm, unquantized, in float32: never through moestream's own loading code (only its
+config gets the converter's field-name normalization, for checkpoints saved by transformers 5). A pack
 reference runs fully resident (no streaming).
 """
 
@@ -44,9 +45,17 @@ def load_reference(path: str | Path, backend: str = "mlx"):
         return model
     if not (path / "config.json").exists():
         raise PackError(f"{path}: reference is neither a pack nor a Hugging Face checkpoint folder")
-    from mlx_lm.utils import load_model
+    from mlx_lm.utils import load_config, load_model
 
-    model, _ = load_model(path)
+    from moestream.convert.family import mlx_lm_config
+
+    # transformers 5 names some fields differently from mlx-lm's ModelArgs (num_local_experts,
+    # rope_parameters): filled in exactly as conversion fills them in for the pack's config.json
+    config = mlx_lm_config(load_config(path), str(path / "config.json"))
+    try:
+        model, _ = load_model(path, model_config=config)
+    except (TypeError, KeyError, ValueError) as e:  # ModelArgs or the weights refused
+        raise PackError(f"{path}: mlx-lm cannot load this reference ({type(e).__name__}: {e})") from None
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
                           model.parameters()))
     return model
