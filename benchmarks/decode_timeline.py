@@ -20,7 +20,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import moestream.runtime.store.expert_store as expert_store
 from moestream.runtime import load
-from moestream.runtime.cpu import attention as cpu_attention
+from moestream.runtime.model import cpu_layers
+from moestream.runtime.model import runtime as runtime_mod
 
 
 def main() -> None:
@@ -33,7 +34,8 @@ def main() -> None:
     ap.add_argument("--mlx-attention", action="store_true")
     args = ap.parse_args()
     if args.mlx_attention:
-        cpu_attention.use_cpu_attention = lambda model: 0
+        cpu_layers.use_cpu_attention = lambda model: 0
+        runtime_mod.use_cpu_attention = lambda model: 0
     waits: list[float] = []
     fetch = expert_store.ExpertStore.fetch
 

@@ -17,7 +17,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from moestream.runtime import load
-from moestream.runtime.model.runtime import moe_blocks
+from moestream.runtime.model.blocks import moe_blocks
 from moestream.runtime.model.streamed import StreamedSwitchGLU, router_of
 
 

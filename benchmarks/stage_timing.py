@@ -27,7 +27,7 @@ from moestream.runtime.cpu import delta as cpu_delta
 from moestream.runtime.cpu import int8 as cpu_int8
 from moestream.runtime.cpu import kernels as cpu_kernels
 from moestream.runtime.store import expert_store
-from moestream.runtime.model import streamed
+from moestream.runtime.model import cpu_layers, streamed
 
 SPENT: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()
@@ -36,7 +36,7 @@ STAGES = [(cpu_int8, "qmv_int8", "resident int8 products"), (cpu_int8, "qmm_expe
           (cpu_kernels, "_qmm_pow2", "float products (8-bit router)"), (cpu_int8, "quantize_activations", "int8 quantizer"),
           (cpu_delta, "recurrence", "gated-delta recurrence"), (cpu_attention, "sdpa", "attention"),
           (expert_store.ExpertStore, "_page_cache_hits", "os-map: mincore + first-use checksums"),
-          (streamed.CpuQuantizedLinear, "__call__", "all resident linears (with glue)"),
+          (cpu_layers.CpuQuantizedLinear, "__call__", "all resident linears (with glue)"),
           (streamed.StreamedSwitchGLU, "__call__", "all MoE calls (with reads)")]
 
 

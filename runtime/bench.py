@@ -247,7 +247,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     model, p = load_resident_model(pack, dtype="float32")
     p.close()
     if experts_per_token:
-        from moestream.runtime.model.runtime import moe_blocks, set_experts_per_token
+        from moestream.runtime.model.blocks import moe_blocks, set_experts_per_token
         for mlp in moe_blocks(model).values():
             set_experts_per_token(mlp, experts_per_token)
     decode_run(model, None, 16, 2, vocab, seed=7)

@@ -27,8 +27,9 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     fit, else pooled per MoE layer; the resident linears' only if they fit what remains.
     """
     from moestream.runtime.cpu import kernels as cpu_kernels
-    from moestream.runtime.model.runtime import get_switch, load, moe_blocks
-    from moestream.runtime.model.streamed import CpuQuantizedLinear
+    from moestream.runtime.model.blocks import get_switch, moe_blocks
+    from moestream.runtime.model.runtime import load
+    from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 
     rt = load(pack, cpu_kernels=True)
     int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products

@@ -130,7 +130,7 @@ def _routing_trace(rt):
     other models."""
     if not hasattr(rt, "trace_routing"):
         return None
-    from moestream.runtime.model.runtime import get_switch, moe_blocks
+    from moestream.runtime.model.blocks import get_switch, moe_blocks
 
     blocks = list(moe_blocks(rt.model).values())
     current = getattr(get_switch(blocks[0]), "trace", None) if blocks else None

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from moestream.runtime.cpu import attention as cpu_attention
+from moestream.runtime.model import cpu_layers
 from moestream.runtime.cpu.attention import sdpa
-from moestream.runtime.model.patches import rebound
+from moestream.runtime.model.patches import patched as rebound
 
 
 def _qkv(rng, B, Hq, Hk, Lq, Lk, D):
@@ -54,7 +55,7 @@ def test_switch_is_per_model():
                                 max_position_embeddings=128)
     a, b = qwen3_next.Model(args), qwen3_next.Model(args)
     b.update(a.parameters())
-    assert cpu_attention.use_cpu_attention(a) == 1 and cpu_attention.use_cpu_attention(a) == 0
+    assert cpu_layers.use_cpu_attention(a) == 1 and cpu_layers.use_cpu_attention(a) == 0
     assert not any(rebound(m) for _, m in b.named_modules())
     x = mx.array(np.random.default_rng(0).integers(0, 64, (1, 9)))
     np.testing.assert_allclose(np.array(a(x)), np.array(b(x)), rtol=0, atol=1e-4)

@@ -7,6 +7,7 @@ from mlx_lm.models.gated_delta import gated_delta_ops, gated_delta_update
 
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.runtime.cpu import delta as cpu_delta
+from moestream.runtime.model import cpu_layers
 
 
 def _inputs(rng, B, T, Hk, Hv, Dk, Dv, vec):
@@ -67,8 +68,8 @@ def test_only_the_given_model_is_switched(tmp_path):
     theirs, _ = load_model(src)
     for m in (ours, theirs):  # MLX's CPU gather_mm takes float32 only
         m.update(cast_floats(m.parameters(), mx.float32))
-    assert cpu_delta.use_cpu_delta(ours) >= 1
-    assert cpu_delta.use_cpu_delta(ours) == 0  # idempotent
+    assert cpu_layers.use_cpu_delta(ours) >= 1
+    assert cpu_layers.use_cpu_delta(ours) == 0  # idempotent
     kinds = {type(m).__name__ for _, m in theirs.named_modules()}
     assert not any(k.startswith("Cpu") for k in kinds)
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -83,5 +84,5 @@ def test_depthwise_conv_matches_mlx():
     conv = nn.Conv1d(48, 48, 4, groups=48, bias=False)
     conv.weight = mx.array(rng.standard_normal((48, 4, 1)).astype(np.float32))
     x = mx.array(rng.standard_normal((2, 19, 48)).astype(np.float32))
-    assert cpu_delta._is_depthwise(conv) and not cpu_delta._is_depthwise(nn.Conv1d(48, 48, 4, bias=False))
-    np.testing.assert_allclose(np.array(cpu_delta.CpuDepthwiseConv1d(conv)(x)), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+    assert cpu_layers._is_depthwise(conv) and not cpu_layers._is_depthwise(nn.Conv1d(48, 48, 4, bias=False))
+    np.testing.assert_allclose(np.array(cpu_layers.CpuDepthwiseConv1d(conv)(x)), np.array(conv(x)), rtol=1e-5, atol=1e-5)

@@ -54,7 +54,7 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.runtime import generate, load
     from moestream.runtime.model.build import load_resident_model
-    from moestream.runtime.model.streamed import CpuQuantizedLinear
+    from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
     src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
@@ -113,7 +113,7 @@ def test_cpu_linear_float_path_with_bf16_scales(bits):
     uint16, read in place at 3 bits too): equal to MLX's own quantized product."""
     import mlx.nn as nn
 
-    from moestream.runtime.model.streamed import CpuQuantizedLinear
+    from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 
     rng = np.random.default_rng(bits)
     lin = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=False), group_size=64, bits=bits)

@@ -20,7 +20,8 @@ from moestream.layouts.errors import MoestreamError
 from moestream.main import cli
 from moestream.metal import kernels as K
 from moestream.runtime import generate, load
-from moestream.runtime.model.streamed import CpuQuantizedLinear, StreamedSwitchGLU
+from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
+from moestream.runtime.model.streamed import StreamedSwitchGLU
 
 CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                      num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.generate import make_text_state_machine
 
 from moestream.convert.tiny import write_byte_tokenizer
-from moestream.runtime.model.runtime import load_tokenizer
+from moestream.runtime.model.tokenizer import load_tokenizer
 from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {

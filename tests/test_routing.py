@@ -11,7 +11,7 @@ from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.main import cli
 from moestream.runtime import load
 from moestream.runtime.model.build import load_resident_model
-from moestream.runtime.model.runtime import moe_blocks
+from moestream.runtime.model.blocks import moe_blocks
 from moestream.runtime.analysis.routing import RoutingTrace, consecutive_reuse, lru_hit_rate, popularity
 
 

@@ -276,7 +276,7 @@ def test_decode_rss_bound(pack):
     environment) + resident weights + reader buffers + a small margin: no expert file is read whole."""
     base = subprocess.run(
         [sys.executable, "-c", "import sys; from pathlib import Path; import numpy as np; import moestream.main; "
-         "from moestream.runtime.model.runtime import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
+         "from moestream.runtime.model.tokenizer import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
          "from moestream.runtime.cpu.kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
          "qmm(o, np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
          "qmm(o.repeat(2, 0), np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
@@ -300,7 +300,7 @@ def test_decode_rss_bound(pack):
 def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
     import mlx.nn as nn
 
-    from moestream.runtime.model.runtime import moe_blocks
+    from moestream.runtime.model.blocks import moe_blocks
 
     calls = []
 

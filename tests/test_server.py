@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="needs the test extras: openai")
 from mlx_lm import server as mlx_server  # noqa: E402
 
 from moestream.runtime import load  # noqa: E402
-from moestream.runtime.model.runtime import get_experts_per_token, moe_blocks  # noqa: E402
+from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks  # noqa: E402
 from moestream.runtime.serve.server import build_server  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moestream.runtime.cpu import kernels as cpu_kernels
-from moestream.runtime.model.streamed import CpuQuantizedLinear
+from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 from tiny_packs import tiny_pack
 
 

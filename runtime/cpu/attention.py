@@ -19,8 +19,6 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import base
 
-from moestream.runtime.model.patches import rebind, rebound
-
 SCORE_BYTES = 64 << 20  # per query block: the [heads, rows, keys] float32 scores
 
 
@@ -61,16 +59,3 @@ def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache, scale: floa
     return mx.array(out.reshape(B, Hq, Lq, Dv)).astype(queries.dtype)
 
 
-def use_cpu_attention(model) -> int:
-    """Switch ``model``'s attention layers (those whose ``__call__`` calls mlx-lm's
-    ``scaled_dot_product_attention``) to :func:`sdpa`. Returns how many were switched."""
-    n = 0
-    for _, m in model.named_modules():
-        call = getattr(type(m), "__call__", None)
-        code = getattr(call, "__code__", None)
-        if rebound(m) or code is None or "scaled_dot_product_attention" not in code.co_names \
-                or call.__globals__.get("scaled_dot_product_attention") is not base.scaled_dot_product_attention:
-            continue
-        m.__class__ = rebind(type(m), "scaled_dot_product_attention", sdpa)
-        n += 1
-    return n

@@ -18,11 +18,8 @@ from __future__ import annotations
 import logging
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from numba import njit, prange
-
-from moestream.runtime.model.patches import rebind, rebound
 
 log = logging.getLogger(__name__)
 
@@ -110,38 +107,3 @@ def _depthwise(x, w, y):
                 y[b, t, c] += x[b, t + j, c] * wt[j, c]
 
 
-class CpuDepthwiseConv1d(nn.Module):
-    """mlx-lm's depthwise ``nn.Conv1d`` (no padding, no bias, as the gated-delta layers use it) as a
-    numba loop: MLX's CPU convolution took ~0.4 s for one 397B layer's 512-token prefill."""
-
-    def __init__(self, conv: nn.Conv1d):
-        super().__init__()
-        self.inner = conv  # keeps the parameters in the tree
-
-    def __call__(self, x: mx.array) -> mx.array:
-        w = self.inner.weight  # [C, K, 1]
-        xs = np.array(x.astype(mx.float32))
-        y = np.empty((xs.shape[0], xs.shape[1] - w.shape[1] + 1, xs.shape[2]), np.float32)
-        _depthwise(xs, np.array(w.astype(mx.float32))[..., 0], y)
-        return mx.array(y).astype(x.dtype)
-
-
-def _is_depthwise(m) -> bool:
-    return (isinstance(m, nn.Conv1d) and "bias" not in m and m.weight.shape[-1] == 1
-            and getattr(m, "groups", 1) == m.weight.shape[0] and getattr(m, "padding", 0) == 0
-            and getattr(m, "stride", 1) == 1 and getattr(m, "dilation", 1) == 1)
-
-
-def use_cpu_delta(model) -> int:
-    """Switch ``model``'s gated-delta layers to the CPU recurrence (and their depthwise convolution to
-    :class:`CpuDepthwiseConv1d`). Returns how many layers were switched."""
-    n = 0
-    for _, m in model.named_modules():
-        code = getattr(getattr(type(m), "__call__", None), "__code__", None)
-        if rebound(m) or code is None or "gated_delta_update" not in code.co_names:
-            continue
-        m.__class__ = rebind(type(m), "gated_delta_update", gated_delta_update)
-        if _is_depthwise(getattr(m, "conv1d", None)):
-            m.conv1d = CpuDepthwiseConv1d(m.conv1d)
-        n += 1
-    return n

@@ -72,7 +72,7 @@ def mlx_module(model_type: str) -> str:
 
 def _expert_modules(model: nn.Module, pack: Pack) -> None:
     """Tiered layers get a TieredSwitchGLU in ``switch_mlp``'s place (one SwitchGLU per width)."""
-    from moestream.runtime.model.runtime import get_switch, moe_blocks, set_switch
+    from moestream.runtime.model.blocks import get_switch, moe_blocks, set_switch
     from moestream.runtime.model.tiered import TieredSwitchGLU
 
     m = pack.manifest

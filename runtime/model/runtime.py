@@ -24,10 +24,15 @@ import mlx.nn as nn
 from moestream.layouts import Pack, PackError, open_pack
 from moestream.layouts.errors import MoestreamError
 
-from moestream.runtime.store.expert_store import ExpertStore
+from moestream.runtime.model.blocks import (SHARED_EXPERT_ATTRS, get_switch, moe_blocks, output_head,
+                                            set_experts_per_token, set_switch)
 from moestream.runtime.model.build import build_model, cast_floats
+from moestream.runtime.model.cpu_layers import cpu_linear_paths, use_cpu_attention, use_cpu_delta, use_cpu_kernels
+from moestream.runtime.model.entry_guess import EntryGuess, guess_at_entry
 from moestream.runtime.model.shared_input import share_inputs
-from moestream.runtime.model.streamed import EarlySharedExpert, StreamedSwitchGLU, cpu_linear_paths, use_cpu_kernels
+from moestream.runtime.model.streamed import EarlySharedExpert, StreamedSwitchGLU
+from moestream.runtime.model.tokenizer import load_tokenizer
+from moestream.runtime.store.expert_store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -68,103 +73,6 @@ class Runtime:
             yield
         finally:
             head.last_only = False
-
-
-def output_head(model: nn.Module):
-    """The model's output projection when it runs on the CPU kernels (else None)."""
-    from moestream.runtime.model.streamed import CpuQuantizedLinear
-
-    lm = getattr(model, "language_model", model)
-    head = getattr(lm, "lm_head", None)
-    return head if isinstance(head, CpuQuantizedLinear) else None
-
-
-def load_tokenizer(root: Path):
-    """mlx-lm's tokenizer wrapper for the pack, faithful to the pack's ``tokenizer.json``.
-
-    transformers 5 picks the tokenizer class from ``model_type`` (Qwen3_5Tokenizer, which rebuilds
-    the pre-tokenizer from its own regex) even when ``tokenizer_config.json`` names the generic
-    ``PreTrainedTokenizerFast``; for such checkpoints the backend is reset to ``tokenizer.json`` as
-    written, which is what the model was trained with.
-    """
-    import json
-
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
-    if not (root / "tokenizer.json").exists() and not (root / "tokenizer_config.json").exists():
-        raise PackError(f"{root}: no tokenizer files in the pack")
-    wrapper = mlx_load_tokenizer(root)
-    cfg = root / "tokenizer_config.json"
-    declared = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.exists() else None
-    inner = wrapper._tokenizer
-    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and type(inner).__name__ != declared \
-            and (root / "tokenizer.json").exists() and hasattr(inner, "_tokenizer"):
-        from tokenizers import Tokenizer
-
-        inner._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-    return wrapper
-
-
-SWITCH_ATTRS = ("switch_mlp", "experts")  # gpt-oss names its SwitchGLU ``experts``
-
-
-def _switch_attr(block: nn.Module) -> str | None:
-    from mlx_lm.models.switch_layers import SwitchGLU
-
-    from moestream.runtime.model.tiered import TieredSwitchGLU
-
-    for attr in SWITCH_ATTRS:
-        if isinstance(getattr(block, attr, None), (SwitchGLU, StreamedSwitchGLU, TieredSwitchGLU)):
-            return attr
-    return None
-
-
-def get_switch(block: nn.Module) -> nn.Module:
-    """A MoE block's experts module (``switch_mlp``; gpt-oss: ``experts``)."""
-    return getattr(block, _switch_attr(block))
-
-
-def set_switch(block: nn.Module, module: nn.Module) -> None:
-    setattr(block, _switch_attr(block), module)
-
-
-def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> the layer's sparse MoE block: the child holding the experts' SwitchGLU (``mlp``
-    in most families, ``block_sparse_moe`` in Mixtral; see :func:`get_switch`)."""
-    out = {}
-    for i, layer in enumerate(model.layers):
-        for child in layer.children().values():
-            if isinstance(child, nn.Module) and _switch_attr(child) is not None:
-                out[i] = child
-                break
-    return out
-
-
-# Where a block keeps its top-k: Qwen's ``top_k``, Mixtral's ``num_experts_per_tok``, DeepSeek's
-# router (``gate.top_k``), which does the selection itself.
-TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
-SHARED_EXPERT_ATTRS = ("shared_expert", "shared_experts")
-
-
-def get_experts_per_token(block: nn.Module) -> int:
-    """A MoE block's current top-k, wherever its family keeps it."""
-    for owner in (block, getattr(block, "gate", None)):
-        for attr in TOP_K_ATTRS:
-            if owner is not None and isinstance(getattr(owner, attr, None), int):
-                return getattr(owner, attr)
-    raise PackError(f"{type(block).__name__}: no top-k attribute")
-
-
-def set_experts_per_token(block: nn.Module, k: int) -> None:
-    """Override a MoE block's top-k wherever its family keeps it."""
-    found = False
-    for owner in (block, getattr(block, "gate", None)):
-        for attr in TOP_K_ATTRS:
-            if owner is not None and isinstance(getattr(owner, attr, None), int):
-                setattr(owner, attr, k)
-                found = True
-    if not found:
-        raise PackError(f"{type(block).__name__}: no top-k attribute to override")
 
 
 def check_kernels(kernels: str) -> bool:
@@ -270,14 +178,9 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
             use_cpu_kernels(model)
             if share_inputs(model):
                 mx.clear_cache()  # the arrays the concatenations replaced go back to the system
-            from moestream.runtime.cpu.attention import use_cpu_attention
-            from moestream.runtime.cpu.delta import use_cpu_delta
-
             use_cpu_delta(model)
             use_cpu_attention(model)
         if store.prefill_stream is not None:
-            from moestream.runtime.store.prefill_ring import EntryGuess, guess_at_entry
-
             guesses = {}
             for i, mlp in blocks.items():
                 layer = model.layers[i]

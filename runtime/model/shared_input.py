@@ -25,7 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moestream.runtime.model.streamed import CpuQuantizedLinear, _Hidden
+from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
+from moestream.runtime.model.hidden import Hidden
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class SharedInput:
                 setattr(m.inner, a, arr[r0:r1])  # a view of the concatenated array
             mx.eval(m.inner.parameters())
             m.bind()  # its own numpy views (computing alone) now point into the shared arrays
-            m.shared = _Hidden((self, r0, r1))
+            m.shared = Hidden((self, r0, r1))
         q = inners[0]
         # built tiny (the constructor quantizes random weights), then given the concatenated arrays
         fused = nn.QuantizedLinear(q.group_size, 1, bias=False, group_size=q.group_size, bits=q.bits)

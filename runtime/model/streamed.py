@@ -15,42 +15,16 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear
+from mlx_lm.models.switch_layers import SwiGLU
 
 from moestream.layouts import ExpertLayer
 
+from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
+from moestream.runtime.model.hidden import Hidden
+from moestream.runtime.model.switch_glu import PROJS, has_bias, switch_glu
 from moestream.runtime.store.expert_store import ExpertStore, block_key
 
-PROJS = ("gate_proj", "up_proj", "down_proj")
 log = logging.getLogger(__name__)
-
-
-class _Hidden:
-    """Holds a module outside MLX's parameter tree (its weights are swapped in per call)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-
-def _switch_glu(x: ExpertLayer, num_experts: int = 1, activation: nn.Module | None = None) -> SwitchGLU:
-    """An mlx-lm SwitchGLU whose linears match the block layout of expert file ``x``."""
-    i, h = x.component("gate_proj.weight").shape[0], x.component("down_proj.weight").shape[0]
-    bias = _has_bias(x)
-    glu = SwitchGLU(h, i, num_experts, **({"activation": activation} if activation is not None else {}))
-    for p in PROJS:
-        c = x.component(f"{p}.weight")
-        if c.bits < 16:
-            din = c.shape[1] * 32 // c.bits
-            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], num_experts, bias=bias,
-                                                  group_size=c.group_size, bits=c.bits, mode=c.mode))
-        else:
-            setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], num_experts, bias=bias))
-    return glu
-
-
-def _has_bias(x: ExpertLayer) -> bool:
-    """The projections carry their own bias vectors (gpt-oss)."""
-    return any(c.name == "gate_proj.bias" for c in x.components)
 
 
 class EarlySharedExpert(nn.Module):
@@ -63,7 +37,7 @@ class EarlySharedExpert(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self._memo = _Hidden(None)
+        self._memo = Hidden(None)
 
     def start(self, x: mx.array) -> mx.array:
         y = self.inner(x)
@@ -90,23 +64,23 @@ class StreamedSwitchGLU(nn.Module):
                  activation: nn.Module | None = None):
         super().__init__()
         self._store, self._layer = store, layer
-        self._shared = _Hidden(shared)
+        self._shared = Hidden(shared)
         self._cpu = cpu_kernels
         tiers = store.pack.manifest.expert_tiers(layer)
         # One mlx-lm SwitchGLU per block layout (several for a tiered layer), keyed as the store's slabs.
-        self._glus = _Hidden({block_key(x): _switch_glu(x, 1, activation) for x in tiers})
-        self._glu = _Hidden(next(iter(self._glus.module.values())))  # the activation, shared by the tiers
+        self._glus = Hidden({block_key(x): switch_glu(x, 1, activation) for x in tiers})
+        self._glu = Hidden(next(iter(self._glus.module.values())))  # the activation, shared by the tiers
         x = tiers[0]
         self._quantized = x.component("gate_proj.weight").bits < 16
         self._mode = x.component("gate_proj.weight").mode
-        self._bias = _has_bias(x)
+        self._bias = has_bias(x)
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
         self._metal = metal_kernels and self._quantized and all(self._metal_shapes(x) for x in tiers)
-        self._next = _Hidden(None)  # (layer, MoE block) of the next MoE layer, for read-ahead
+        self._next = Hidden(None)  # (layer, MoE block) of the next MoE layer, for read-ahead
         self.read_ahead = 0
-        self._next_prefill = _Hidden(None)  # the next MoE layer's EntryGuess (prefill ring)
+        self._next_prefill = Hidden(None)  # the next MoE layer's EntryGuess (prefill ring)
 
     def read_ahead_for(self, layer: int, block: nn.Module, count: int) -> None:
         """On one-token calls, guess ``count`` experts of the next MoE ``layer`` by applying its router
@@ -133,11 +107,11 @@ class StreamedSwitchGLU(nn.Module):
         out = None
         shared = self._shared.module
         # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
-        overlap = [lambda: shared.start(x)] if shared is not None else []
+        overlap = [lambda: mx.eval(shared.start(x))] if shared is not None else []
         if self.read_ahead and self._next.module is not None and x.size == x.shape[-1]:
             overlap.insert(0, lambda: self._guess_next(x))
         if self._next_prefill.module is not None and x.size > x.shape[-1]:
-            overlap.insert(0, lambda: self._next_prefill.module(x, normed=True) or [])
+            overlap.insert(0, lambda: self._next_prefill.module(x, normed=True))
         if self._cpu:
             return self._cpu_call(x, inds, experts, overlap)
         if self._metal and x.size == x.shape[-1]:
@@ -188,7 +162,7 @@ class StreamedSwitchGLU(nn.Module):
         # The fused kernels compute affine codes and plain SwiGLU without expert biases (not gpt-oss).
         if why is None and g.mode != "affine":
             why = f"{g.mode} experts"
-        if why is None and (_has_bias(x) or type(self._glu.module.activation) is not SwiGLU):
+        if why is None and (has_bias(x) or type(self._glu.module.activation) is not SwiGLU):
             why = "expert biases or another activation than SwiGLU"
         if why:
             log.info("layer %d: MLX's kernels, not Metal's (%s)", self._layer, why)
@@ -313,99 +287,3 @@ def router_of(block: nn.Module) -> nn.Module | None:
     return None
 
 
-class CpuQuantizedLinear(nn.Module):
-    """A quantized linear computed by the numba kernel (same weights, same result up to rounding)."""
-
-    def __init__(self, lin: nn.QuantizedLinear):
-        super().__init__()
-        self.inner = lin  # keeps the parameters in the tree
-        self.bind()
-        self._bias = _Hidden(np.array(lin["bias"].astype(mx.float32)) if "bias" in lin else None)
-        # For the output head: during prefill only the last position's logits are used, and unlike
-        # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
-        self.last_only = False
-        self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
-        self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
-        self.shared = None  # (SharedInput, first row, end row): one product with its siblings (shared_input.py)
-
-    def bind(self) -> None:
-        """numpy views of the weights as they lie (after a change to ``inner``'s arrays)."""
-        from moestream.runtime.cpu.kernels import as_f32
-        from moestream.runtime.store.hugepages import back_with_huge_pages
-
-        lin = self.inner
-        w = lin["weight"]
-        self._w = _Hidden(np.asarray(memoryview(w)).view(np.uint32).reshape(w.shape))
-        # bf16 scales stay as stored (raw uint16): every decode kernel reads them in place, and
-        # widening to float32 would add 11% to the bytes a 4-bit g64 matrix-vector product reads.
-        # Prefill (BLAS) widens per call. float16 (numba has no float16 arrays) is widened once here.
-        keep = lambda a: _np_float(a) if a.dtype == mx.bfloat16 else as_f32(_np_float(a))
-        self._s = _Hidden(keep(lin["scales"]))
-        self._b = _Hidden(keep(lin["biases"]))
-        for a in (self._w.module, self._s.module, self._b.module):
-            back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
-
-    def __call__(self, x: mx.array) -> mx.array:
-        from moestream.runtime.cpu.kernels import qmm
-
-        if self.shared is not None and self.recorder is None:
-            group, r0, r1 = self.shared.module
-            return group.output(r0, r1, x)
-        lin = self.inner
-        if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
-            x = x[..., -1:, :]
-        shape = x.shape
-        xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
-        if self.recorder is not None:
-            self.recorder(xs)
-        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
-        if self._bias.module is not None:
-            y += self._bias.module
-        return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
-
-
-def _np_float(a: mx.array) -> np.ndarray:
-    """Scales/biases as numpy views of the MLX arrays (no copy): bf16 as raw uint16 bits (numpy has no bf16)."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    mx.eval(a)
-    return np.asarray(memoryview(a))
-
-
-ROUTERS = ("gate", "shared_expert_gate", "router")  # mlx-lm's names for MoE routers and gates
-
-
-def _cpu_linear(m) -> bool:
-    return isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine" and m.bits in (2, 3, 4, 8)
-
-
-def _cpu_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """(path, parent, attribute, linear) of each affine quantized linear (2/3/4/8 bits) held directly
-    as an attribute (not in a list or dict): the ones :func:`use_cpu_kernels` swaps."""
-    out = []
-    for name, m in model.named_modules():
-        for key, child in m.children().items():
-            if _cpu_linear(child):
-                out.append((f"{name}.{key}" if name else key, m, key, child))
-    return out
-
-
-def cpu_linear_paths(model: nn.Module) -> list[str]:
-    """Parameter paths of the linears :func:`use_cpu_kernels` swaps."""
-    return [path for path, *_ in _cpu_linears(model)]
-
-
-def use_cpu_kernels(model: nn.Module) -> int:
-    """Swap every affine quantized linear (2/3/4/8 bits) for :class:`CpuQuantizedLinear`. Returns the count."""
-    from moestream.runtime.store import hugepages
-
-    before = hugepages.ADVISED.copy()
-    found = _cpu_linears(model)
-    for _, m, key, child in found:
-        lin = CpuQuantizedLinear(child)
-        if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
-            lin.int8 = False
-        setattr(m, key, lin)
-    log.info("CPU linears: %.2f GB moved onto huge pages in %.2f s", (hugepages.ADVISED["bytes"] - before["bytes"]) / 1e9,
-             hugepages.ADVISED["seconds"] - before["seconds"])
-    return len(found)

@@ -14,7 +14,8 @@ import numpy as np
 
 from moestream.layouts import ExpertLayer
 
-from moestream.runtime.model.streamed import _Hidden, _switch_glu
+from moestream.runtime.model.hidden import Hidden
+from moestream.runtime.model.switch_glu import switch_glu
 
 
 class TieredSwitchGLU(nn.Module):
@@ -28,11 +29,11 @@ class TieredSwitchGLU(nn.Module):
     def __init__(self, tiers: list[ExpertLayer], num_experts: int, original: nn.Module | None = None):
         super().__init__()
         act = getattr(original, "activation", None)  # the family's gated activation (gpt-oss clamps)
-        self.tiers = [_switch_glu(x, x.num_experts, act) for x in tiers]
+        self.tiers = [switch_glu(x, x.num_experts, act) for x in tiers]
         tier, local = np.zeros(num_experts, np.int32), np.zeros(num_experts, np.uint32)
         for t, x in enumerate(tiers):
             tier[x.ids()], local[x.ids()] = t, np.arange(x.num_experts)
-        self._map = _Hidden((mx.array(tier), mx.array(local)))
+        self._map = Hidden((mx.array(tier), mx.array(local)))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         tier, local = self._map.module

@@ -18,7 +18,7 @@ from pathlib import Path
 from mlx_lm import server as mlx_server
 
 from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
-from moestream.runtime.serve.server import ServerConfig, ServerStats, served_names
+from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
@@ -29,7 +28,9 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from moestream.runtime.model.runtime import Runtime, get_experts_per_token, load, moe_blocks, output_head, set_experts_per_token
+from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
+from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks, output_head, set_experts_per_token
+from moestream.runtime.model.runtime import Runtime, load
 
 log = logging.getLogger(__name__)
 
@@ -62,53 +63,6 @@ class StreamingModelProvider(mlx_server.ModelProvider):
         self.model, self.tokenizer = rt.model, rt.tokenizer
         self.processor = self.draft_model = None
         self.is_batchable = False  # one sequence at a time over the shared expert store
-
-
-def served_names(pack: str) -> set[str]:
-    """The model ids a request may use for the served pack."""
-    p = Path(pack)
-    return {p.name, str(p), str(p.resolve()), "default_model"}
-
-
-@dataclass
-class ServerStats:
-    """Counters shared by the HTTP threads and the generation thread (``GET /stats``)."""
-
-    max_concurrency: int
-    in_flight: int = 0
-    admitted: int = 0
-    rejected: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    running: dict | None = None
-    last: dict | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def admit(self) -> bool:
-        with self._lock:
-            if self.in_flight >= self.max_concurrency:
-                self.rejected += 1
-                return False
-            self.in_flight += 1
-            self.admitted += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    def record(self, **kw) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 class _CountingQueue:
@@ -217,16 +171,6 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         self.prompt_cache.insert_cache(provider.model_key, prompt[:p], cache, cache_type="user")
         log.info("stored the history checkpoint: %d tokens (%d computed)", p, len(rest))
         return p - len(rest)
-
-
-@dataclass
-class ServerConfig:
-    """What the HTTP handler needs to know besides mlx-lm's options."""
-
-    pack: str
-    api_key: str | None = None
-    max_context: int = 32768
-    num_experts: int = 0
 
 
 class Server:

@@ -229,7 +229,7 @@ class ExpertStore:
               ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
         """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
 
-        ``overlap``: callables returning arrays to evaluate while the first reads are in flight.
+        ``overlap``: callables to call while the first reads are in flight.
         ``many``: a multi-token chunk (prefill): served by the prefill ring where there is one (the
         caller computes each group eagerly before asking for the next).
 

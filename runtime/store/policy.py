@@ -52,9 +52,8 @@ def parse_cache(spec: str) -> tuple[str, int]:
 
 
 def run_overlap(overlap: list) -> None:
-    """Call and evaluate (then forget) the pending overlap work (compute that needs no expert, run
-    while reads are in flight)."""
-    import mlx.core as mx
-
+    """Call (then forget) the pending overlap work: the caller's compute that needs no expert (the
+    shared expert, guesses for the next layer), run while reads are in flight. Each callable does its
+    own evaluation: the store knows nothing of the model."""
     while overlap:
-        mx.eval(overlap.pop(0)())
+        overlap.pop(0)()
