@@ -7,6 +7,10 @@ Usage: python benchmarks/attention_cpu.py [--tokens 512]
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import time
 

@@ -11,6 +11,10 @@ is printed too, since KL and the layer-wise objective need not move together.
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import json
 from pathlib import Path

@@ -10,6 +10,10 @@ Usage: python benchmarks/clip_bound.py [--experts 4] [--fixture ../shared/fixtur
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 from pathlib import Path
 

@@ -15,6 +15,10 @@ Usage: python benchmarks/convert_throughput.py [--experts 128] [--bits 4] [--job
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import json
 import os

@@ -7,6 +7,10 @@ Usage: python benchmarks/decode_sweep.py [--like qwen3.5-397b-a17b] [--layers 2]
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import shutil
 from pathlib import Path

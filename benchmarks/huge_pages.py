@@ -10,10 +10,13 @@ Usage: python benchmarks/huge_pages.py [--rows 248320] [--rounds 5]
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import time
 
-import moestream.runtime  # noqa: F401, I001  (first: sets the OpenMP wait policy before anything loads libgomp)
 import mlx.core as mx
 import numpy as np
 

@@ -17,6 +17,10 @@ Usage: python benchmarks/kernel_throughput.py [--rows 131072] [--bits 4,8,2,3] [
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import time
 

@@ -24,6 +24,10 @@ Usage: ``python benchmarks/llama_cpp_baseline.py PACK [--gguf FILE] [-k 4] [--pr
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import ctypes
 import json
@@ -297,9 +301,9 @@ def main() -> None:
         return
     limit = None
     if args.memory_limit:
-        from moestream.runtime.store.expert_store import parse_size
+        from moestream.runtime.options import parse_size
 
-        limit = parse_size(args.memory_limit, "--memory-limit")
+        limit = parse_size(args.memory_limit)
     print(f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "
           f"each run from a {'warm' if args.warm else 'cold'} page cache"
           + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else ""))

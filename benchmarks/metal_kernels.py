@@ -15,6 +15,10 @@ Usage (Apple silicon): python benchmarks/metal_kernels.py [--k 10] [--hidden 409
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import sys
 import time

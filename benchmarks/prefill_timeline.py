@@ -13,18 +13,21 @@ Usage: python benchmarks/prefill_timeline.py PACK [--prompt-tokens 512] [-k 4] [
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import mmap
 import os
 import time
 
-import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from moestream.runtime import load
-from moestream.runtime.store.policy import parse_size
+from moestream.runtime.options import parse_size
 
 
 def fresh_pages(pack, n: int) -> None:
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--prefill-buffer", default=None, help="ring bytes (e.g. 2G; 0: the decode slabs)")
     ap.add_argument("--fresh-pages", type=int, default=0)
     args = ap.parse_args()
-    buf = None if args.prefill_buffer is None else parse_size(args.prefill_buffer, "--prefill-buffer")
+    buf = None if args.prefill_buffer is None else parse_size(args.prefill_buffer)
     rt = load(args.pack, tokenizer=False, cache="none", experts_per_token=args.k, prefill_buffer=buf)
     st, events = rt.store, []
     read = st._read

@@ -10,6 +10,10 @@ Usage: python benchmarks/profile_decode.py PACK [-k 4] [--cache none] [--prompt-
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import cProfile
 import pstats
@@ -17,7 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

@@ -12,6 +12,10 @@ Usage: python benchmarks/read_batches.py PACK [--cache none] [-k 4] [--tokens 12
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import mmap
 import os

@@ -7,11 +7,14 @@ Usage: python benchmarks/resident_products.py PACK [--cache os-map] [-k 4] [--to
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import collections
 import time
 
-import moestream.runtime  # noqa: F401, I001  (first: sets the OpenMP wait policy before anything loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

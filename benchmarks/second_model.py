@@ -15,6 +15,10 @@ half is calibration text and the second half evaluation text. Training never see
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import json
 import shutil

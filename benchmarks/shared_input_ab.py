@@ -7,10 +7,13 @@ Usage: python benchmarks/shared_input_ab.py PACK [--cache none] [-k 4] [--rounds
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import time
 
-import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

@@ -12,11 +12,14 @@ Usage: python benchmarks/stage_timing.py PACK [--cache os-map] [-k 4] [--prompt-
 
 from __future__ import annotations
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch or mlx-lm load libgomp, which reads OMP_WAIT_POLICY once
+
 import argparse
 import collections
 import time
 
-import moestream.runtime  # noqa: F401, I001  (first: sets OpenMP's wait policy before mlx_lm loads libgomp)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache

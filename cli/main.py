@@ -3,55 +3,13 @@ same name with the same arguments. Only this module prints; errors are one line,
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from moestream.layouts.errors import MoestreamError
-
-
-def one_line_errors(fn):
-    """Turn user-facing errors (and OS errors) into ``error: ...`` on stderr and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except MoestreamError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            click.echo(f"error: {where}{e.strerror or e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-@click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-@click.version_option(package_name="moestream")
-def cli(verbose: int) -> None:
-    """moestream: run Mixture-of-Experts models larger than RAM by streaming experts from SSD."""
-    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "sequence longer than model_max_length"
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+from moestream.app import cli, human as _human, one_line_errors  # noqa: F401  (re-exported)
 
 
 @cli.command()
@@ -285,8 +243,8 @@ def demo(workdir):
 
 
 # The commands that run packs (generate, chat, calibrate, eval, bench, serve) live in
-# runtime_commands.py; importing it registers them on the group.
-from . import runtime_commands  # noqa: E402,F401
+# runtime_commands.py; importing it registers them on the group (it imports app, not this module).
+from moestream import runtime_commands  # noqa: E402,F401
 
 
 def main() -> None:

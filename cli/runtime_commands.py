@@ -1,6 +1,7 @@
 """The ``moestream`` commands that run packs: generate, chat, calibrate, eval, bench and serve.
 
-Registered on the click group of :mod:`moestream.main`; they share the runtime options below.
+Registered on the click group of :mod:`moestream.app`; they share the runtime flags of
+:mod:`moestream.runtime_options` (one ``options`` argument).
 """
 
 from __future__ import annotations
@@ -11,37 +12,9 @@ from pathlib import Path
 
 import click
 
-from .main import _human, cli, one_line_errors
-
-
-def _size(ctx, param, value):
-    if value is None:  # nothing imported: the runtime loads inside the command (Ctrl-C handled there)
-        return None
-    from moestream.layouts.errors import MoestreamError
-    from moestream.runtime.store.policy import parse_size
-
-    try:
-        return parse_size(value, "--prefill-buffer")
-    except MoestreamError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _runtime_options(fn):
-    for opt in reversed([
-        click.option("--experts-per-token", "-k", "experts_per_token", type=int, default=None,
-                     help="Override the model's top-k (fewer experts read per token)."),
-        click.option("--cache", default="os", show_default=True, help="os | os-map (CPU: page-cache hits computed in place, no copy) | none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages after use)."),
-        click.option("--threads", type=int, default=None, help="Reader threads."),
-        click.option("--no-verify", is_flag=True, help="Skip the per-read checksum of expert blocks."),
-        click.option("--kernels", type=click.Choice(["auto", "metal", "mlx"]), default="auto", show_default=True,
-                     help="Expert kernels: auto (Metal's on Apple silicon, numba's on the CPU), metal, or mlx "
-                          "(MLX's built-in quantized ops)."),
-        click.option("--prefill-buffer", "prefill_buffer", default=None, metavar="SIZE", callback=_size,
-                     help="Prefill's expert ring (CPU kernels, os/none caches): reads start at each layer's "
-                          "entry and run through its compute [default: 4G, at most RAM/8; 0: off]."),
-    ]):
-        fn = opt(fn)
-    return fn
+from moestream.app import cli, one_line_errors
+from moestream.app import human as _human
+from moestream.runtime_options import runtime_options
 
 
 def _print_stats(s) -> None:
@@ -67,16 +40,15 @@ def _print_stats(s) -> None:
 @click.option("--stats", is_flag=True, help="Print speed, bytes read per token, cache hit rate, peak RSS.")
 @click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save every MoE layer's routing (.npz; see notebooks/routing.ipynb).")
-@_runtime_options
+@runtime_options
 @one_line_errors
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing,
-             experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
+             options):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-              kernels=kernels, prefill_buffer=prefill_buffer)
+    rt = load(pack, options)
     trace = rt.trace_routing() if trace_routing else None
     try:
         for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
@@ -99,16 +71,14 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
 @click.option("--top-p", type=float, default=0.8, show_default=True)
 @click.option("--no-think", is_flag=True, help="Turn thinking off.")
 @click.option("--hide-think", is_flag=True, help="Do not show the thinking, only the answer.")
-@_runtime_options
+@runtime_options
 @one_line_errors
-def chat(pack, max_tokens, temp, top_p, no_think, hide_think, experts_per_token, cache, threads, no_verify, kernels,
-         prefill_buffer):
+def chat(pack, max_tokens, temp, top_p, no_think, hide_think, options):
     """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
 
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-              kernels=kernels, prefill_buffer=prefill_buffer)
+    rt = load(pack, options)
     history: list[dict] = []
     try:
         while True:
@@ -178,9 +148,12 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
     import shutil
 
     from moestream.runtime.collect_calibration import calibrate as run
-    from moestream.runtime.store.expert_store import parse_size
+    from moestream.runtime.options import parse_size
 
-    budget = parse_size(matrix_bytes, "--matrix-bytes")
+    try:
+        budget = parse_size(matrix_bytes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--matrix-bytes") from None
     text = text_file.read()[skip_chars:]
     if (Path(pack) / "manifest.json").is_file():
         cal = run(Path(pack), text, max_tokens=max_tokens, window=window, matrix_bytes=budget)
@@ -215,24 +188,23 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
                                               "with expert bytes read per token, in one table.")
 @click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save every MoE layer's routing over the text (.npz; see notebooks/routing.ipynb).")
-@_runtime_options
+@runtime_options
 @one_line_errors
 def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing,
-             experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
+             options):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
     from moestream.runtime.evaluate import format_eval
 
     try:
-        ks = [int(k) for k in sweep_k.split(",")] if sweep_k else [experts_per_token]
+        ks = [int(k) for k in sweep_k.split(",")] if sweep_k else [options.experts_per_token]
     except ValueError:
         raise PackError(f"--sweep-k {sweep_k!r}: expected comma-separated integers, e.g. 2,4,8") from None
     per_k = sum(x.stride for x in Manifest.load(pack).experts)
     results = []
     for k in ks:
-        rt = load(pack, cache=cache, experts_per_token=k, threads=threads, verify=not no_verify, kernels=kernels,
-                  prefill_buffer=prefill_buffer)
+        rt = load(pack, options.replace(experts_per_token=k))
         trace = rt.trace_routing() if trace_routing else None
         try:
             res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
@@ -265,17 +237,15 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
 @click.option("--read-ahead", type=int, default=0, show_default=True,
               help="Experts of the next layer to guess and read while a layer computes (0: off).")
 @click.option("--json", "as_json", is_flag=True)
-@_runtime_options
+@runtime_options
 @one_line_errors
-def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_json, experts_per_token, cache,
-          threads, no_verify, kernels, prefill_buffer):
+def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_json, options):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
-    r = run(pack, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, cache=cache,
-            experts_per_token=experts_per_token, repeat=repeat, threads=threads, baselines=not no_baselines,
-            kernels=kernels, read_ahead=read_ahead, verify=not no_verify, prefill_buffer=prefill_buffer)
+    r = run(pack, options.replace(read_ahead=read_ahead), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+            repeat=repeat, baselines=not no_baselines)
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
@@ -295,10 +265,10 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
               help="Conversation prefixes kept for reuse (KV and linear-attention state).")
 @click.option("--prompt-cache-bytes", default="2G", show_default=True,
               help="Cap on the prefix cache's memory (its entries hold KV and linear-attention state).")
-@_runtime_options
+@runtime_options
 @one_line_errors
 def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,
-          prompt_cache_bytes, experts_per_token, cache, threads, no_verify, kernels, prefill_buffer):
+          prompt_cache_bytes, options):
     """OpenAI-compatible HTTP server over a streamed pack.
 
     Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
@@ -308,14 +278,12 @@ def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_cont
     from moestream.runtime.serve.server import build_server
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
-    check_kernels(kernels)  # likewise --kernels metal without a Metal device
+    check_kernels(options.kernels)  # likewise --kernels metal without a Metal device
     extra = (["--temp", str(temp)] if temp is not None else []) + \
             (["--max-tokens", str(max_tokens)] if max_tokens is not None else []) + \
             ["--prompt-cache-size", str(prompt_cache_size)] + \
             (["--prompt-cache-bytes", str(prompt_cache_bytes)] if prompt_cache_bytes else [])
     server = build_server(str(pack), host, port, api_key=api_key, max_concurrency=max_concurrency,
-                          max_context=max_context, mlx_args=extra, cache=cache,
-                          experts_per_token=experts_per_token, threads=threads, verify=not no_verify,
-                          kernels=kernels, prefill_buffer=prefill_buffer)
+                          max_context=max_context, mlx_args=extra, options=options)
     click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
     server.serve_forever()

@@ -30,6 +30,7 @@ import numpy as np
 from moestream.layouts import Manifest
 
 from moestream.runtime.generate import peak_rss
+from moestream.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +156,22 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
             "prefill_guess_hits": g1[1] - g0[1], "prefill_wasted_reads": g1[2] - g0[2]}
 
 
-def bench(pack: str | Path, prompt_tokens: int = 512, gen_tokens: int = 128, cache: str = "os",
-          experts_per_token: int | None = None, repeat: int = 1, threads: int | None = None,
-          baselines: bool = True, kernels: str = "auto", read_ahead: int = 0, verify: bool = True,
-          prefill_buffer: int | None = None) -> dict:
-    """Run the benchmark; returns every figure (the CLI prints them). ``kernels``, ``verify`` as in
-    ``load`` (``verify`` applies to this run; the resident baseline checks its blocks before timing)."""
+def bench(pack: str | Path, options: RuntimeOptions | None = None, *, prompt_tokens: int = 512,
+          gen_tokens: int = 128, repeat: int = 1, baselines: bool = True, **changes) -> dict:
+    """Run the benchmark; returns every figure (the CLI prints them).
+
+    ``options`` (and ``changes`` to it, as in :func:`~moestream.runtime.load`) say how the pack runs;
+    the baselines take its kernels and K (``verify`` applies to this run; the resident baseline checks
+    its blocks before timing)."""
     from moestream.runtime.model.runtime import load
 
+    opts = (options or RuntimeOptions()).replace(**changes)
+    cache, experts_per_token, kernels, verify = opts.cache, opts.experts_per_token, opts.kernels, opts.verify
     pack = Path(pack)
     m = Manifest.load(pack)
     k = experts_per_token or m.top_k
     vocab = int(m.config.get("vocab_size", 1000))
-    rt = load(pack, cache=cache, experts_per_token=experts_per_token, threads=threads, tokenizer=False,
-              kernels=kernels, read_ahead=read_ahead, verify=verify, prefill_buffer=prefill_buffer)
+    rt = load(pack, opts, tokenizer=False)
     nthreads = rt.store._pool._max_workers
     out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
                  "verify": verify, "repeat": repeat,

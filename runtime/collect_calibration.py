@@ -31,7 +31,7 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     from moestream.runtime.model.runtime import load
     from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 
-    rt = load(pack, cpu_kernels=True)
+    rt = load(pack, kernels="numba")
     int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products
     try:
         if not rt.cpu_kernels:

@@ -3,6 +3,11 @@ once per test session, each well under a second) and the trained tiny model of .
 
 from pathlib import Path
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+
+# numba's OpenMP workers wait passively (the CLI does the same): before torch or mlx-lm load libgomp.
+prefer_passive_wait()
+
 import pytest
 
 TRAINED_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny-qwen3_5-moe"

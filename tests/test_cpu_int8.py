@@ -161,7 +161,7 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
     p.close()
     x = mx.array(np.random.default_rng(4).integers(0, 512, (1, 12)))
     want = np.array(ref(x)).astype(np.float64)[0]
-    rt = load(tmp_path / "p4", cpu_kernels=True)
+    rt = load(tmp_path / "p4", kernels="numba")
     try:
         cache = make_prompt_cache(rt.model)
         got = np.concatenate([np.array(rt.model(x[:, i:i + 1], cache=cache))[0] for i in range(x.shape[1])])

@@ -66,7 +66,7 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
         p.close()
         x = mx.array(np.random.default_rng(2).integers(0, 512, (1, 20)))
         want = np.array(ref(x))
-        rt = load(tmp_path / f"p{bits}", cpu_kernels=True)
+        rt = load(tmp_path / f"p{bits}", kernels="numba")
         try:
             lins = [m for _, m in rt.model.named_modules() if isinstance(m, CpuQuantizedLinear)]
             assert lins
@@ -77,7 +77,7 @@ def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
             toks = [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
         finally:
             rt.close()
-        rt = load(tmp_path / f"p{bits}", cpu_kernels=False)
+        rt = load(tmp_path / f"p{bits}", kernels="mlx")
         try:
             assert toks == [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
         finally:

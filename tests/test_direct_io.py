@@ -49,7 +49,7 @@ def test_direct_reads_compute_what_buffered_reads_compute(pack):
     assert st.reads == st.misses + st.wasted
     assert st.bytes_read - st.wasted * stride == st0.bytes_read - st0.wasted * stride
     # the MLX path keeps MLX slabs and buffered reads
-    got, direct, aligned, _ = _logits(pack, cache="none", cpu_kernels=False)
+    got, direct, aligned, _ = _logits(pack, cache="none", kernels="mlx")
     assert not direct and not aligned
 
 

@@ -80,7 +80,7 @@ def test_streamed_equals_resident(fam, cpu_kernels, request):
         request.getfixturevalue("float_kernels")
     x = mx.array(_tokens(23, (1, 30)))
     want = _resident_logits(d / "p8", np.array(x))
-    rt = load(d / "p8", cache="none", cpu_kernels=cpu_kernels, max_slots=3)
+    rt = load(d / "p8", cache="none", kernels="numba" if cpu_kernels else "mlx", max_slots=3)
     try:
         got = np.array(rt.model(x))
     finally:
@@ -196,7 +196,7 @@ def test_kimi_k2_runs_as_deepseek_v3(deepseek_src, tmp_path):
     assert res["tokens"] > 200 and res["kl_mean"] <= KL_8BIT, res
     x = mx.array(_tokens(23, (1, 30)))
     want = _resident_logits(tmp_path / "p8", np.array(x))
-    rt = load(tmp_path / "p8", cache="none", cpu_kernels=False, max_slots=3)
+    rt = load(tmp_path / "p8", cache="none", kernels="mlx", max_slots=3)
     try:
         assert np.array_equal(np.array(rt.model(x)), want)
     finally:

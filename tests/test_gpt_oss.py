@@ -109,7 +109,7 @@ def test_mxfp4_streamed_equals_resident(mxfp4, cpu_kernels):
     model, p = load_resident_model(pack, dtype="float32")
     p.close()
     want = np.array(model(x))
-    rt = load(pack, cache="none", cpu_kernels=cpu_kernels, max_slots=3)
+    rt = load(pack, cache="none", kernels="numba" if cpu_kernels else "mlx", max_slots=3)
     try:
         got = np.array(rt.model(x))
     finally:

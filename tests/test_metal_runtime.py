@@ -77,7 +77,7 @@ def test_kernel_choice_without_metal(packs):
         rt.close()
     with pytest.raises(MoestreamError, match="no Metal device"):
         load(packs[4], kernels="metal")
-    with pytest.raises(MoestreamError, match="expected auto, metal or mlx"):
+    with pytest.raises(MoestreamError, match="expected one of auto, metal, numba, mlx"):
         load(packs[4], kernels="cuda")
     for cmd in (["generate", str(packs[4]), "-p", "hi", "--kernels", "metal"],
                 ["serve", str(packs[4]), "--kernels", "metal"]):

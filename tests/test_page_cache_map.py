@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from tiny_packs import tiny_pack
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest, PackError
-from moestream.runtime import load
+from moestream.runtime import OptionError, load
 
 CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                      num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)
@@ -101,8 +101,8 @@ def test_a_corrupt_block_in_the_page_cache_is_caught(pack, tmp_path):
 
 
 def test_os_map_needs_the_cpu_kernels(pack):
-    with pytest.raises(PackError, match="os-map"):
-        load(pack, tokenizer=False, cache="os-map", cpu_kernels=False)
+    with pytest.raises(OptionError, match="os-map"):
+        load(pack, tokenizer=False, cache="os-map", kernels="mlx")
 
 
 def test_bench_with_os_map_and_no_verify(pack):

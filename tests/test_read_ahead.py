@@ -39,8 +39,8 @@ def _decode(pack, tokens, **kw):
 @pytest.mark.parametrize("cpu_kernels", [True, False])
 def test_read_ahead_leaves_outputs_unchanged(pack, cache, cpu_kernels):
     tokens = np.random.default_rng(1).integers(0, 512, 20).tolist()
-    base, st0 = _decode(pack, tokens, cache=cache, cpu_kernels=cpu_kernels, read_ahead=0)
-    got, st = _decode(pack, tokens, cache=cache, cpu_kernels=cpu_kernels, read_ahead=4, max_slots=8)
+    base, st0 = _decode(pack, tokens, cache=cache, kernels="numba" if cpu_kernels else "mlx", read_ahead=0)
+    got, st = _decode(pack, tokens, cache=cache, kernels="numba" if cpu_kernels else "mlx", read_ahead=4, max_slots=8)
     assert np.array_equal(got, base)
     m = Manifest.load(pack)
     decode_layers = 14 * (len(m.moe_layers()) - 1)  # every layer but the last guesses for the next

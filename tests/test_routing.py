@@ -26,7 +26,7 @@ def pack(tmp_path_factory):
 
 def test_trace_equals_the_resident_router(pack, tmp_path):
     ids = mx.array(np.random.default_rng(0).integers(0, 512, (1, 20)))
-    rt = load(pack, cpu_kernels=False)  # MLX's kernels: bit-identical to the resident model
+    rt = load(pack, kernels="mlx")  # MLX's kernels: bit-identical to the resident model
     try:
         trace = rt.trace_routing()
         mx.eval(rt.model(ids))

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from moestream.convert import convert
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.layouts import Manifest, PackError
+from moestream.runtime import OptionError
 from moestream.main import cli
 from moestream.runtime import evaluate, generate, load
 from moestream.runtime.model.build import load_resident_model
@@ -43,7 +44,7 @@ def test_streamed_logits_equal_resident(pack, cache):
     p.close()
     x = _tokens()
     want = np.array(ref(x))
-    rt = load(pack, cache=cache, cpu_kernels=False)  # MLX's kernels: bit-identical to the resident model
+    rt = load(pack, cache=cache, kernels="mlx")  # MLX's kernels: bit-identical to the resident model
     try:
         got = np.array(rt.model(x))
         assert np.array_equal(got, want)
@@ -63,7 +64,7 @@ def test_double_buffered_groups_match_resident(pack, cpu_kernels, float_kernels)
     p.close()
     x = _tokens(30)
     want = np.array(ref(x))
-    rt = load(pack, cache="none", max_slots=3, cpu_kernels=cpu_kernels, trace=True)
+    rt = load(pack, cache="none", max_slots=3, kernels="numba" if cpu_kernels else "mlx", trace=True)
     try:
         got = np.array(rt.model(x))
         layer0 = [o for (l, o, n) in rt.store.stats.log if l == Manifest.load(pack).experts[0].layer]
@@ -114,7 +115,7 @@ def test_experts_per_token_override(pack):
         assert rt.store.stats.reads == 2 * len(m.experts)
     finally:
         rt.close()
-    with pytest.raises(PackError, match="experts-per-token 99"):
+    with pytest.raises(OptionError, match="experts_per_token=99"):
         load(pack, experts_per_token=99)
 
 
@@ -313,7 +314,7 @@ def test_shared_expert_runs_once_while_reads_are_in_flight(pack):
             calls.append((self.layer, len(rt.store.stats.log or [])))
             return self.inner(x)
 
-    rt = load(pack, cache="none", trace=True, cpu_kernels=False)
+    rt = load(pack, cache="none", trace=True, kernels="mlx")
     try:
         ref = np.array(rt.model(_tokens(8)))
         for i, mlp in moe_blocks(rt.model).items():
@@ -422,14 +423,14 @@ def test_streamed_equals_resident_with_cpu_kernels(pack):
     (the mmap baselines, computing from the file's mapping, up to rounding)."""
     m = Manifest.load(pack)
     x = _tokens(12)
-    resident = load(pack, cache=f"lru:{sum(e.file_size for e in m.experts) + (1 << 20)}", cpu_kernels=True)
+    resident = load(pack, cache=f"lru:{sum(e.file_size for e in m.experts) + (1 << 20)}", kernels="numba")
     try:
         resident.store.prefetch_all()
         want = np.array(resident.model(x))
     finally:
         resident.close()
     for cache in ("none", "os", "mmap", "mmap-none"):  # mmap: the naive page-fault baseline computes the same
-        rt = load(pack, cache=cache, cpu_kernels=True)
+        rt = load(pack, cache=cache, kernels="numba")
         try:
             got = np.array(rt.model(x))
         finally:
@@ -438,20 +439,35 @@ def test_streamed_equals_resident_with_cpu_kernels(pack):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=cache)
         else:  # slabs, like the resident LRU's: the same compiled kernels on the same bytes
             assert np.array_equal(got, want), cache
-    with pytest.raises(PackError, match="mmap"):
-        load(pack, cache="mmap", cpu_kernels=False)
+    with pytest.raises(OptionError, match="mmap"):
+        load(pack, cache="mmap", kernels="mlx")
 
 
 @pytest.mark.parametrize("user", [None, "ACTIVE"])
-def test_openmp_wait_policy_set_on_first_import(user):
-    """The package sets OMP_WAIT_POLICY=PASSIVE before anything it imports loads libgomp (which reads
-    the variable once, at load), and keeps a user's own setting."""
+def test_openmp_wait_policy_not_set_by_import(pack, user):
+    """Importing moestream changes no environment; ``prefer_passive_wait()`` called before anything loads
+    libgomp (which reads it once) sets OMP_WAIT_POLICY=PASSIVE, and a user's own setting is kept."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if user:
         env["OMP_WAIT_POLICY"] = user
-    code = ("import moestream, os, sys; from moestream import _libgomp_loaded; "
-            "before = _libgomp_loaded(); import moestream.runtime; "
-            "print(os.environ['OMP_WAIT_POLICY'], before)")
+    code = ("import os, sys; import moestream, moestream.runtime, moestream.layouts; "
+            "from moestream.runtime.cpu.threads import _libgomp_loaded, prefer_passive_wait; "
+            "after_import = os.environ.get('OMP_WAIT_POLICY', '-'); before = _libgomp_loaded(); "
+            "took = prefer_passive_wait(); "
+            "rt = moestream.runtime.load(sys.argv[1], tokenizer=False); rt.close(); "
+            "print(after_import, os.environ['OMP_WAIT_POLICY'], before, took)")
+    out = subprocess.run([sys.executable, "-c", code, str(pack)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [user or "-", user or "PASSIVE", "False", str(user is None)]
+
+
+def test_the_cli_sets_openmp_wait_policy_before_libgomp_loads():
+    """The CLI module sets the policy before its commands' imports (mlx-lm, transformers) load libgomp."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os; import moestream.app; from moestream.runtime.cpu.threads import _libgomp_loaded; "
+            "set_before = (os.environ.get('OMP_WAIT_POLICY'), _libgomp_loaded()); import moestream.main; "
+            "import moestream.convert; print(*set_before, _libgomp_loaded())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [user or "PASSIVE", "False"]
+    assert out.stdout.split() == ["PASSIVE", "False", "True"]

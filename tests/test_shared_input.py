@@ -18,7 +18,7 @@ def runtime(tmp_path_factory):
     pack = tiny_pack(tmp_path_factory, "shared", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
                                                             num_hidden_layers=4, vocab_size=512,
                                                             shared_expert_intermediate_size=64), seed=5)
-    rt = load(pack, cpu_kernels=True)
+    rt = load(pack, kernels="numba")
     yield rt
     rt.close()
 

@@ -6,24 +6,23 @@ layer's ``switch_mlp`` with a :class:`~moestream.runtime.model.streamed.Streamed
 :class:`~moestream.runtime.store.expert_store.ExpertStore`. On the CPU (Linux) float parameters are cast
 to float32: MLX's CPU kernels are fastest, or only work, in float32.
 
-Kernels (``kernels=``): ``auto`` runs moestream's Metal expert kernels on a Metal device and its numba
-kernels on the CPU; ``metal`` insists on the Metal ones; ``mlx`` uses MLX's built-in quantized ops
-everywhere (the reference the others are tested against).
+How it runs (cache policy, kernels, K, ...) is one :class:`~moestream.runtime.options.RuntimeOptions`.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from moestream.layouts import Pack, PackError, open_pack
-from moestream.layouts.errors import MoestreamError
 
+from moestream.runtime.cpu.threads import prefer_passive_wait
+from moestream.runtime.options import KERNELS, OptionError, RuntimeOptions
 from moestream.runtime.model.blocks import (SHARED_EXPERT_ATTRS, get_switch, moe_blocks, output_head,
                                             set_experts_per_token, set_switch)
 from moestream.runtime.model.build import build_model, cast_floats
@@ -46,10 +45,17 @@ class Runtime:
     pack: Pack
     store: ExpertStore
     cpu_kernels: bool = False  # experts and quantized linears computed by moestream's numba kernels
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)  # what it was loaded with
 
     def close(self) -> None:
         self.store.close()
         self.pack.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def trace_routing(self):
         """Start recording every MoE layer's routing; returns the :class:`RoutingTrace`."""
@@ -76,71 +82,58 @@ class Runtime:
 
 
 def check_kernels(kernels: str) -> bool:
-    """Validate a ``kernels`` choice; returns whether the Metal expert kernels will run."""
+    """Whether the Metal expert kernels will run for a ``kernels`` choice (``metal`` where there is no
+    Metal device is an :class:`~moestream.runtime.options.OptionError`)."""
     from moestream import metal
 
-    if kernels not in ("auto", "metal", "mlx"):
-        raise MoestreamError(f"--kernels {kernels}: expected auto, metal or mlx")
+    if kernels not in KERNELS:
+        raise OptionError("kernels", kernels, f"expected one of {', '.join(KERNELS)}")
     if kernels == "metal" and not metal.available():
-        raise MoestreamError("--kernels metal: no Metal device here (Apple silicon only); use --kernels auto or mlx")
+        raise OptionError("kernels", kernels, "no Metal device here (Apple silicon only); use auto or mlx")
     return kernels == "metal" or (kernels == "auto" and metal.available())
 
 
-def load(path: str | Path, cache: str = "os", experts_per_token: int | None = None, dtype: str | None = None,
-         threads: int | None = None, tokenizer: bool = True, trace: bool = False, verify: bool = True,
-         cpu_kernels: bool | None = None, max_slots: int | None = None, kernels: str = "auto",
-         read_ahead: int = 0, prefill_buffer: int | None = None) -> Runtime:
+def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: bool = True, trace: bool = False,
+         **changes) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
         path: the pack folder.
-        cache: ``os``, ``os-map``, ``none`` or ``lru:SIZE`` (see :mod:`moestream.runtime.store.expert_store`).
-        experts_per_token: override the model's top-k.
-        dtype: float dtype of compute; default float32 on the CPU, the pack's own on a GPU.
-        threads: reader threads.
+        options: how to run it (:class:`~moestream.runtime.options.RuntimeOptions`; default: its defaults).
         tokenizer: also load the tokenizer (mlx-lm's wrapper) from the pack.
         trace: record every read (for I/O accounting tests).
-        verify: check each block read against its manifest checksum.
-        cpu_kernels: compute quantized linears and experts with moestream's numba kernels (default: when
-            MLX runs on the CPU and ``kernels`` is not ``mlx``; MLX's own CPU quantized matmul is several
-            times slower).
-        max_slots: experts held at once per slab with ``os``/``none`` (see ExpertStore).
-        kernels: ``auto`` (Metal expert kernels on a Metal device), ``metal`` (those, or an error where
-            there is no Metal device) or ``mlx`` (MLX's built-in quantized ops).
-        read_ahead: experts of the next MoE layer to start reading while a layer computes, guessed by
-            the next router on this layer's input (decode, ``os``/``none`` caches; default 0: off).
-            Wrong guesses cost disk and memory bandwidth: on a synthetic 397B pack (random routing,
-            22% guessed right) it slowed cold decode by 19%; on the trained fixture the guess is right
-            50-83% of the time (``benchmarks/RESULTS.md``).
-        prefill_buffer: bytes of the prefill ring (CPU kernels, ``os``/``none``): a prompt chunk's
-            expert reads start at each MoE layer's entry, guessed by its router, and run back to back
-            through the layer's compute (:mod:`~moestream.runtime.store.prefill_ring`). Default 4 GiB
-            (at most RAM / 8); 0: off.
+        changes: shorthand for ``options.replace(**changes)`` (field names of RuntimeOptions).
+
+    Returns a :class:`Runtime`; close it, or use it as a context manager.
 
     Example:
-        >>> rt = load("packs/qwen-4bit", cache="lru:8G")
-        >>> for r in generate(rt, "Hello"): print(r.text, end="")
+        >>> with load("packs/qwen-4bit", RuntimeOptions(cache="lru:8G")) as rt:
+        ...     for r in generate(rt, "Hello"): print(r.text, end="")
     """
+    opts = (options or RuntimeOptions()).replace(**changes) if changes else (options or RuntimeOptions())
+    cache, experts_per_token, dtype, kernels = opts.cache, opts.experts_per_token, opts.dtype, opts.kernels
     use_metal = check_kernels(kernels)
     pack = open_pack(path)
     store = None
     try:
         if experts_per_token and not 1 <= experts_per_token <= pack.manifest.num_experts:
-            raise PackError(f"--experts-per-token {experts_per_token}: must be in [1, {pack.manifest.num_experts}]")
+            raise OptionError("experts_per_token", experts_per_token,
+                              f"{pack.root} has {pack.manifest.num_experts} experts per layer")
         model = build_model(pack, experts=False)
         on_cpu = mx.default_device() == mx.cpu
         if dtype is None and on_cpu:
             dtype = "float32"
-        if cpu_kernels is None:
-            cpu_kernels = on_cpu and kernels != "mlx"
+        cpu_kernels = kernels == "numba" or (kernels == "auto" and on_cpu)
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
-        store = ExpertStore(pack, cache=cache, threads=threads, trace=trace, verify=verify, max_slots=max_slots,
-                            cpu_only=cpu_kernels, prefill_buffer=prefill_buffer)
+        if cpu_kernels:
+            prefer_passive_wait()
+        store = ExpertStore(pack, cache=cache, threads=opts.threads, trace=trace, verify=opts.verify,
+                            max_slots=opts.max_slots, cpu_only=cpu_kernels, prefill_buffer=opts.prefill_buffer)
         if store.policy.startswith("mmap") and not cpu_kernels:
-            raise PackError("--cache mmap (the naive page-fault baseline) computes with the CPU kernels only")
+            raise OptionError("cache", cache, "the naive page-fault baseline computes with the numba kernels only")
         if store.policy == "os-map":
             if not cpu_kernels:
-                raise PackError("--cache os-map (page-cache hits computed in place) needs the CPU kernels")
+                raise OptionError("cache", cache, "page-cache hits are computed in place by the numba kernels only")
             store.compute_hits_in_place()
         cdt = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype] if dtype else None
         blocks = moe_blocks(model)
@@ -172,8 +165,8 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
                     get_switch(mlp).overlap_with(getattr(mlp, attr))
         layers = sorted(blocks)
         for a, b in zip(layers, layers[1:]):
-            if read_ahead and store.policy in ("os", "os-map", "none"):
-                get_switch(blocks[a]).read_ahead_for(b, blocks[b], read_ahead)
+            if opts.read_ahead and store.policy in ("os", "os-map", "none"):
+                get_switch(blocks[a]).read_ahead_for(b, blocks[b], opts.read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
             if share_inputs(model):
@@ -192,7 +185,7 @@ def load(path: str | Path, cache: str = "os", experts_per_token: int | None = No
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
-        return Runtime(model, tok, pack, store, cpu_kernels)
+        return Runtime(model, tok, pack, store, cpu_kernels, opts)
     except BaseException:
         if store is not None:
             store.close()

@@ -31,6 +31,7 @@ from mlx_lm.models.cache import LRUPromptCache
 from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
 from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks, output_head, set_experts_per_token
 from moestream.runtime.model.runtime import Runtime, load
+from moestream.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 class StreamingModelProvider(mlx_server.ModelProvider):
     """mlx-lm's model provider, loading the one served pack through the streaming runtime."""
 
-    def __init__(self, cli_args, runtime_options: dict):
+    def __init__(self, cli_args, options: RuntimeOptions):
         super().__init__(cli_args)
-        self.runtime_options = runtime_options
+        self.options = options
         self.runtime: Runtime | None = None
         for alias in served_names(cli_args.model):  # clients name the model by the id /v1/models gives
             self._model_map[alias] = cli_args.model
@@ -54,7 +55,7 @@ class StreamingModelProvider(mlx_server.ModelProvider):
             # Checked before reset(): a request for another model must not unload the served pack.
             raise ValueError(f"model {model_path!r} is not served here")
         self.reset()
-        rt = load(model_path, **self.runtime_options)
+        rt = load(model_path, self.options)
         h = output_head(rt.model)
         if h is not None:  # generation reads only the last position's logits
             h.last_only = True
@@ -225,7 +226,7 @@ def _max_context(pack: str) -> int:
 
 def build_server(pack: str, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
                  max_concurrency: int = 8, max_context: int | None = None, mlx_args: list[str] | None = None,
-                 load_timeout: float = 600.0, **runtime_options) -> Server:
+                 load_timeout: float = 600.0, options: RuntimeOptions | None = None, **changes) -> Server:
     """Load ``pack`` and bind the HTTP server (not yet serving).
 
     Args:
@@ -236,12 +237,13 @@ def build_server(pack: str, host: str = "127.0.0.1", port: int = 8080, *, api_ke
         max_context: longest prompt accepted, in tokens (default: the model's context length).
         mlx_args: extra mlx-lm server options (``--temp``, ``--prompt-cache-size``, ...).
         load_timeout: seconds to wait for the pack to load.
-        runtime_options: passed to :func:`moestream.runtime.load` (cache, experts_per_token, ...).
+        options: how the pack runs (:class:`~moestream.runtime.options.RuntimeOptions`); ``changes``
+            to it as in :func:`moestream.runtime.load`.
     """
     from moestream.runtime.serve.http import StreamingAPIHandler
 
     cli_args = _mlx_cli_args(["--model", str(pack), "--host", host, "--port", str(port), *(mlx_args or [])])
-    provider = StreamingModelProvider(cli_args, runtime_options)
+    provider = StreamingModelProvider(cli_args, (options or RuntimeOptions()).replace(**changes))
     prompt_cache = LRUPromptCache(cli_args.prompt_cache_size, cli_args.prompt_cache_bytes or 1 << 63)
     stats = ServerStats(max_concurrency=max_concurrency)
     generator = StreamingResponseGenerator(provider, prompt_cache, stats)

@@ -39,7 +39,8 @@ from moestream.layouts import ExpertLayer, Pack, PackError
 from moestream.runtime.store.prefill_ring import PrefillStream, default_budget
 from moestream.runtime.store.slabs import MappedLayer, Slab, block_key
 from moestream.runtime.store.lru import LruExperts
-from moestream.runtime.store.policy import StoreStats, parse_cache, parse_size, run_overlap  # noqa: F401  (parse_size: re-exported)
+from moestream.runtime.options import cache_policy
+from moestream.runtime.store.policy import StoreStats, run_overlap
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class ExpertStore:
     def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
                  trace: bool = False, verify: bool = True, cpu_only: bool = False, prefill_buffer: int | None = None):
         self.pack = pack
-        self.policy, self.cache_bytes = parse_cache(cache)
+        self.policy, self.cache_bytes = cache_policy(cache)
         self.verify = verify
         self.stats = StoreStats(log=[] if trace else None)
         self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")

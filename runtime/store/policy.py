@@ -1,11 +1,8 @@
-"""The expert store's cache policies (``--cache``) and its I/O counters."""
+"""The expert store's I/O counters and overlap work (cache policies are parsed by :mod:`moestream.runtime.options`)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-
-from moestream.layouts import PackError
 
 
 @dataclass
@@ -32,23 +29,6 @@ class StoreStats:
         self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = self.wasted = 0
         if self.log is not None:
             self.log.clear()
-
-
-def parse_size(text: str, option: str) -> int:
-    """``SIZE`` in bytes, or with a K/M/G suffix (``8G``, ``512M``); ``option`` names the flag in errors."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)(?:i?[bB])?", text)
-    if not m:
-        raise PackError(f"{option} {text}: expected a size such as 512M or 8G")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
-
-
-def parse_cache(spec: str) -> tuple[str, int]:
-    """``os`` | ``os-map`` | ``none`` | ``mmap`` | ``mmap-none`` | ``lru:SIZE`` (see :func:`parse_size`) -> (policy, bytes)."""
-    if spec in ("os", "os-map", "none", "mmap", "mmap-none"):
-        return spec, 0
-    if not spec.startswith("lru:"):
-        raise PackError(f"--cache {spec}: expected os, os-map, none, mmap, mmap-none or lru:SIZE (e.g. lru:8G)")
-    return "lru", parse_size(spec[4:], "--cache lru:SIZE, SIZE =")
 
 
 def run_overlap(overlap: list) -> None:

@@ -1,0 +1,60 @@
+"""The runtime flags every command that runs a pack takes, gathered into one ``options`` argument."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from moestream.app import one_line_errors
+
+# (flag declarations, RuntimeOptions field, click keyword arguments)
+_FLAGS = [
+    (("--experts-per-token", "-k"), "experts_per_token",
+     dict(type=int, default=None, help="Override the model's top-k (fewer experts read per token).")),
+    (("--cache",), "cache",
+     dict(default="os", show_default=True, help="os | os-map (CPU: page-cache hits computed in place, no copy) | "
+          "none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages).")),
+    (("--threads",), "threads", dict(type=int, default=None, help="Reader threads.")),
+    (("--no-verify",), "verify", dict(is_flag=True, help="Skip the per-read checksum of expert blocks.")),
+    (("--kernels",), "kernels",
+     dict(type=click.Choice(["auto", "metal", "numba", "mlx"]), default="auto", show_default=True,
+          help="Expert kernels: auto (Metal's on Apple silicon, numba's where MLX runs on the CPU), metal, numba, "
+               "or mlx (MLX's built-in quantized ops).")),
+    (("--prefill-buffer",), "prefill_buffer",
+     dict(default=None, metavar="SIZE", help="Prefill's expert ring (numba kernels, os/none caches): reads start "
+          "at each layer's entry and run through its compute [default: 4G, at most RAM/8; 0: off].")),
+]
+
+
+def _size(value: str | None, flag: str) -> int | None:
+    from moestream.runtime.options import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=flag) from None
+
+
+def _call(fn, a, kw, fields):
+    from moestream.runtime.options import RuntimeOptions
+
+    return fn(*a, options=RuntimeOptions(**fields), **kw)
+
+
+def runtime_options(fn):
+    """Add the runtime flags to a command; it receives them as one ``options`` (a RuntimeOptions).
+    Building it is deferred to the call, so ``--help`` imports nothing heavy."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        fields = {field: kw.pop(field) for _, field, _ in _FLAGS}
+        fields["verify"] = not fields["verify"]  # the flag is --no-verify
+        fields["prefill_buffer"] = _size(fields["prefill_buffer"], "--prefill-buffer")
+        return one_line_errors(_call)(fn, a, kw, fields)  # a bad value is one line too
+
+    for decls, field, kwargs in reversed(_FLAGS):
+        wrapper = click.option(*decls, field, **kwargs)(wrapper)
+    return wrapper
