@@ -32,14 +32,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
     args = ap.parse_args()
-    L, scale = args.tokens, 256 ** -0.5
+    L, scale = args.tokens, 256**-0.5
     q, k, v = mx.random.normal((1, 32, L, 256)), mx.random.normal((1, 2, L, 256)), mx.random.normal((1, 2, L, 256))
     mx.eval(q, k, v)
     for name, qq, mask in (("prefill", q, "causal"), ("decode", q[:, :, -1:], None)):
         t_mx, want = timed(lambda: mx.fast.scaled_dot_product_attention(qq, k, v, scale=scale, mask=mask), 1)
         t_np, got = timed(lambda: sdpa(qq, k, v, cache=None, scale=scale, mask=mask))
-        print(f"{name} ({qq.shape[2]} queries x {L} keys): MLX {1e3 * t_mx:.1f} ms, moestream {1e3 * t_np:.1f} ms "
-              f"-> {t_mx / t_np:.1f}x; max |difference| {np.abs(got - want).max():.1e}")
+        print(
+            f"{name} ({qq.shape[2]} queries x {L} keys): MLX {1e3 * t_mx:.1f} ms, moestream {1e3 * t_np:.1f} ms "
+            f"-> {t_mx / t_np:.1f}x; max |difference| {np.abs(got - want).max():.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ def held_out_error(cal, held, bits: int) -> dict[str, float]:
         for e in range(gu.shape[0]):
             h = held.arrays[f"experts.{layer}.gate_up_cov"][e]
             w = np.ascontiguousarray(gu[e, :inter])
-            for method, (wq, s, b) in {"clip": quantize(w, bits, 64, method="clip"),
-                                       "gptq": gptq_quantize(w, cal.expert_hessian(layer, e, "gate_proj"), bits,
-                                                             64)[:3]}.items():
+            for method, (wq, s, b) in {
+                "clip": quantize(w, bits, 64, method="clip"),
+                "gptq": gptq_quantize(w, cal.expert_hessian(layer, e, "gate_proj"), bits, 64)[:3],
+            }.items():
                 q = np.array(mx.dequantize(mx.array(wq), bf(s), bf(b), group_size=64, bits=bits))
                 d = (w - q).astype(np.float64)
                 out[method] += float(np.einsum("ij,jk,ik->", d, h, d))
@@ -87,12 +88,16 @@ def main() -> None:
     cal, held = Calibration.load(wd / "cal.st"), Calibration.load(wd / "held.st")
     for layer in cal.layers:
         n = cal.arrays[f"experts.{layer}.count"]
-        print(f"layer {layer}: routings per expert min {n.min():.0f}, median {np.median(n):.0f}, max {n.max():.0f} "
-              f"of {n.sum():.0f}")
+        print(
+            f"layer {layer}: routings per expert min {n.min():.0f}, median {np.median(n):.0f}, max {n.max():.0f} "
+            f"of {n.sum():.0f}"
+        )
     for bits in (2, 4):
         e = held_out_error(cal, held, bits)
-        print(f"held-out output error of expert gate projections, {bits}-bit: clip {e['clip']:.1f}, "
-              f"gptq {e['gptq']:.1f} ({e['gptq'] / e['clip']:.3f}x)")
+        print(
+            f"held-out output error of expert gate projections, {bits}-bit: clip {e['clip']:.1f}, "
+            f"gptq {e['gptq']:.1f} ({e['gptq'] / e['clip']:.3f}x)"
+        )
     print(f"{'pack':28} {'KL mean':>8} {'KL p99':>7} {'top-1':>6} {'ppl':>7} (reference ppl)")
     for i, (label, opts) in enumerate(CONFIGS):
         out = wd / f"c{i}"
@@ -105,8 +110,11 @@ def main() -> None:
             r = evaluate(rt, text, reference=FIXTURE, max_tokens=2048, window=512)
         finally:
             rt.close()
-        print(f"{label:28} {r['kl_mean']:>8.4f} {r['kl_p99']:>7.3f} {r['top1_agreement']:>6.1%} {r['ppl']:>7.3f} "
-              f"({r['ref_ppl']:.3f})", flush=True)
+        print(
+            f"{label:28} {r['kl_mean']:>8.4f} {r['kl_p99']:>7.3f} {r['top1_agreement']:>6.1%} {r['ppl']:>7.3f} "
+            f"({r['ref_ppl']:.3f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def optimal_2bit_sse(w: np.ndarray, g: int) -> float:
     tot = 0.0
     for r in range(w.shape[0]):
         for c0 in range(0, w.shape[1], g):
-            v = np.sort(w[r, c0:c0 + g].astype(np.float64))
+            v = np.sort(w[r, c0 : c0 + g].astype(np.float64))
             p = np.zeros(g + 1)
             p2 = np.zeros(g + 1)
             for i in range(g):
@@ -83,8 +83,10 @@ def main() -> None:
     o = np.sqrt(opt / n) / std
     print(f"2-bit g64, {n / 1e6:.2f} M expert params ({len(mats)} tensors x {args.experts} experts), float32 scales")
     print(f"relative RMSE: rtn {rtn.rel_rmse:.4f}  clip {clip.rel_rmse:.4f}  exact optimum {o:.4f}")
-    print(f"cut vs rtn: clip {1 - clip.rel_rmse / rtn.rel_rmse:.1%}, optimum {1 - o / rtn.rel_rmse:.1%}; "
-          f"clip is within {clip.rel_rmse / o - 1:.2%} of the optimum")
+    print(
+        f"cut vs rtn: clip {1 - clip.rel_rmse / rtn.rel_rmse:.1%}, optimum {1 - o / rtn.rel_rmse:.1%}; "
+        f"clip is within {clip.rel_rmse / o - 1:.2%} of the optimum"
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,23 @@ def make_source(folder: Path, experts: int, layers: int) -> Path:
 
     if (folder / "config.json").exists():
         return folder
-    cfg = tiny_config(hidden_size=4096, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
-                      num_experts=experts, num_experts_per_tok=10, num_hidden_layers=layers,
-                      full_attention_interval=layers, num_attention_heads=32, num_key_value_heads=2,
-                      head_dim=256, linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128,
-                      linear_value_head_dim=128, vocab_size=8192)
+    cfg = tiny_config(
+        hidden_size=4096,
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+        num_experts=experts,
+        num_experts_per_tok=10,
+        num_hidden_layers=layers,
+        full_attention_interval=layers,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        vocab_size=8192,
+    )
     t = time.perf_counter()
     write_tiny_checkpoint(folder, cfg, max_shard_bytes=4 << 30)
     print(f"generated {folder} in {time.perf_counter() - t:.1f} s", flush=True)
@@ -96,9 +108,11 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cli_args = ["convert", str(src), "-o", str(out), "--bits", str(args.bits), "--jobs", str(args.jobs)]
     # The child reports its own VmHWM: ru_maxrss would include this process's footprint (fork + exec).
-    child = ("import sys\nfrom moestream.main import cli\ntry:\n    cli(sys.argv[1:], standalone_mode=False)\n"
-             "finally:\n    print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') "
-             "if l.startswith('VmHWM')), file=sys.stderr)")
+    child = (
+        "import sys\nfrom moestream.main import cli\ntry:\n    cli(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n    print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') "
+        "if l.startswith('VmHWM')), file=sys.stderr)"
+    )
     cmd = [sys.executable, "-c", child, *cli_args]
     t = time.perf_counter()
     r = subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)

@@ -44,8 +44,10 @@ def main() -> None:
     for c in by_k:
         print(f"cache {c}: " + ", ".join(f"K={k} {t:.2f} tok/s" for k, t in zip(ks, by_k[c])))
     for s, r in zip(sizes, by_size):
-        print(f"lru {s / 2**30:.2f} GiB ({s / expert_bytes:.0%} of experts), K=4: {r['decode_tps']:.2f} tok/s, "
-              f"hit rate {r['hit_rate']:.0%}")
+        print(
+            f"lru {s / 2**30:.2f} GiB ({s / expert_bytes:.0%} of experts), K=4: {r['decode_tps']:.2f} tok/s, "
+            f"hit rate {r['hit_rate']:.0%}"
+        )
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for c, label in (("none", "cold (--cache none)"), ("os", "page cache (--cache os)")):
         a.plot(ks, by_k[c], marker="o", label=label)

@@ -72,11 +72,15 @@ def main() -> None:
     finally:
         rt.close()
     ts, ws = 1e3 * np.array(ts[2:]), 1e3 * np.array(ws[2:])  # the first two: compilation, first touches
-    print(f"pack {args.pack}, cache {args.cache}, K={args.k}, prompt {args.prompt_tokens}, "
-          f"attention {'mlx' if args.mlx_attention else 'moestream (BLAS)'}")
+    print(
+        f"pack {args.pack}, cache {args.cache}, K={args.k}, prompt {args.prompt_tokens}, "
+        f"attention {'mlx' if args.mlx_attention else 'moestream (BLAS)'}"
+    )
     print("token ms:", np.round(ts).astype(int).tolist())
     print("read wait ms:", np.round(ws).astype(int).tolist())
-    print(f"p50 {np.median(ts):.1f} ms per token; mean read wait {ws.mean():.1f} ms; mean rest {(ts - ws).mean():.1f} ms")
+    print(
+        f"p50 {np.median(ts):.1f} ms per token; mean read wait {ws.mean():.1f} ms; mean rest {(ts - ws).mean():.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ def main() -> None:
     n, k = args.rows, 4096
 
     def matrix():
-        return (rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
-                rng.integers(0x3C00, 0x3D00, (n, k // 64)).astype(np.uint16),
-                rng.integers(0x3C00, 0x3D00, (n, k // 64)).astype(np.uint16))
+        return (
+            rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
+            rng.integers(0x3C00, 0x3D00, (n, k // 64)).astype(np.uint16),
+            rng.integers(0x3C00, 0x3D00, (n, k // 64)).astype(np.uint16),
+        )
 
     def in_mlx(arrays):
         held = [mx.array(a) for a in arrays]

@@ -20,8 +20,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from moestream.runtime.cpu import int8 as cpu_int8
 from moestream.runtime.bench import memory_bandwidth
+from moestream.runtime.cpu import int8 as cpu_int8
 from moestream.runtime.cpu.int8_dot import PREFETCH, make_dot
 
 
@@ -40,7 +40,11 @@ def main() -> None:
         w, s, b = np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
         del wq
         x = np.random.default_rng(bits).standard_normal((1, k), dtype=np.float32)
-        plan = (cpu_int8.unit_bytes(bits, g, k), cpu_int8.groups_per_unit(bits, g, k), cpu_int8.units_per_group(bits, g, k))
+        plan = (
+            cpu_int8.unit_bytes(bits, g, k),
+            cpu_int8.groups_per_unit(bits, g, k),
+            cpu_int8.units_per_group(bits, g, k),
+        )
         variants = [("no prefetch", 0, False), (f"prefetch {PREFETCH}", PREFETCH, False)]
         if bits == 8 and cpu_int8.vnni8():
             variants.append((f"prefetch {PREFETCH} + vnni", PREFETCH, True))
@@ -48,8 +52,9 @@ def main() -> None:
         nbytes = w.nbytes + s.nbytes + b.nbytes
         runs = {}
         for name, pf, vnni in variants:
-            kern = cpu_int8._make_kernels(*(make_dot(bits, *plan[:1], nt, *plan[1:], prefetch=pf, vnni=vnni)
-                                            for nt in (1, 2, 4)))[0]
+            kern = cpu_int8._make_kernels(
+                *(make_dot(bits, *plan[:1], nt, *plan[1:], prefetch=pf, vnni=vnni) for nt in (1, 2, 4))
+            )[0]
             args_ = (w, *cpu_int8.quantize_activations(x, bits, g, vnni), s, b, k // g, out)
             kern(*args_)  # compile
             runs[name] = (kern, args_, [])
@@ -60,8 +65,11 @@ def main() -> None:
                 t = time.perf_counter()
                 kern(*a)
                 got.append(nbytes / (time.perf_counter() - t) / 1e9)
-        print(f"{bits}-bit: memory probe best {max(mem):.1f}, median {np.median(mem):.1f} GB/s; " + "; ".join(
-            f"{name}: best {max(v):.1f}, median {np.median(v):.1f}" for name, (_, _, v) in runs.items()), flush=True)
+        print(
+            f"{bits}-bit: memory probe best {max(mem):.1f}, median {np.median(mem):.1f} GB/s; "
+            + "; ".join(f"{name}: best {max(v):.1f}, median {np.median(v):.1f}" for name, (_, _, v) in runs.items()),
+            flush=True,
+        )
         del w, s, b
 
 

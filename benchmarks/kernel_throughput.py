@@ -53,37 +53,48 @@ def main() -> None:
     rng = np.random.default_rng(0)
     n, k = args.rows, args.cols
     nb = min(n, 8192)  # the 64-token batch: compute-bound, a smaller matrix will do
-    for bits in (int(b) for b in args.bits.split(",")):
+    for bits in [int(w) for w in args.bits.split(",")]:
         wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
         mx.eval(wq, s, b)
         nbytes = wq.nbytes + s.nbytes + b.nbytes
         wq_np, s16, b16 = np.array(wq), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
         x1 = rng.standard_normal((1, k), dtype=np.float32)
         x64 = rng.standard_normal((64, k), dtype=np.float32)
-        t_f = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=False))
+        t_f = timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=False))  # noqa: F821 (called before the loop's del)
         t_i = None
         if cpu_int8.supported(bits, 64):
             rounds = []  # (kernel GB/s, probe GB/s), measured back to back
             for _ in range(args.rounds):
                 probe = memory_bandwidth(1 << 29) / 1e9
-                rounds.append((nbytes / timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=True), 3) / 1e9, probe))
+                rounds.append((nbytes / timed(lambda: qmm(x1, wq_np, s16, b16, bits, 64, int8=True), 3) / 1e9, probe))  # noqa: F821 (called before the loop's del)
             t_i = nbytes / max(r[0] for r in rounds) / 1e9
             share = float(np.median([g / p for g, p in rounds]))
             best_probe = max(r[1] for r in rounds)
             # the int8 rounding's cost: relative RMS against the float kernel on the same product
             yf, yi = qmm(x1, wq_np, s16, b16, bits, 64, int8=False), qmm(x1, wq_np, s16, b16, bits, 64, int8=True)
-            err = float(np.sqrt(np.mean((yi - yf) ** 2) / np.mean(yf ** 2)))
-        t_nb64 = timed(lambda: qmm(x64, wq_np[:nb], s16[:nb], b16[:nb], bits, 64), 3)
+            err = float(np.sqrt(np.mean((yi - yf) ** 2) / np.mean(yf**2)))
+        t_nb64 = timed(lambda: qmm(x64, wq_np[:nb], s16[:nb], b16[:nb], bits, 64), 3)  # noqa: F821 (called before the loop's del)
         xm, x64m = mx.array(x1), mx.array(x64)
-        t_mx = timed(lambda: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=bits)), 2)
+        t_mx = timed(lambda: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=bits)), 2)  # noqa: F821 (called before the loop's del)
         wb, sb, bb = wq[:nb], s[:nb], b[:nb]
-        t_mx64 = timed(lambda: mx.eval(mx.quantized_matmul(x64m, wb, sb, bb, transpose=True, group_size=64, bits=bits)), 1)
+        t_mx64 = timed(
+            lambda: mx.eval(mx.quantized_matmul(x64m, wb, sb, bb, transpose=True, group_size=64, bits=bits)), 1
+        )
         best = min(t for t in (t_f, t_i) if t is not None)
-        i8 = (f"int8 {share:.0%} of memory bandwidth (median of {args.rounds} rounds' ratios; best {nbytes / t_i / 1e9:.2f} "
-              f"GB/s, best probe {best_probe:.2f}; relative RMS error {err:.1e}), ") if t_i else ""
-        print(f"{bits}-bit [{n}, {k}], 1 token: {i8}float {nbytes / t_f / 1e9:.2f} GB/s, MLX {nbytes / t_mx / 1e9:.2f} "
-              f"GB/s -> best numba {t_mx / best:.1f}x MLX; 64 tokens [{nb}, {k}]: numba "
-              f"{2 * 64 * nb * k / t_nb64 / 1e9:.1f} GFLOP/s, MLX {2 * 64 * nb * k / t_mx64 / 1e9:.1f} GFLOP/s")
+        i8 = (
+            (
+                f"int8 {share:.0%} of memory bandwidth (median of {args.rounds} rounds' ratios; "
+                f"best {nbytes / t_i / 1e9:.2f} "
+                f"GB/s, best probe {best_probe:.2f}; relative RMS error {err:.1e}), "
+            )
+            if t_i
+            else ""
+        )
+        print(
+            f"{bits}-bit [{n}, {k}], 1 token: {i8}float {nbytes / t_f / 1e9:.2f} GB/s, MLX {nbytes / t_mx / 1e9:.2f} "
+            f"GB/s -> best numba {t_mx / best:.1f}x MLX; 64 tokens [{nb}, {k}]: numba "
+            f"{2 * 64 * nb * k / t_nb64 / 1e9:.1f} GFLOP/s, MLX {2 * 64 * nb * k / t_mx64 / 1e9:.1f} GFLOP/s"
+        )
         del wq, s, b, wq_np
 
 

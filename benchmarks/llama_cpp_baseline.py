@@ -56,8 +56,12 @@ def write_gguf(path: Path, cfg: dict, layers: int, k: int, seed: int = 0) -> Non
     t = cfg.get("text_config", cfg)
     h, e, i, v = t["hidden_size"], t["num_experts"], t["moe_intermediate_size"], t["vocab_size"]
     hd, nh, nkv = t["head_dim"], t["num_attention_heads"], t["num_key_value_heads"]
-    dk, nk, dv, nv = (t["linear_key_head_dim"], t["linear_num_key_heads"], t["linear_value_head_dim"],
-                      t["linear_num_value_heads"])
+    dk, nk, dv, nv = (
+        t["linear_key_head_dim"],
+        t["linear_num_key_heads"],
+        t["linear_value_head_dim"],
+        t["linear_num_value_heads"],
+    )
     shexp, interval = t["shared_expert_intermediate_size"], t.get("full_attention_interval", 4)
     rope = t.get("rope_parameters", {})
     w = gguf.GGUFWriter(str(path) + ".part", "qwen35moe")
@@ -93,8 +97,18 @@ def write_gguf(path: Path, cfg: dict, layers: int, k: int, seed: int = 0) -> Non
         tensors.append((name, shape, Q4, lambda: _q4_0(rng, int(np.prod(shape[:-1])), shape[-1])))
 
     def vec(name, *shape, fill=None):
-        tensors.append((name, shape, F32, lambda: (np.full(shape, fill, np.float32) if fill is not None else
-                                                   (rng.standard_normal(shape) * 0.1).astype(np.float32))))
+        tensors.append(
+            (
+                name,
+                shape,
+                F32,
+                lambda: (
+                    np.full(shape, fill, np.float32)
+                    if fill is not None
+                    else (rng.standard_normal(shape) * 0.1).astype(np.float32)
+                ),
+            )
+        )
 
     mat("token_embd.weight", v, h)
     for b in range(layers):
@@ -131,8 +145,9 @@ def write_gguf(path: Path, cfg: dict, layers: int, k: int, seed: int = 0) -> Non
     mat("output.weight", v, h)
     for name, shape, kind, _ in tensors:  # logical shapes (numpy order); gguf-py reverses them
         n = int(np.prod(shape))
-        w.add_tensor_info(name, shape, np.dtype(np.float32), n * Q4_0_BYTES // Q4_0_BLOCK if kind == Q4 else 4 * n,
-                          raw_dtype=kind)
+        w.add_tensor_info(
+            name, shape, np.dtype(np.float32), n * Q4_0_BYTES // Q4_0_BLOCK if kind == Q4 else 4 * n, raw_dtype=kind
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -211,8 +226,13 @@ def run_llama_cpp(gguf_path: Path, prompt: list[int], feed: list[int], mode: str
     disk = _disk_bytes() - d0
     L.llama_free(ctx)
     L.llama_model_free(model)
-    return {"load_s": load_s, "prompt_tps": len(prompt) / ttft, "decode_tps": gen / sum(times),
-            "token_ms_p50": 1e3 * float(np.median(times)), "disk_per_token": disk / gen}
+    return {
+        "load_s": load_s,
+        "prompt_tps": len(prompt) / ttft,
+        "decode_tps": gen / sum(times),
+        "token_ms_p50": 1e3 * float(np.median(times)),
+        "disk_per_token": disk / gen,
+    }
 
 
 def run_moestream(pack: Path, prompt: list[int], feed: list[int], k: int, cache: str) -> dict:
@@ -236,8 +256,13 @@ def run_moestream(pack: Path, prompt: list[int], feed: list[int], k: int, cache:
             t = time.perf_counter()
             mx.eval(mx.argmax(rt.model(mx.array([[tok]]), cache=cache_)[:, -1], axis=-1))
             times.append(time.perf_counter() - t)
-        return {"load_s": load_s, "prompt_tps": len(prompt) / ttft, "decode_tps": len(feed) / sum(times),
-                "token_ms_p50": 1e3 * float(np.median(times)), "disk_per_token": (_disk_bytes() - d0) / len(feed)}
+        return {
+            "load_s": load_s,
+            "prompt_tps": len(prompt) / ttft,
+            "decode_tps": len(feed) / sum(times),
+            "token_ms_p50": 1e3 * float(np.median(times)),
+            "disk_per_token": (_disk_bytes() - d0) / len(feed),
+        }
     finally:
         rt.close()
 
@@ -252,11 +277,14 @@ def _in_cgroup(limit: int, argv: list[str]) -> dict:
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(limit))
     except OSError as e:
-        raise SystemExit(f"--memory-limit: cannot make a memory cgroup under {CGROUPS} ({e.strerror}); "
-                         "needs root and the cgroup v1 memory controller")
+        raise SystemExit(
+            f"--memory-limit: cannot make a memory cgroup under {CGROUPS} ({e.strerror}); "
+            "needs root and the cgroup v1 memory controller"
+        )
     try:
-        out = subprocess.run([sys.executable, __file__, *argv, "--cgroup", str(group)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, *argv, "--cgroup", str(group)], check=True, capture_output=True, text=True
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
     finally:
         for _ in range(50):  # the child's page cache is still charged for a moment
@@ -275,10 +303,16 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--modes", default="mmap,moestream",
-                    help="comma-separated: mmap (llama.cpp), moestream or moestream:CACHE (default cache os)")
-    ap.add_argument("--warm", action="store_true", help="read the GGUF and the pack into the page cache first "
-                    "instead of dropping them")
+    ap.add_argument(
+        "--modes",
+        default="mmap,moestream",
+        help="comma-separated: mmap (llama.cpp), moestream or moestream:CACHE (default cache os)",
+    )
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="read the GGUF and the pack into the page cache first instead of dropping them",
+    )
     ap.add_argument("--memory-limit", help="run each mode in a memory cgroup of SIZE (e.g. 6G)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--cgroup", help=argparse.SUPPRESS)
@@ -291,9 +325,12 @@ def main() -> None:
         t = time.perf_counter()
         write_gguf(gg, m.config, len(m.moe_layers()), args.k)
         print(f"wrote {gg} ({gg.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
-    ids = np.random.default_rng(0).integers(0, int(m.config.get("vocab_size", 1000)),
-                                            args.prompt_tokens + args.gen_tokens).tolist()
-    prompt, feed = ids[:args.prompt_tokens], ids[args.prompt_tokens:]
+    ids = (
+        np.random.default_rng(0)
+        .integers(0, int(m.config.get("vocab_size", 1000)), args.prompt_tokens + args.gen_tokens)
+        .tolist()
+    )
+    prompt, feed = ids[: args.prompt_tokens], ids[args.prompt_tokens :]
     pack_files = [args.pack / x.file for x in m.experts]
     if args.child:
         (Path(args.cgroup) / "cgroup.procs").write_text(str(os.getpid()))
@@ -304,28 +341,51 @@ def main() -> None:
         from moestream.runtime.options import parse_size
 
         limit = parse_size(args.memory_limit)
-    print(f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "
-          f"each run from a {'warm' if args.warm else 'cold'} page cache"
-          + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else ""))
+    print(
+        f"K={args.k}, prompt {args.prompt_tokens} tokens, {args.gen_tokens} decoded, {args.threads} threads, "
+        f"each run from a {'warm' if args.warm else 'cold'} page cache"
+        + (f", in a memory cgroup of {limit / 2**30:.1f} GiB" if limit else "")
+    )
     for mode in args.modes.split(","):
         if args.warm:
-            for f in ([gg] if mode == "mmap" else pack_files):
+            for f in [gg] if mode == "mmap" else pack_files:
                 with open(f, "rb") as fh:
                     while fh.read(64 << 20):
                         pass
         else:
             _drop([gg, *pack_files])
         if limit:
-            r = _in_cgroup(limit, [str(args.pack), "--gguf", str(gg), "-k", str(args.k), "--prompt-tokens",
-                                   str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--threads",
-                                   str(args.threads), "--child", mode])
+            r = _in_cgroup(
+                limit,
+                [
+                    str(args.pack),
+                    "--gguf",
+                    str(gg),
+                    "-k",
+                    str(args.k),
+                    "--prompt-tokens",
+                    str(args.prompt_tokens),
+                    "--gen-tokens",
+                    str(args.gen_tokens),
+                    "--threads",
+                    str(args.threads),
+                    "--child",
+                    mode,
+                ],
+            )
         else:
             r = _run_mode(args, mode, gg, prompt, feed)
-        name = (f"moestream (--cache {mode.partition(':')[2] or 'os'})" if mode.startswith("moestream")
-                else f"llama.cpp {mode}") + f" (load {r['load_s']:.1f} s)"
-        print(f"{name}: prompt {r['prompt_tps']:.2f} tok/s, decode {r['decode_tps']:.3f} tok/s "
-              f"(p50 {r['token_ms_p50']:.1f} ms), {r['disk_per_token'] / 1e6:.1f} MB read from the disk per "
-              f"decoded token", flush=True)
+        name = (
+            f"moestream (--cache {mode.partition(':')[2] or 'os'})"
+            if mode.startswith("moestream")
+            else f"llama.cpp {mode}"
+        ) + f" (load {r['load_s']:.1f} s)"
+        print(
+            f"{name}: prompt {r['prompt_tps']:.2f} tok/s, decode {r['decode_tps']:.3f} tok/s "
+            f"(p50 {r['token_ms_p50']:.1f} ms), {r['disk_per_token'] / 1e6:.1f} MB read from the disk per "
+            f"decoded token",
+            flush=True,
+        )
 
 
 def _run_mode(args, mode: str, gg: Path, prompt: list[int], feed: list[int]) -> dict:

@@ -64,12 +64,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()
     if not mx.metal.is_available():
-        sys.exit("metal_kernels.py: needs a Metal device (Apple silicon); on Linux the kernels are verified by "
-                 "emulation instead (python -m pytest tests/test_metal_emulated.py)")
+        sys.exit(
+            "metal_kernels.py: needs a Metal device (Apple silicon); on Linux the kernels are verified by "
+            "emulation instead (python -m pytest tests/test_metal_emulated.py)"
+        )
     h, i, k = args.hidden, args.intermediate, args.k
     mem = bandwidth()
-    print(f"{mx.metal.device_info().get('device_name', 'Metal device')}: copy bandwidth {mem:.0f} GB/s; "
-          f"H {h}, I {i}, K {k} of {args.slots} slots, bf16 activations")
+    print(
+        f"{mx.metal.device_info().get('device_name', 'Metal device')}: copy bandwidth {mem:.0f} GB/s; "
+        f"H {h}, I {i}, K {k} of {args.slots} slots, bf16 activations"
+    )
     rng = np.random.default_rng(0)
     for bits in (4, 2, 3, 8):
         why = unsupported(h, i, (bits, 64), (bits, 64))
@@ -92,10 +96,12 @@ def main() -> None:
         ref = mlx_path(x.astype(mx.float32), a32, idx.reshape(1, 1, k), weights, bits, 64)
         err = [(mx.abs(f().astype(mx.float32) - ref).max() / mx.abs(ref).max()).item() for f in (ours, theirs)]
         t_ours, t_mlx = timed(ours, args.iters), timed(theirs, args.iters)
-        print(f"{bits}-bit: moestream {t_ours * 1e6:.0f} us ({nbytes / t_ours / 1e9:.0f} GB/s, "
-              f"{nbytes / t_ours / 1e9 / mem:.0%} of copy bandwidth), MLX gather_qmm {t_mlx * 1e6:.0f} us "
-              f"({nbytes / t_mlx / 1e9:.0f} GB/s) -> {t_mlx / t_ours:.2f}x; error vs float32: moestream {err[0]:.1e}, "
-              f"MLX {err[1]:.1e}")
+        print(
+            f"{bits}-bit: moestream {t_ours * 1e6:.0f} us ({nbytes / t_ours / 1e9:.0f} GB/s, "
+            f"{nbytes / t_ours / 1e9 / mem:.0%} of copy bandwidth), MLX gather_qmm {t_mlx * 1e6:.0f} us "
+            f"({nbytes / t_mlx / 1e9:.0f} GB/s) -> {t_mlx / t_ours:.2f}x; error vs float32: moestream {err[0]:.1e}, "
+            f"MLX {err[1]:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def fresh_pages(pack, n: int) -> None:
         for p, what in enumerate(("fresh pages", "touched pages")):
             t = time.perf_counter()
             for i in range(n):  # other blocks in the second pass
-                os.preadv(fd, [view[i * size:(i + 1) * size]], x.expert_offset((i + p * n) % x.num_experts))
+                os.preadv(fd, [view[i * size : (i + 1) * size]], x.expert_offset((i + p * n) % x.num_experts))
             print(f"{what}: {n * size / (time.perf_counter() - t) / 1e9:.2f} GB/s ({n} serial O_DIRECT reads)")
         view.release()
         buf.close()
@@ -93,13 +93,17 @@ def main() -> None:
         rt.close()
     reads = [e for e in events if e[0] == "read"]
     ring = f"ring of {st.prefill_stream.capacity} slots" if st.prefill_stream else "decode slabs"
-    print(f"{args.pack}: {args.prompt_tokens} tokens, K={args.k}, {ring}: {total:.2f} s, "
-          f"{sum(e[4] for e in reads) / 1e9:.2f} GB in {len(reads)} reads")
+    print(
+        f"{args.pack}: {args.prompt_tokens} tokens, K={args.k}, {ring}: {total:.2f} s, "
+        f"{sum(e[4] for e in reads) / 1e9:.2f} GB in {len(reads)} reads"
+    )
     for layer in sorted({e[1] for e in events}):
         r = [e for e in reads if e[1] == layer]
         moe = [e for e in events if e[0] == "moe" and e[1] == layer]
-        print(f"layer {layer}: reads {min(e[2] for e in r) - t0:.2f}-{max(e[3] for e in r) - t0:.2f} s, "
-              f"MoE call {moe[0][2] - t0:.2f}-{moe[0][3] - t0:.2f} s")
+        print(
+            f"layer {layer}: reads {min(e[2] for e in r) - t0:.2f}-{max(e[3] for e in r) - t0:.2f} s, "
+            f"MoE call {moe[0][2] - t0:.2f}-{moe[0][3] - t0:.2f} s"
+        )
     ends = np.array([e[3] - t0 for e in reads])
     rate = np.bincount((ends // 0.5).astype(int), weights=[e[4] for e in reads]) / 1e9 / 0.5
     print("read GB/s per 0.5 s:", " ".join(f"{v:.2f}" for v in rate))

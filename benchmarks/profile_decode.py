@@ -28,8 +28,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from moestream.convert.synth import synth
 from moestream.runtime import load
 
-STAGES = {"quantized kernels": ("cpu_kernels.py", "cpu_int8.py"), "waiting for expert reads": ("acquire",),
-          "MLX evaluation + conversions": ("numpy.array",), "widening bf16 scales": ("as_f32",)}
+STAGES = {
+    "quantized kernels": ("cpu_kernels.py", "cpu_int8.py"),
+    "waiting for expert reads": ("acquire",),
+    "MLX evaluation + conversions": ("numpy.array",),
+    "widening bf16 scales": ("as_f32",),
+}
 
 
 def by_stage(prof: cProfile.Profile) -> dict[str, float]:

@@ -53,8 +53,8 @@ def main() -> None:
     from moestream.convert import convert
     from moestream.convert.recipes import load_recipe
     from moestream.runtime import evaluate, load
-    from moestream.runtime.collect_calibration import calibrate
     from moestream.runtime.analysis.routing import lru_miss_bytes_per_token
+    from moestream.runtime.collect_calibration import calibrate
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
@@ -64,8 +64,11 @@ def main() -> None:
     if not (wd / "cal.st").exists():
         calibrate(wd / "p8", text[200_000:], max_tokens=8192).save(wd / "cal.st")
     rows = []
-    print(f"{'pack':30} {'stored':>6} {'read':>6} {'GB/token @397B':>15} {'miss@15%':>8} {'KL mean':>8} {'KL p99':>7} {'top-1':>6} "
-          f"{'ppl':>6}")
+    print(
+        f"{'pack':30} {'stored':>6} {'read':>6} {'GB/token @397B':>15} {'miss@15%':>8} "
+        f"{'KL mean':>8} {'KL p99':>7} {'top-1':>6} "
+        f"{'ppl':>6}"
+    )
     for i, (label, family, opts) in enumerate(CONFIGS):
         out = wd / f"q{i}"
         opts = dict(opts)
@@ -85,13 +88,26 @@ def main() -> None:
             miss = 8 * lru_miss_bytes_per_token(trace.layers, m, 0.15) / (params * m.top_k * len(trace.layers))
         finally:
             rt.close()
-        row = {"pack": label, "family": family, "stored_bpw": r["expert_bits_per_weight"],
-               "read_bpw": r["expert_read_bits_per_weight"], "gb_per_token_397b": r["expert_read_bits_per_weight"] * BIG / 8e9,
-               "miss15_bpw": miss, "kl_mean": r["kl_mean"], "kl_p99": r["kl_p99"], "top1": r["top1_agreement"], "ppl": r["ppl"],
-               "ref_ppl": r["ref_ppl"]}
+        row = {
+            "pack": label,
+            "family": family,
+            "stored_bpw": r["expert_bits_per_weight"],
+            "read_bpw": r["expert_read_bits_per_weight"],
+            "gb_per_token_397b": r["expert_read_bits_per_weight"] * BIG / 8e9,
+            "miss15_bpw": miss,
+            "kl_mean": r["kl_mean"],
+            "kl_p99": r["kl_p99"],
+            "top1": r["top1_agreement"],
+            "ppl": r["ppl"],
+            "ref_ppl": r["ref_ppl"],
+        }
         rows.append(row)
-        print(f"{label:30} {row['stored_bpw']:>6.2f} {row['read_bpw']:>6.2f} {row['gb_per_token_397b']:>15.2f} {miss:>8.2f} "
-              f"{row['kl_mean']:>8.4f} {row['kl_p99']:>7.3f} {row['top1']:>6.1%} {row['ppl']:>6.3f}", flush=True)
+        print(
+            f"{label:30} {row['stored_bpw']:>6.2f} {row['read_bpw']:>6.2f} {row['gb_per_token_397b']:>15.2f} "
+            f"{miss:>8.2f} "
+            f"{row['kl_mean']:>8.4f} {row['kl_p99']:>7.3f} {row['top1']:>6.1%} {row['ppl']:>6.3f}",
+            flush=True,
+        )
     (wd / "quality_per_byte.json").write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot)
@@ -104,8 +120,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, key, title in ((axes[0], "stored_bpw", "bits per expert weight stored"),
-                           (axes[1], "read_bpw", "bits per expert weight read per token")):
+    for ax, key, title in (
+        (axes[0], "stored_bpw", "bits per expert weight stored"),
+        (axes[1], "read_bpw", "bits per expert weight read per token"),
+    ):
         for family, marker in (("uniform", "o"), ("mixed", "s"), ("tiered", "^")):
             pts = [r for r in rows if r["family"] == family]
             ax.scatter([r[key] for r in pts], [r["kl_mean"] for r in pts], marker=marker, label=family)

@@ -44,7 +44,7 @@ def main() -> None:
     rt = load(args.pack, cache="os", experts_per_token=args.k, tokenizer=args.text is not None)
     try:
         vocab = int(rt.pack.manifest.config.get("vocab_size", 1000))
-        toks = rt.tokenizer.encode(open(args.text).read()[:20000])[:args.tokens] if args.text else None
+        toks = rt.tokenizer.encode(open(args.text).read()[:20000])[: args.tokens] if args.text else None
         rng = np.random.default_rng(0)
         cache = make_prompt_cache(rt.model)
         tok = mx.array([[1]])
@@ -67,8 +67,10 @@ def main() -> None:
             for width in (args.k, 2 * args.k):
                 guess = np.argsort(-g, axis=-1)[:, :width]
                 hit = np.mean([len(set(p) & set(c)) / args.k for p, c in zip(guess, truth)])
-                print(f"layers {a}->{b}: guessing {width} experts finds {hit:.0%} of the {args.k} routed "
-                      f"(random: {width / g.shape[1]:.1%})")
+                print(
+                    f"layers {a}->{b}: guessing {width} experts finds {hit:.0%} of the {args.k} routed "
+                    f"(random: {width / g.shape[1]:.1%})"
+                )
     finally:
         rt.close()
 

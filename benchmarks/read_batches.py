@@ -60,15 +60,20 @@ def raw_batches(root, m, k: int, batches: int, rng) -> None:
     for kind, fd in fds.items():
         for split, threads in ((1, k), (2, 2 * k), (4, 4 * k), (16, 16 * k)):
             part = stride // split
-            jobs = lambda picks: [(fd[f], memoryview(bufs[i])[s * part:(s + 1) * part], x.expert_offset(e) + s * part)
-                                  for i, (f, e) in enumerate(picks) for s in range(split)]
+            jobs = lambda picks: [
+                (fd[f], memoryview(bufs[i])[s * part : (s + 1) * part], x.expert_offset(e) + s * part)
+                for i, (f, e) in enumerate(picks)
+                for s in range(split)
+            ]
             gbps = timed(lambda j: os.preadv(j[0], [j[1]], j[2]), jobs, threads)
             print(f"raw {kind}, each read in {split} piece(s), {threads} threads: {gbps:.2f} GB/s in batches of {k}")
     # page faults: two threads touch one page in every 4 KiB of each half of each expert
     jobs = lambda picks: [(f, x.expert_offset(e) + h * (stride // 2)) for f, e in picks for h in (0, 1)]
     touch = lambda j: int(np.frombuffer(maps[j[0]], np.uint8, count=stride // 2, offset=j[1])[::4096].sum())
-    print(f"raw page faults through a mapping, 2 threads per expert: {timed(touch, jobs, 2 * k):.2f} GB/s "
-          f"in batches of {k}")
+    print(
+        f"raw page faults through a mapping, 2 threads per expert: {timed(touch, jobs, 2 * k):.2f} GB/s "
+        f"in batches of {k}"
+    )
     for mm in maps:
         mm.close()
     for v in fds.values():
@@ -105,8 +110,11 @@ def main() -> None:
                         n += args.k
                 dt = time.perf_counter() - t
                 st.close()
-                print(f"threads {threads}, checksums {'on' if verify else 'off'}: {n * m.experts[0].stride / dt / 1e9:.2f}"
-                      f" GB/s in batches of {args.k} ({args.cache})")
+                print(
+                    f"threads {threads}, checksums {'on' if verify else 'off'}: "
+                    f"{n * m.experts[0].stride / dt / 1e9:.2f}"
+                    f" GB/s in batches of {args.k} ({args.cache})"
+                )
     finally:
         p.close()
 

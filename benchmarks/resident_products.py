@@ -63,9 +63,11 @@ def main() -> None:
         total = 0.0
         for key in sorted(spent, key=lambda q: -spent[q]):
             total += spent[key] * per
-            print(f"  {key[0]} {key[1]} scales, {key[2]}-bit g{key[3]}: {calls[key] / args.tokens:.0f} a token, "
-                  f"{spent[key] * per:.2f} ms, {size[key] * calls[key] / args.tokens / 1e6:.1f} MB, "
-                  f"{size[key] * calls[key] / spent[key] / 1e9:.1f} GB/s")
+            print(
+                f"  {key[0]} {key[1]} scales, {key[2]}-bit g{key[3]}: {calls[key] / args.tokens:.0f} a token, "
+                f"{spent[key] * per:.2f} ms, {size[key] * calls[key] / args.tokens / 1e6:.1f} MB, "
+                f"{size[key] * calls[key] / spent[key] / 1e9:.1f} GB/s"
+            )
         print(f"  resident products: {total:.1f} ms per token")
     finally:
         rt.close()

@@ -1,11 +1,12 @@
 """Do the quality methods carry over to a model they were not tuned on? A second trained tiny MoE.
 
-Trains, with torch on the CPU (a few minutes), a Qwen3-MoE (``qwen3_moe``: another family and shape
-than the trained fixture's Qwen3.5: 3 layers, 24 experts, top-3, no shared expert, full attention
-only; hidden 256 and expert intermediate 128 as the fixture, so every width's group size divides) on Python's standard library sources, using the fixture's
-byte-level BPE tokenizer, and saves it in the hub's layout with ``save_pretrained`` (bf16). Then it
-converts the same configurations as ``benchmarks/quality_per_byte.py`` and prints KL against the
-bf16 checkpoint (mlx-lm, float32) on held-out library files, so the ordering can be compared.
+Trains, with torch on the CPU (a few minutes), a Qwen3-MoE (``qwen3_moe``: another family and shape than the
+trained fixture's Qwen3.5: 3 layers, 24 experts, top-3, no shared expert, full attention only; hidden 256 and
+expert intermediate 128 as the fixture, so every width's group size divides) on Python's standard library
+sources, using the fixture's byte-level BPE tokenizer, and saves it in the hub's layout with
+``save_pretrained`` (bf16). Then it converts the same configurations as ``benchmarks/quality_per_byte.py`` and
+prints KL against the bf16 checkpoint (mlx-lm, float32) on held-out library files, so the ordering can be
+compared.
 
     python benchmarks/second_model.py --workdir /tmp/second [--steps 700]
 
@@ -33,9 +34,20 @@ LIBRARY = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_per_byte import CONFIGS  # noqa: E402  (the same configurations, in the same order)
 
-SHAPE = dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-             intermediate_size=512, moe_intermediate_size=128, num_experts=24, num_experts_per_tok=3,
-             max_position_embeddings=1024, tie_word_embeddings=False, norm_topk_prob=True)
+SHAPE = dict(
+    hidden_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_experts=24,
+    num_experts_per_tok=3,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+    norm_topk_prob=True,
+)
 
 
 def texts() -> tuple[str, str, str]:
@@ -43,7 +55,7 @@ def texts() -> tuple[str, str, str]:
     held = files[::10]
     train = [p for p in files if p not in held]
     read = lambda ps: "\n\n".join(p.read_text(errors="replace") for p in ps)  # noqa: E731
-    return read(train), read(held[: len(held) // 2]), read(held[len(held) // 2:])
+    return read(train), read(held[: len(held) // 2]), read(held[len(held) // 2 :])
 
 
 def train(out: Path, steps: int, seq: int = 256, batch: int = 16) -> None:
@@ -62,7 +74,7 @@ def train(out: Path, steps: int, seq: int = 256, batch: int = 16) -> None:
     t0 = time.time()
     for step in range(steps):
         starts = torch.randint(0, len(ids) - seq - 1, (batch,))
-        x = torch.stack([ids[s:s + seq] for s in starts])
+        x = torch.stack([ids[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -116,12 +128,25 @@ def main() -> None:
             r = evaluate(rt, eval_text, reference=model, max_tokens=2048, window=512, reference_backend="transformers")
         finally:
             rt.close()
-        rows.append({"pack": label, "family": family, "stored_bpw": r["expert_bits_per_weight"],
-                     "read_bpw": r["expert_read_bits_per_weight"], "kl_mean": r["kl_mean"], "kl_p99": r["kl_p99"],
-                     "top1": r["top1_agreement"], "ppl": r["ppl"], "ref_ppl": r["ref_ppl"]})
+        rows.append(
+            {
+                "pack": label,
+                "family": family,
+                "stored_bpw": r["expert_bits_per_weight"],
+                "read_bpw": r["expert_read_bits_per_weight"],
+                "kl_mean": r["kl_mean"],
+                "kl_p99": r["kl_p99"],
+                "top1": r["top1_agreement"],
+                "ppl": r["ppl"],
+                "ref_ppl": r["ref_ppl"],
+            }
+        )
         row = rows[-1]
-        print(f"{label:30} {row['stored_bpw']:>6.2f} {row['read_bpw']:>6.2f} {row['kl_mean']:>8.4f} "
-              f"{row['kl_p99']:>7.3f} {row['top1']:>6.1%} {row['ppl']:>7.3f} ({row['ref_ppl']:.3f})", flush=True)
+        print(
+            f"{label:30} {row['stored_bpw']:>6.2f} {row['read_bpw']:>6.2f} {row['kl_mean']:>8.4f} "
+            f"{row['kl_p99']:>7.3f} {row['top1']:>6.1%} {row['ppl']:>7.3f} ({row['ref_ppl']:.3f})",
+            flush=True,
+        )
     (wd / "second_model.json").write_text(json.dumps(rows, indent=1))
     from moestream.quant.calibration import Calibration
 

@@ -29,18 +29,24 @@ from moestream.runtime.cpu import attention as cpu_attention
 from moestream.runtime.cpu import delta as cpu_delta
 from moestream.runtime.cpu import int8 as cpu_int8
 from moestream.runtime.cpu import kernels as cpu_kernels
-from moestream.runtime.store import expert_store
 from moestream.runtime.model import cpu_layers, streamed
+from moestream.runtime.store import expert_store
 
 SPENT: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()
-STAGES = [(cpu_int8, "qmv_int8", "resident int8 products"), (cpu_int8, "qmm_experts_int8", "decode experts (int8)"),
-          (cpu_int8, "qmm_grouped_int8", "prefill experts (int8, grouped)"), (cpu_kernels, "_qmm_blas", "BLAS products"),
-          (cpu_kernels, "_qmm_pow2", "float products (8-bit router)"), (cpu_int8, "quantize_activations", "int8 quantizer"),
-          (cpu_delta, "recurrence", "gated-delta recurrence"), (cpu_attention, "sdpa", "attention"),
-          (expert_store.ExpertStore, "_page_cache_hits", "os-map: mincore + first-use checksums"),
-          (cpu_layers.CpuQuantizedLinear, "__call__", "all resident linears (with glue)"),
-          (streamed.StreamedSwitchGLU, "__call__", "all MoE calls (with reads)")]
+STAGES = [
+    (cpu_int8, "qmv_int8", "resident int8 products"),
+    (cpu_int8, "qmm_experts_int8", "decode experts (int8)"),
+    (cpu_int8, "qmm_grouped_int8", "prefill experts (int8, grouped)"),
+    (cpu_kernels, "_qmm_blas", "BLAS products"),
+    (cpu_kernels, "_qmm_pow2", "float products (8-bit router)"),
+    (cpu_int8, "quantize_activations", "int8 quantizer"),
+    (cpu_delta, "recurrence", "gated-delta recurrence"),
+    (cpu_attention, "sdpa", "attention"),
+    (expert_store.ExpertStore, "_page_cache_hits", "os-map: mincore + first-use checksums"),
+    (cpu_layers.CpuQuantizedLinear, "__call__", "all resident linears (with glue)"),
+    (streamed.StreamedSwitchGLU, "__call__", "all MoE calls (with reads)"),
+]
 
 
 def _timed(owner, name: str, label: str) -> None:
@@ -77,6 +83,7 @@ def direct_ab(pack: str, k: int, tokens: int, repeat: int) -> None:
     orig = expert_store.ExpertStore.__init__
     for r in range(repeat):
         for direct in (True, False):
+
             def init(self, *a, _direct=direct, **kw):
                 kw["cpu_only"] = kw.get("cpu_only", False) and _direct  # cpu_only is what allows O_DIRECT
                 orig(self, *a, **kw)
@@ -85,8 +92,9 @@ def direct_ab(pack: str, k: int, tokens: int, repeat: int) -> None:
             rt = load(pack, cache="none", experts_per_token=k, tokenizer=False)
             try:
                 used = rt.store.direct_io  # else buffered reads
-                p50, _ = _decode_p50(rt, tokens, np.random.default_rng(r),
-                                     int(rt.pack.manifest.config.get("vocab_size", 1000)))
+                p50, _ = _decode_p50(
+                    rt, tokens, np.random.default_rng(r), int(rt.pack.manifest.config.get("vocab_size", 1000))
+                )
             finally:
                 rt.close()
                 expert_store.ExpertStore.__init__ = orig
@@ -117,7 +125,9 @@ def main() -> None:
             SPENT.clear()
             CALLS.clear()
             t = time.perf_counter()
-            mx.eval(rt.model(mx.array(rng.integers(0, vocab, (1, args.prompt_tokens))), cache=make_prompt_cache(rt.model)))
+            mx.eval(
+                rt.model(mx.array(rng.integers(0, vocab, (1, args.prompt_tokens))), cache=make_prompt_cache(rt.model))
+            )
             total = time.perf_counter() - t
         print(f"prefill of {args.prompt_tokens} tokens (cache {args.cache}): {total:.2f} s")
         for label, sec in SPENT.most_common():

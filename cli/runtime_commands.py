@@ -18,12 +18,16 @@ from moestream.runtime_options import runtime_options
 
 
 def _print_stats(s) -> None:
-    click.echo(f"prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s; time to first token {s.ttft_s:.2f} s",
-               err=True)
-    click.echo(f"decode: {s.generation_tokens} tokens, {s.generation_tps:.2f} tok/s; "
-               f"{_human(s.bytes_per_token)} of experts read per token ({_human(s.decode_bytes)} in all, "
-               f"prefill {_human(s.prefill_bytes)}); cache hit rate {s.hit_rate:.1%}; peak RSS "
-               f"{_human(s.peak_rss_bytes)}", err=True)
+    click.echo(
+        f"prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s; time to first token {s.ttft_s:.2f} s", err=True
+    )
+    click.echo(
+        f"decode: {s.generation_tokens} tokens, {s.generation_tps:.2f} tok/s; "
+        f"{_human(s.bytes_per_token)} of experts read per token ({_human(s.decode_bytes)} in all, "
+        f"prefill {_human(s.prefill_bytes)}); cache hit rate {s.hit_rate:.1%}; peak RSS "
+        f"{_human(s.peak_rss_bytes)}",
+        err=True,
+    )
 
 
 @cli.command()
@@ -38,12 +42,15 @@ def _print_stats(s) -> None:
 @click.option("--no-think", is_flag=True, help="Turn Qwen3.5's thinking off.")
 @click.option("--raw", is_flag=True, help="No chat template: continue the prompt text.")
 @click.option("--stats", is_flag=True, help="Print speed, bytes read per token, cache hit rate, peak RSS.")
-@click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Save every MoE layer's routing (.npz; see notebooks/routing.ipynb).")
+@click.option(
+    "--trace-routing",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Save every MoE layer's routing (.npz; see notebooks/routing.ipynb).",
+)
 @runtime_options
 @one_line_errors
-def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing,
-             options):
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing, options):
     """Generate from PACK, streaming routed experts from disk."""
     from moestream.runtime import generate as run
     from moestream.runtime import load
@@ -51,8 +58,18 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
     rt = load(pack, options)
     trace = rt.trace_routing() if trace_routing else None
     try:
-        for chunk in run(rt, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
-                         stop=tuple(stop), raw=raw, think=not no_think):
+        for chunk in run(
+            rt,
+            prompt,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop),
+            raw=raw,
+            think=not no_think,
+        ):
             click.echo(chunk.text, nl=False)
         click.echo("")
         if stats:
@@ -96,11 +113,11 @@ def chat(pack, max_tokens, temp, top_p, no_think, hide_think, options):
                 continue
             history.append({"role": "user", "content": line})
             # Qwen3.5's template opens "<think>" in the prompt when thinking is on: output starts inside it.
-            rendered = rt.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False,
-                                                        enable_thinking=not no_think)
+            rendered = rt.tokenizer.apply_chat_template(
+                history, add_generation_prompt=True, tokenize=False, enable_thinking=not no_think
+            )
             answer, thinking = [], rendered.rstrip().endswith("<think>")
-            for chunk in run(rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                             think=not no_think):
+            for chunk in run(rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p, think=not no_think):
                 text = chunk.text
                 answer.append(text)
                 thinking = _echo_thinking(text, thinking, hide_think)
@@ -116,7 +133,7 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
     while text:
         tag = "</think>" if thinking else "<think>"
         i = text.find(tag)
-        part, rest = (text, "") if i < 0 else (text[:i], text[i + len(tag):])
+        part, rest = (text, "") if i < 0 else (text[:i], text[i + len(tag) :])
         if part and not (thinking and hide):
             click.echo(click.style(part, dim=True) if thinking else part, nl=False)
         if i < 0:
@@ -128,16 +145,29 @@ def _echo_thinking(text: str, thinking: bool, hide: bool) -> bool:
 @cli.command()
 @click.argument("pack")
 @click.option("--text", "text_file", required=True, type=click.File("r", encoding="utf-8"), help="Calibration text.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Statistics file to write (safetensors).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Statistics file to write (safetensors).",
+)
 @click.option("--max-tokens", type=int, default=4096, show_default=True)
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per forward pass.")
 @click.option("--skip-chars", type=int, default=0, help="Start this far into the text (keep it apart from eval text).")
-@click.option("--matrix-bytes", default="1G", show_default=True,
-              help="Budget for full E[x x^T] matrices (what GPTQ needs): per expert if all fit, else per layer.")
-@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With a checkpoint (not a pack): where to write its temporary 8-bit pack "
-                   "(default: next to OUTPUT; removed afterwards).")
+@click.option(
+    "--matrix-bytes",
+    default="1G",
+    show_default=True,
+    help="Budget for full E[x x^T] matrices (what GPTQ needs): per expert if all fit, else per layer.",
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With a checkpoint (not a pack): where to write its temporary 8-bit pack "
+    "(default: next to OUTPUT; removed afterwards).",
+)
 @one_line_errors
 def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_bytes, work):
     """Record per-expert and per-linear input statistics (and routing counts) on calibration text.
@@ -169,29 +199,49 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
             shutil.rmtree(tmp, ignore_errors=True)
     cal.save(output)
     routed = sum(int(cal.arrays[f"experts.{i}.count"].sum()) for i in cal.layers)
-    click.echo(f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.layers)} MoE layers ({routed} expert "
-               f"routings; {cal.meta['expert_matrices']} matrices), {len(cal.linear_names)} linears "
-               f"({'with' if cal.meta['linear_matrices'] else 'without'} matrices)")
+    click.echo(
+        f"wrote {output}: {cal.meta['tokens']} tokens, {len(cal.layers)} MoE layers ({routed} expert "
+        f"routings; {cal.meta['expert_matrices']} matrices), {len(cal.linear_names)} linears "
+        f"({'with' if cal.meta['linear_matrices'] else 'without'} matrices)"
+    )
 
 
 @cli.command(name="eval")
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Hugging Face folder (run by mlx-lm in float32) or pack (fully resident).")
-@click.option("--reference-backend", type=click.Choice(["mlx", "transformers"]), default="mlx", show_default=True,
-              help="What runs an HF folder reference (both unquantized, float32).")
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Hugging Face folder (run by mlx-lm in float32) or pack (fully resident).",
+)
+@click.option(
+    "--reference-backend",
+    type=click.Choice(["mlx", "transformers"]),
+    default="mlx",
+    show_default=True,
+    help="What runs an HF folder reference (both unquantized, float32).",
+)
 @click.option("--max-tokens", type=int, default=2048, show_default=True)
 @click.option("--window", type=int, default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--sweep-k", default=None, help="Comma-separated K values (e.g. 2,4,6,8): one evaluation each, "
-                                              "with expert bytes read per token, in one table.")
-@click.option("--trace-routing", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Save every MoE layer's routing over the text (.npz; see notebooks/routing.ipynb).")
+@click.option(
+    "--sweep-k",
+    default=None,
+    help="Comma-separated K values (e.g. 2,4,6,8): one evaluation each, "
+    "with expert bytes read per token, in one table.",
+)
+@click.option(
+    "--trace-routing",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Save every MoE layer's routing over the text (.npz; see notebooks/routing.ipynb).",
+)
 @runtime_options
 @one_line_errors
-def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing,
-             options):
+def eval_cmd(
+    pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing, options
+):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
     from moestream.runtime import evaluate, load
@@ -207,8 +257,14 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
         rt = load(pack, options.replace(experts_per_token=k))
         trace = rt.trace_routing() if trace_routing else None
         try:
-            res = evaluate(rt, text_file.read_text(), reference=reference, max_tokens=max_tokens, window=window,
-                           reference_backend=reference_backend)
+            res = evaluate(
+                rt,
+                text_file.read_text(),
+                reference=reference,
+                max_tokens=max_tokens,
+                window=window,
+                reference_backend=reference_backend,
+            )
         finally:
             rt.close()
         if trace is not None:  # with --sweep-k, the last K's
@@ -222,20 +278,32 @@ def eval_cmd(pack, text_file, reference, reference_backend, max_tokens, window, 
     else:
         click.echo(f"{'K':>3} {'MB/token':>9} {'ppl':>8} {'KL mean':>8} {'KL p99':>7} {'top-1':>6}")
         for r in results:
-            click.echo(f"{r['k']:>3} {r['expert_bytes_per_token'] / 1e6:>9.2f} {r['ppl']:>8.3f} "
-                       f"{r.get('kl_mean', float('nan')):>8.4f} {r.get('kl_p99', float('nan')):>7.3f} "
-                       f"{r.get('top1_agreement', float('nan')):>6.1%}")
+            click.echo(
+                f"{r['k']:>3} {r['expert_bytes_per_token'] / 1e6:>9.2f} {r['ppl']:>8.3f} "
+                f"{r.get('kl_mean', float('nan')):>8.4f} {r.get('kl_p99', float('nan')):>7.3f} "
+                f"{r.get('top1_agreement', float('nan')):>6.1%}"
+            )
 
 
 @cli.command()
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
-@click.option("--repeat", type=int, default=1, show_default=True,
-              help="Timed runs; the best is reported (the fully resident baseline takes as many).")
+@click.option(
+    "--repeat",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Timed runs; the best is reported (the fully resident baseline takes as many).",
+)
 @click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
-@click.option("--read-ahead", type=int, default=0, show_default=True,
-              help="Experts of the next layer to guess and read while a layer computes (0: off).")
+@click.option(
+    "--read-ahead",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Experts of the next layer to guess and read while a layer computes (0: off).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @runtime_options
 @one_line_errors
@@ -244,8 +312,14 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
 
-    r = run(pack, options.replace(read_ahead=read_ahead), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-            repeat=repeat, baselines=not no_baselines)
+    r = run(
+        pack,
+        options.replace(read_ahead=read_ahead),
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        repeat=repeat,
+        baselines=not no_baselines,
+    )
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 
 
@@ -255,20 +329,53 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--temp", type=float, default=None, help="Default sampling temperature.")
 @click.option("--max-tokens", type=int, default=None, help="Default max tokens per request.")
-@click.option("--api-key", default=None, envvar="MOESTREAM_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (401 otherwise); also from $MOESTREAM_API_KEY.")
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests admitted at once (one generates, the rest queue); more get 429 + Retry-After.")
-@click.option("--max-context", type=click.IntRange(min=2), default=None,
-              help="Longest prompt accepted, in tokens [default: the model's context length].")
-@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Conversation prefixes kept for reuse (KV and linear-attention state).")
-@click.option("--prompt-cache-bytes", default="2G", show_default=True,
-              help="Cap on the prefix cache's memory (its entries hold KV and linear-attention state).")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="MOESTREAM_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (401 otherwise); also from $MOESTREAM_API_KEY.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests admitted at once (one generates, the rest queue); more get 429 + Retry-After.",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Longest prompt accepted, in tokens [default: the model's context length].",
+)
+@click.option(
+    "--prompt-cache-size",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Conversation prefixes kept for reuse (KV and linear-attention state).",
+)
+@click.option(
+    "--prompt-cache-bytes",
+    default="2G",
+    show_default=True,
+    help="Cap on the prefix cache's memory (its entries hold KV and linear-attention state).",
+)
 @runtime_options
 @one_line_errors
-def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_context, prompt_cache_size,
-          prompt_cache_bytes, options):
+def serve(
+    pack,
+    host,
+    port,
+    temp,
+    max_tokens,
+    api_key,
+    max_concurrency,
+    max_context,
+    prompt_cache_size,
+    prompt_cache_bytes,
+    options,
+):
     """OpenAI-compatible HTTP server over a streamed pack.
 
     Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /stats.
@@ -279,11 +386,21 @@ def serve(pack, host, port, temp, max_tokens, api_key, max_concurrency, max_cont
 
     open_pack(pack).close()  # a bad pack fails here, in one line, not inside the server thread
     check_kernels(options.kernels)  # likewise --kernels metal without a Metal device
-    extra = (["--temp", str(temp)] if temp is not None else []) + \
-            (["--max-tokens", str(max_tokens)] if max_tokens is not None else []) + \
-            ["--prompt-cache-size", str(prompt_cache_size)] + \
-            (["--prompt-cache-bytes", str(prompt_cache_bytes)] if prompt_cache_bytes else [])
-    server = build_server(str(pack), host, port, api_key=api_key, max_concurrency=max_concurrency,
-                          max_context=max_context, mlx_args=extra, options=options)
+    extra = (
+        (["--temp", str(temp)] if temp is not None else [])
+        + (["--max-tokens", str(max_tokens)] if max_tokens is not None else [])
+        + ["--prompt-cache-size", str(prompt_cache_size)]
+        + (["--prompt-cache-bytes", str(prompt_cache_bytes)] if prompt_cache_bytes else [])
+    )
+    server = build_server(
+        str(pack),
+        host,
+        port,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        max_context=max_context,
+        mlx_args=extra,
+        options=options,
+    )
     click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
     server.serve_forever()

@@ -10,20 +10,44 @@ from moestream.app import one_line_errors
 
 # (flag declarations, RuntimeOptions field, click keyword arguments)
 _FLAGS = [
-    (("--experts-per-token", "-k"), "experts_per_token",
-     dict(type=int, default=None, help="Override the model's top-k (fewer experts read per token).")),
-    (("--cache",), "cache",
-     dict(default="os", show_default=True, help="os | os-map (CPU: page-cache hits computed in place, no copy) | "
-          "none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages).")),
+    (
+        ("--experts-per-token", "-k"),
+        "experts_per_token",
+        dict(type=int, default=None, help="Override the model's top-k (fewer experts read per token)."),
+    ),
+    (
+        ("--cache",),
+        "cache",
+        dict(
+            default="os",
+            show_default=True,
+            help="os | os-map (CPU: page-cache hits computed in place, no copy) | "
+            "none | lru:SIZE (e.g. lru:8G) | mmap | mmap-none (naive page-fault baselines; -none drops pages).",
+        ),
+    ),
     (("--threads",), "threads", dict(type=int, default=None, help="Reader threads.")),
     (("--no-verify",), "verify", dict(is_flag=True, help="Skip the per-read checksum of expert blocks.")),
-    (("--kernels",), "kernels",
-     dict(type=click.Choice(["auto", "metal", "numba", "mlx"]), default="auto", show_default=True,
-          help="Expert kernels: auto (Metal's on Apple silicon, numba's where MLX runs on the CPU), metal, numba, "
-               "or mlx (MLX's built-in quantized ops).")),
-    (("--prefill-buffer",), "prefill_buffer",
-     dict(default=None, metavar="SIZE", help="Prefill's expert ring (numba kernels, os/none caches): reads start "
-          "at each layer's entry and run through its compute [default: 4G, at most RAM/8; 0: off].")),
+    (
+        ("--kernels",),
+        "kernels",
+        dict(
+            type=click.Choice(["auto", "metal", "numba", "mlx"]),
+            default="auto",
+            show_default=True,
+            help="Expert kernels: auto (Metal's on Apple silicon, numba's where MLX runs on the CPU), metal, numba, "
+            "or mlx (MLX's built-in quantized ops).",
+        ),
+    ),
+    (
+        ("--prefill-buffer",),
+        "prefill_buffer",
+        dict(
+            default=None,
+            metavar="SIZE",
+            help="Prefill's expert ring (numba kernels, os/none caches): reads start "
+            "at each layer's entry and run through its compute [default: 4G, at most RAM/8; 0: off].",
+        ),
+    ),
 ]
 
 

@@ -11,5 +11,12 @@ from .pipeline import convert, plan_conversion
 from .plan import ConversionPlan, Options
 from .source import ConvertError
 
-__all__ = ["convert", "plan_conversion", "ConversionPlan", "Options", "ConvertError", "family_for",
-           "supported_families"]
+__all__ = [
+    "convert",
+    "plan_conversion",
+    "ConversionPlan",
+    "Options",
+    "ConvertError",
+    "family_for",
+    "supported_families",
+]

@@ -106,18 +106,26 @@ class MlxLmFamily:
         params = dict(tree_flatten(self.model.parameters()))
         # The experts are mlx-lm's SwitchGLU: ``switch_mlp`` in most families, ``experts`` in gpt-oss.
         pat = re.compile(r"^.*\.layers\.(\d+)\.\w+\.\w+$")
-        self._switch = {int(m.group(1)): name for name, mod in self.model.named_modules()
-                        if isinstance(mod, SwitchGLU) and (m := pat.match(name))}
+        self._switch = {
+            int(m.group(1)): name
+            for name, mod in self.model.named_modules()
+            if isinstance(mod, SwitchGLU) and (m := pat.match(name))
+        }
         under = tuple(f"{p}." for p in self._switch.values())
         self.expert_params = {k: tuple(v.shape) for k, v in params.items() if k.startswith(under)}
         self.resident_params = {k: (tuple(v.shape), v.dtype) for k, v in params.items() if not k.startswith(under)}
         # Modules mlx-lm would quantize (Linear, Embedding, MultiLinear): their ``.weight`` is quantizable.
-        self.quantizable = {f"{name}.weight" for name, m in self.model.named_modules()
-                            if hasattr(m, "to_quantized") and not f"{name}.".startswith(under)}
+        self.quantizable = {
+            f"{name}.weight"
+            for name, m in self.model.named_modules()
+            if hasattr(m, "to_quantized") and not f"{name}.".startswith(under)
+        }
         self._blocks = {layer: path.rsplit(".", 1)[0] for layer, path in self._switch.items()}
         if not self._blocks:
-            raise ConvertError(f"config.json: not a Mixture-of-Experts config ({self.model_type} with "
-                               f"these settings has no expert layers)")
+            raise ConvertError(
+                f"config.json: not a Mixture-of-Experts config ({self.model_type} with "
+                f"these settings has no expert layers)"
+            )
 
     # -- config ----------------------------------------------------------------------------------
     @classmethod
@@ -199,13 +207,19 @@ class MlxLmFamily:
         if any(p.format(e=0) in by_target for p in per.values()):
             missing = [p.format(e=e) for e in range(n) for p in per.values() if p.format(e=e) not in by_target]
             if missing:
-                raise ConvertError(f"checkpoint: missing expert tensor {self.source_name_hint(missing[0])} "
-                                   f"(layer {layer}; {len(missing)} expert tensors missing)")
+                raise ConvertError(
+                    f"checkpoint: missing expert tensor {self.source_name_hint(missing[0])} "
+                    f"(layer {layer}; {len(missing)} expert tensors missing)"
+                )
             # Store the source-name pattern: source names differ from targets only by prefix.
             src0 = {p: by_target[t.format(e=0)] for p, t in per.items()}
-            return ExpertSource("per_expert", {p: s.replace(".experts.0.", ".experts.{e}.") for p, s in src0.items()}, n)
-        raise ConvertError(f"checkpoint: no experts found for layer {layer} "
-                           f"(looked for {self.source_name_hint(fused['gate_up'])} and per-expert weights)")
+            return ExpertSource(
+                "per_expert", {p: s.replace(".experts.0.", ".experts.{e}.") for p, s in src0.items()}, n
+            )
+        raise ConvertError(
+            f"checkpoint: no experts found for layer {layer} "
+            f"(looked for {self.source_name_hint(fused['gate_up'])} and per-expert weights)"
+        )
 
     def source_name_hint(self, target: str) -> str:
         return target
@@ -239,8 +253,9 @@ def family_for(config: dict, where: str = "config.json") -> MlxLmFamily:
     mt = config.get("model_type")
     if mt not in _FAMILIES:
         arch = "/".join(config.get("architectures") or []) or "no architectures field"
-        raise ConvertError(f"{where}: model_type {mt!r} is not supported ({arch}); "
-                           f"supported: {', '.join(sorted(_FAMILIES))}")
+        raise ConvertError(
+            f"{where}: model_type {mt!r} is not supported ({arch}); supported: {', '.join(sorted(_FAMILIES))}"
+        )
     try:
         return _FAMILIES[mt](config)
     except ConvertError as e:

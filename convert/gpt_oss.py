@@ -31,8 +31,9 @@ from .source import ConvertError, SourceCheckpoint
 log = logging.getLogger(__name__)
 
 # FP4 E2M1 code -> value (the sign is the high bit of the nibble), as MLX's mxfp4 and OCP's MX spec.
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
+)
 SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 
 
@@ -62,8 +63,12 @@ class GptOssExperts:
     def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
         i, h = self.intermediate, self.hidden
         if self.mxfp4:
-            want = {"gate_up_blocks": (n, 2 * i, h // 32, 16), "gate_up_scales": (n, 2 * i, h // 32),
-                    "down_blocks": (n, h, i // 32, 16), "down_scales": (n, h, i // 32)}
+            want = {
+                "gate_up_blocks": (n, 2 * i, h // 32, 16),
+                "gate_up_scales": (n, 2 * i, h // 32),
+                "down_blocks": (n, h, i // 32, 16),
+                "down_scales": (n, h, i // 32),
+            }
         else:
             want = {"gate_up": (n, h, 2 * i), "down": (n, i, h)}
         return {**want, "gate_up_bias": (n, 2 * i), "down_bias": (n, h)}
@@ -73,8 +78,11 @@ class GptOssExperts:
             name = self.names[key]
             got = tuple(src.info(name).shape)
             if got != shape:
-                raise ConvertError(f"{src.file_of(name)}: tensor {name} has shape {list(got)}, "
-                                   f"expected {list(shape)} (layer {layer}, {n} experts, intermediate {self.intermediate}, hidden {self.hidden})")
+                raise ConvertError(
+                    f"{src.file_of(name)}: tensor {name} has shape {list(got)}, "
+                    f"expected {list(shape)} (layer {layer}, {n} experts, intermediate {self.intermediate}, "
+                    f"hidden {self.hidden})"
+                )
             dtype = src.info(name).dtype
             if (dtype == "U8") != key.endswith(("_blocks", "_scales")):
                 raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}")
@@ -91,25 +99,36 @@ class GptOssExperts:
 
         def mlx(blocks: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
             rows = blocks.shape[0]
-            return {"weight": np.ascontiguousarray(blocks).reshape(rows, -1).view(np.uint32),
-                    "scales": np.ascontiguousarray(scales)}
+            return {
+                "weight": np.ascontiguousarray(blocks).reshape(rows, -1).view(np.uint32),
+                "scales": np.ascontiguousarray(scales),
+            }
 
-        return {"gate_proj": mlx(gu_b[0::2], gu_s[0::2]), "up_proj": mlx(gu_b[1::2], gu_s[1::2]),
-                "down_proj": mlx(d_b, d_s)}
+        return {
+            "gate_proj": mlx(gu_b[0::2], gu_s[0::2]),
+            "up_proj": mlx(gu_b[1::2], gu_s[1::2]),
+            "down_proj": mlx(d_b, d_s),
+        }
 
     def floats(self, src: SourceCheckpoint, e: int) -> dict[str, np.ndarray]:
         """Expert ``e``'s float32 gate [I, H], up [I, H] and down [H, I] (MXFP4 dequantized)."""
         if self.mxfp4:
             return {p: mxfp4_dequantize(a["weight"].view(np.uint8), a["scales"]) for p, a in self.codes(src, e).items()}
         gu = src.read_rows_f32(self.names["gate_up"], e, e + 1)[0]  # [H, 2I]
-        return {"gate_proj": gu[:, 0::2].T, "up_proj": gu[:, 1::2].T,
-                "down_proj": src.read_rows_f32(self.names["down"], e, e + 1)[0].T}
+        return {
+            "gate_proj": gu[:, 0::2].T,
+            "up_proj": gu[:, 1::2].T,
+            "down_proj": src.read_rows_f32(self.names["down"], e, e + 1)[0].T,
+        }
 
     def biases(self, src: SourceCheckpoint, e: int) -> dict[str, np.ndarray]:
         """Expert ``e``'s float32 bias vectors: gate [I], up [I], down [H]."""
         gu = src.read_rows_f32(self.names["gate_up_bias"], e, e + 1)[0]
-        return {"gate_proj": gu[0::2], "up_proj": gu[1::2],
-                "down_proj": src.read_rows_f32(self.names["down_bias"], e, e + 1)[0]}
+        return {
+            "gate_proj": gu[0::2],
+            "up_proj": gu[1::2],
+            "down_proj": src.read_rows_f32(self.names["down_bias"], e, e + 1)[0],
+        }
 
 
 @register
@@ -136,8 +155,13 @@ class GptOss(MlxLmFamily):
         pre = f"{self.switch_path(layer)}"  # model.layers.N.mlp.experts
         i, h = self.expert_shape(layer)
         bias = {"gate_up_bias": f"{pre}.gate_up_proj_bias", "down_bias": f"{pre}.down_proj_bias"}
-        hub = {"gate_up_blocks": f"{pre}.gate_up_proj_blocks", "gate_up_scales": f"{pre}.gate_up_proj_scales",
-               "down_blocks": f"{pre}.down_proj_blocks", "down_scales": f"{pre}.down_proj_scales", **bias}
+        hub = {
+            "gate_up_blocks": f"{pre}.gate_up_proj_blocks",
+            "gate_up_scales": f"{pre}.gate_up_proj_scales",
+            "down_blocks": f"{pre}.down_proj_blocks",
+            "down_scales": f"{pre}.down_proj_scales",
+            **bias,
+        }
         dense = {"gate_up": f"{pre}.gate_up_proj", "down": f"{pre}.down_proj", **bias}
         for layout, names in (("mxfp4", hub), ("float", dense)):
             if any(n in by_target for k, n in names.items() if k not in bias):
@@ -146,5 +170,7 @@ class GptOss(MlxLmFamily):
                     raise ConvertError(f"checkpoint: missing expert tensor {missing[0]} (layer {layer})")
                 reader = GptOssExperts(layout, {k: by_target[n] for k, n in names.items()}, i, h)
                 return ExpertSource(layout, dict(reader.names), self.num_experts, reader)
-        raise ConvertError(f"checkpoint: no experts found for layer {layer} (looked for {hub['gate_up_blocks']} "
-                           f"and {dense['gate_up']})")
+        raise ConvertError(
+            f"checkpoint: no experts found for layer {layer} (looked for {hub['gate_up_blocks']} "
+            f"and {dense['gate_up']})"
+        )

@@ -22,23 +22,33 @@ import xxhash
 from tqdm import tqdm
 
 from moestream import __version__
-from moestream.layouts import (FORMAT_VERSION, MANIFEST_NAME, ExpertLayer, ExpertLayerWriter, Manifest,
-                               ResidentFile, ResidentTensor, file_checksum)
+from moestream.layouts import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ExpertLayer,
+    ExpertLayerWriter,
+    Manifest,
+    ResidentFile,
+    ResidentTensor,
+    file_checksum,
+)
 from moestream.layouts.pack import verify_expert_file
 from moestream.quant import ErrorStats
+from moestream.quant.calibration import Calibration
 from moestream.quant.report import report_row, write_report
 
 from .family import family_for
 from .plan import ConversionPlan, ExpertLayerPlan, Options, build_plan, tensor_kind
 from .source import EXTRA_FILES, ConvertError, SourceCheckpoint, resolve_source
 from .writers import expert_block, write_resident_file
-from moestream.quant.calibration import Calibration
 
 log = logging.getLogger(__name__)
 WORK = ".moestream-work"
 
 
-def plan_conversion(source: str, revision: str | None = None, **options) -> tuple[ConversionPlan, SourceCheckpoint, dict]:
+def plan_conversion(
+    source: str, revision: str | None = None, **options
+) -> tuple[ConversionPlan, SourceCheckpoint, dict]:
     """Resolve the source and build the plan (headers only; nothing is written)."""
     Options(**options).resolved_method()  # option conflicts fail before anything is read or written
     if options.get("calibration"):
@@ -53,9 +63,18 @@ def plan_conversion(source: str, revision: str | None = None, **options) -> tupl
     return plan, src, provenance
 
 
-def convert(source: str, output: str | os.PathLike, *, revision: str | None = None, jobs: int | None = None,
-            resume: bool = False, force: bool = False, dry_run: bool = False, progress: bool = False,
-            **options) -> Manifest | ConversionPlan:
+def convert(
+    source: str,
+    output: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    jobs: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    **options,
+) -> Manifest | ConversionPlan:
     """Convert a Hugging Face checkpoint (folder or hub id) into a pack at ``output``.
 
     Args:
@@ -99,8 +118,9 @@ def _prepare_output(out: Path, resume: bool, force: bool) -> None:
             if force:
                 shutil.rmtree(out / WORK)
             elif not resume:
-                raise ConvertError(f"{out}: holds an interrupted conversion (pass --resume to continue it "
-                                   f"or --force to start over)")
+                raise ConvertError(
+                    f"{out}: holds an interrupted conversion (pass --resume to continue it or --force to start over)"
+                )
         elif entries:
             raise ConvertError(f"{out}: exists, is not empty and is not a moestream pack; refusing to write into it")
     try:
@@ -113,8 +133,12 @@ def _prepare_output(out: Path, resume: bool, force: bool) -> None:
 
 
 def _fingerprint(plan: ConversionPlan, src: SourceCheckpoint) -> str:
-    key = {"source": src.fingerprint(), "options": asdict(plan.options), "float_dtype": plan.float_dtype,
-           "format_version": FORMAT_VERSION}
+    key = {
+        "source": src.fingerprint(),
+        "options": asdict(plan.options),
+        "float_dtype": plan.float_dtype,
+        "format_version": FORMAT_VERSION,
+    }
     if plan.options.calibration:  # the statistics themselves, not just their path
         key["calibration"] = file_checksum(Path(plan.options.calibration))
     return xxhash.xxh3_64_hexdigest(json.dumps(key, sort_keys=True).encode())
@@ -136,8 +160,9 @@ def _save_sidecar(out: Path, name: str, fp: str, **data) -> None:
     os.replace(tmp, p)
 
 
-def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Path, jobs: int,
-         progress: bool) -> Manifest:
+def _run(
+    plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Path, jobs: int, progress: bool
+) -> Manifest:
     o, fam = plan.options, plan.family
     fp = _fingerprint(plan, src)
     method = o.resolved_method()
@@ -162,9 +187,17 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             layers.append(entry)
             for proj, s in stats.items():
                 g = x.group_down if proj == "down_proj" else x.group_gate_up
-                rows.append(report_row(x.layer, f"experts.{proj}" + (f".tier{x.tier}" if x.expert_ids else ""),
-                                       f"experts.{proj}", x.down_bits if proj == "down_proj" else x.bits, g,
-                                       "passthrough" if x.mode == "mxfp4" else method, ErrorStats.from_dict(s)))
+                rows.append(
+                    report_row(
+                        x.layer,
+                        f"experts.{proj}" + (f".tier{x.tier}" if x.expert_ids else ""),
+                        f"experts.{proj}",
+                        x.down_bits if proj == "down_proj" else x.bits,
+                        g,
+                        "passthrough" if x.mode == "mxfp4" else method,
+                        ErrorStats.from_dict(s),
+                    )
+                )
         rfiles, stats_by_file = _convert_residents(pool, plan, src, out, fp, method, bar, cal)
     bar.close()
     for f in plan.resident_files:
@@ -172,20 +205,48 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
             rtensors[t.target] = ResidentTensor(f.file, list(t.shape), t.dtype, t.bits, t.group_size)
             s = stats_by_file[f.file].get(t.target)
             if s is not None:
-                rows.append(report_row(_layer_of(t.target), t.target, tensor_kind(t.target), t.bits, t.group_size,
-                                       method if t.bits < 16 else "none", ErrorStats.from_dict(s)))
+                rows.append(
+                    report_row(
+                        _layer_of(t.target),
+                        t.target,
+                        tensor_kind(t.target),
+                        t.bits,
+                        t.group_size,
+                        method if t.bits < 16 else "none",
+                        ErrorStats.from_dict(s),
+                    )
+                )
     extra = _copy_extra_files(src.folder, out, fam.pack_config())
     if cal is not None:
         method = f"{method}+calibration"  # as recorded in the report and manifest
         for r in rows:
             r["method"] = method if r["method"] in ("clip", "gptq") else r["method"]
-    write_report(out, rows, {"bits": o.bits, "group_size": o.group_size, "method": method,
-                             "model_type": fam.model_type, "source": provenance.get("repo_id") or provenance["path"]})
+    write_report(
+        out,
+        rows,
+        {
+            "bits": o.bits,
+            "group_size": o.group_size,
+            "method": method,
+            "model_type": fam.model_type,
+            "source": provenance.get("repo_id") or provenance["path"],
+        },
+    )
     provenance = {**provenance, "files": src.fingerprint()}
-    m = Manifest(model_type=fam.model_type, config=fam.text_config, num_experts=fam.num_experts, top_k=fam.top_k,
-                 quantization=_quant_summary(plan, method), experts=layers, resident_files=rfiles,
-                 resident_tensors=rtensors, alignment=o.alignment, source=provenance,
-                 extra_files=extra + ["report.json", "report.csv"], created_by=f"moestream {__version__}")
+    m = Manifest(
+        model_type=fam.model_type,
+        config=fam.text_config,
+        num_experts=fam.num_experts,
+        top_k=fam.top_k,
+        quantization=_quant_summary(plan, method),
+        experts=layers,
+        resident_files=rfiles,
+        resident_tensors=rtensors,
+        alignment=o.alignment,
+        source=provenance,
+        extra_files=extra + ["report.json", "report.csv"],
+        created_by=f"moestream {__version__}",
+    )
     m.check_layout()
     m.save(out)
     shutil.rmtree(out / WORK, ignore_errors=True)
@@ -194,8 +255,9 @@ def _run(plan: ConversionPlan, src: SourceCheckpoint, provenance: dict, out: Pat
 
 def _convert_layer(pool, jobs, src, x: ExpertLayerPlan, method, dtype, alignment, out: Path, bar, cal=None):
     ids = x.ids()
-    writer = ExpertLayerWriter(out / x.file, x.layer, len(ids), x.components, x.block_bytes, alignment, x.tier,
-                               x.expert_ids)
+    writer = ExpertLayerWriter(
+        out / x.file, x.layer, len(ids), x.components, x.block_bytes, alignment, x.tier, x.expert_ids
+    )
     stats = {p: ErrorStats() for p in ("gate_proj", "up_proj", "down_proj")}
     per_expert = x.src_bytes // len(ids)
 
@@ -243,8 +305,12 @@ def _convert_residents(pool, plan, src, out, fp, method, bar, cal=None):
         name = "resident-" + Path(f.file).stem
         side = _load_sidecar(out, name, fp)
         p = out / f.file
-        if side and p.is_file() and p.stat().st_size == side["entry"]["size"] and \
-                file_checksum(p) == side["entry"]["checksum"]:
+        if (
+            side
+            and p.is_file()
+            and p.stat().st_size == side["entry"]["size"]
+            and file_checksum(p) == side["entry"]["checksum"]
+        ):
             rfiles[f.file], stats[f.file] = ResidentFile(**side["entry"]), side["stats"]
             bar.update(sum(t.src_bytes for t in f.tensors))
         else:
@@ -293,10 +359,17 @@ def _copy_extra_files(folder: Path, out: Path, config: dict) -> list[str]:
 def _quant_summary(plan: ConversionPlan, method: str) -> dict:
     o = plan.options
     rb = o.resident_bits or o.bits
-    experts = {"bits": o.bits, "group_size": None if o.bits >= 16 else o.group_size, "mode": "affine",
-               "method": method, "scale_dtype": plan.float_dtype, "down_bits": o.down_bits or o.bits,
-               "tiers": plan.summary()["tiers"], "bits_per_weight_budget": o.bits_per_weight,
-               "layer_widths": {str(k): v for k, v in (o.layer_widths or {}).items()} or None}
+    experts = {
+        "bits": o.bits,
+        "group_size": None if o.bits >= 16 else o.group_size,
+        "mode": "affine",
+        "method": method,
+        "scale_dtype": plan.float_dtype,
+        "down_bits": o.down_bits or o.bits,
+        "tiers": plan.summary()["tiers"],
+        "bits_per_weight_budget": o.bits_per_weight,
+        "layer_widths": {str(k): v for k, v in (o.layer_widths or {}).items()} or None,
+    }
     if plan.experts and plan.experts[0].mode == "mxfp4":  # the source's MXFP4 experts, copied
         experts = {"bits": 4, "group_size": 32, "mode": "mxfp4", "method": "passthrough", "scale_dtype": "uint8"}
     if plan.experts and plan.experts[0].linear_bias:
@@ -305,8 +378,13 @@ def _quant_summary(plan: ConversionPlan, method: str) -> dict:
         "experts": experts,
         "recipe": o.recipe,
         "resident_kinds": o.resident_kinds,
-        "resident": {"bits": rb, "group_size": None if rb >= 16 else o.group_size, "mode": "affine",
-                     "method": method, "router_bits": None if rb >= 16 else max(8, rb)},
+        "resident": {
+            "bits": rb,
+            "group_size": None if rb >= 16 else o.group_size,
+            "mode": "affine",
+            "method": method,
+            "router_bits": None if rb >= 16 else max(8, rb),
+        },
         "dtype": plan.float_dtype,
     }
 

@@ -52,7 +52,9 @@ class Options:
             raise ConvertError("--method gptq needs --calibration STATS (from `moestream calibrate`)")
         if self.calibration and self.weighted:
             if self.method == "rtn":
-                raise ConvertError("--calibration weights the clip search and GPTQ; it cannot be used with --method rtn")
+                raise ConvertError(
+                    "--calibration weights the clip search and GPTQ; it cannot be used with --method rtn"
+                )
             return self.method or "gptq"
         return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
 
@@ -135,16 +137,26 @@ class ConversionPlan:
         """What ``--dry-run`` prints."""
         o = self.options
         return {
-            "model_type": self.family.model_type, "bits": o.bits, "group_size": o.group_size,
+            "model_type": self.family.model_type,
+            "bits": o.bits,
+            "group_size": o.group_size,
             "expert_mode": self.experts[0].mode if self.experts else "affine",
-            "method": o.resolved_method(), "resident_bits": o.resident_bits or o.bits, "recipe": o.recipe,
-            "down_bits": o.down_bits or o.bits, "tiers": _tier_counts(self.experts),
-            "float_dtype": self.float_dtype, "alignment": o.alignment,
-            "moe_layers": len({x.layer for x in self.experts}), "num_experts": self.family.num_experts, "top_k": self.family.top_k,
+            "method": o.resolved_method(),
+            "resident_bits": o.resident_bits or o.bits,
+            "recipe": o.recipe,
+            "down_bits": o.down_bits or o.bits,
+            "tiers": _tier_counts(self.experts),
+            "float_dtype": self.float_dtype,
+            "alignment": o.alignment,
+            "moe_layers": len({x.layer for x in self.experts}),
+            "num_experts": self.family.num_experts,
+            "top_k": self.family.top_k,
             "expert_stride": self.experts[0].stride if self.experts else 0,
             "expert_block_bytes": self.experts[0].block_bytes if self.experts else 0,
-            "expert_files_bytes": self.expert_bytes, "resident_bytes": self.resident_out_bytes,
-            "bytes_per_token": self.bytes_per_token(), "source_bytes": self.src_bytes,
+            "expert_files_bytes": self.expert_bytes,
+            "resident_bytes": self.resident_out_bytes,
+            "bytes_per_token": self.bytes_per_token(),
+            "source_bytes": self.src_bytes,
             "files": [x.file for x in self.experts] + [f.file for f in self.resident_files],
             "dropped_tensors": len(self.dropped),
         }
@@ -222,10 +234,11 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             raise ConvertError(f"{src.file_of(name)}: tensor {name} would be consumed twice")
         dtype = src.info(name).dtype
         if dtype not in FLOAT_DTYPES and not raw and not src.quantized(name):
-            raise ConvertError(f"{src.file_of(name)}: tensor {name} has dtype {dtype}; "
-                               f"expected one of {', '.join(FLOAT_DTYPES)}")
+            raise ConvertError(
+                f"{src.file_of(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+            )
         consumed.add(name)
-        for side in (name + "_scale_inv", name[:-len("weight")] + "scales", name[:-len("weight")] + "biases"):
+        for side in (name + "_scale_inv", name[: -len("weight")] + "scales", name[: -len("weight")] + "biases"):
             if side in src.where and (side.endswith("_scale_inv") or dtype == "U32"):
                 consumed.add(side)
 
@@ -246,17 +259,35 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if es.layout != "per_expert":
             src_bytes = sum(src.info(n).nbytes for n in es.names.values())
         if mxfp4:
-            log.info("layer %d: MXFP4 experts passed through (no requantization; --bits applies to residents)",
-                     layer)
+            log.info("layer %d: MXFP4 experts passed through (no requantization; --bits applies to residents)", layer)
             comps, block = expert_block_layout(h, i, 4, 32, 32, float_dtype, mode="mxfp4", linear_bias=bias)
-            experts.append(ExpertLayerPlan(layer, es, i, h, 32, 32, comps, block, round_up(block, o.alignment),
-                                           sum(src.info(n).nbytes for n in es.names.values()),
-                                           f"experts/layer-{layer:03d}.bin", False, 4, 4, mode="mxfp4",
-                                           linear_bias=bias))
+            experts.append(
+                ExpertLayerPlan(
+                    layer,
+                    es,
+                    i,
+                    h,
+                    32,
+                    32,
+                    comps,
+                    block,
+                    round_up(block, o.alignment),
+                    sum(src.info(n).nbytes for n in es.names.values()),
+                    f"experts/layer-{layer:03d}.bin",
+                    False,
+                    4,
+                    4,
+                    mode="mxfp4",
+                    linear_bias=bias,
+                )
+            )
             continue
         tiers = widths.get(layer)  # None: the layer-wide --bits/--group-size
-        groups = [(None, o.bits, o.down_bits or o.bits, o.group_size)] if tiers is None else [
-            (ids, w.bits, w.bits, w.group_size) for w, ids in tiers]
+        groups = (
+            [(None, o.bits, o.down_bits or o.bits, o.group_size)]
+            if tiers is None
+            else [(ids, w.bits, w.bits, w.group_size) for w, ids in tiers]
+        )
         for t, (ids, bits, dbits, group) in enumerate(groups):
             gu, gd = (None, None) if bits >= 16 else (_group_for(h, group), _group_for(i, group))
             if bits < 16 and (gu is None or gd is None):
@@ -265,14 +296,37 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             if bits < 16 and (gu != group or gd != group):
                 log.warning("layer %d: experts use group size %s/%s (fallback)", layer, gu, gd)
             comps, block = expert_block_layout(h, i, bits, gu, gd, float_dtype, dbits, linear_bias=bias)
-            repack = es.layout == "stacked" and ids is None and bits == dbits and all(
-                src.quantized(es.names[p]) == (bits, gd if p == "down_proj" else gu) for p in es.names)
+            repack = (
+                es.layout == "stacked"
+                and ids is None
+                and bits == dbits
+                and all(src.quantized(es.names[p]) == (bits, gd if p == "down_proj" else gu) for p in es.names)
+            )
             if repack:
                 log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, bits, gu)
             name = f"experts/layer-{layer:03d}.bin" if ids is None else f"experts/layer-{layer:03d}-{bits}g{group}.bin"
             share = src_bytes if ids is None else src_bytes * len(ids) // es.num_experts
-            experts.append(ExpertLayerPlan(layer, es, i, h, gu, gd, comps, block, round_up(block, o.alignment),
-                                           share, name, repack, bits, dbits, t, ids, linear_bias=bias))
+            experts.append(
+                ExpertLayerPlan(
+                    layer,
+                    es,
+                    i,
+                    h,
+                    gu,
+                    gd,
+                    comps,
+                    block,
+                    round_up(block, o.alignment),
+                    share,
+                    name,
+                    repack,
+                    bits,
+                    dbits,
+                    t,
+                    ids,
+                    linear_bias=bias,
+                )
+            )
 
     files: dict[str, ResidentFilePlan] = {}
     expected = dict(family.resident_params)
@@ -286,14 +340,17 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         if derived:
             source = by_target[family.derived_source(target)]
         if source is None:
-            raise ConvertError(f"checkpoint: missing tensor {family.source_name_hint(target)} "
-                               f"(expected by {family.model_type}, shape {list(shape)})")
+            raise ConvertError(
+                f"checkpoint: missing tensor {family.source_name_hint(target)} "
+                f"(expected by {family.model_type}, shape {list(shape)})"
+            )
         if not (derived and source in consumed):  # one source may feed several derived targets
             consume(source)
         sshape = src.shape(source)
         if not derived and int(np.prod(sshape)) != int(np.prod(shape)):
-            raise ConvertError(f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, "
-                               f"expected {list(shape)}")
+            raise ConvertError(
+                f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, expected {list(shape)}"
+            )
         bits, g = _resident_bits(family, target, shape, rbits, o.group_size, o.resident_kinds)
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
@@ -304,15 +361,19 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
 
     leftovers = sorted(src.names - consumed - set(dropped))
     if leftovers:
-        raise ConvertError(f"{src.file_of(leftovers[0])}: unexpected tensor {leftovers[0]} "
-                           f"({len(leftovers)} source tensors would be left unconverted)")
+        raise ConvertError(
+            f"{src.file_of(leftovers[0])}: unexpected tensor {leftovers[0]} "
+            f"({len(leftovers)} source tensors would be left unconverted)"
+        )
     hf_layout = any("conv1d.weight" in n and src.info(n).shape[-1] != 1 for n in src.names)
-    return ConversionPlan(o, family, float_dtype, hf_layout, experts, sorted(files.values(), key=lambda f: f.file),
-                          dropped)
+    return ConversionPlan(
+        o, family, float_dtype, hf_layout, experts, sorted(files.values(), key=lambda f: f.file), dropped
+    )
 
 
-def _expert_widths(src: SourceCheckpoint, family: MlxLmFamily, o: Options, float_dtype: str
-                   ) -> dict[int, list[tuple["Width", list[int] | None]]]:
+def _expert_widths(
+    src: SourceCheckpoint, family: MlxLmFamily, o: Options, float_dtype: str
+) -> dict[int, list[tuple["Width", list[int] | None]]]:  # noqa: F821 (a string annotation; imported where used)
     """layer -> [(width, expert ids)] for layers that do not use the layer-wide bits: per-layer
     widths (ids None: every expert) and per-expert tiers (ids of each tier, narrowest first)."""
     from moestream.quant.calibration import Calibration
@@ -329,8 +390,9 @@ def _expert_widths(src: SourceCheckpoint, family: MlxLmFamily, o: Options, float
     if not tier_widths:
         return out
     if not o.calibration:
-        raise ConvertError("per-expert tiers choose widths from routing counts: pass --calibration STATS "
-                           "(from `moestream calibrate`)")
+        raise ConvertError(
+            "per-expert tiers choose widths from routing counts: pass --calibration STATS (from `moestream calibrate`)"
+        )
     if o.bits_per_weight is None:
         raise ConvertError("per-expert tiers need a budget (bits_per_weight in the recipe)")
     layers = [layer for layer in family.moe_layers() if layer not in fixed]
@@ -338,28 +400,41 @@ def _expert_widths(src: SourceCheckpoint, family: MlxLmFamily, o: Options, float
         i, h = family.expert_shape(layer)
         bad = [w for w in tier_widths if h % w.group_size or i % w.group_size]
         if bad:
-            raise ConvertError(f"recipe: width {bad[0]}: group size {bad[0].group_size} does not divide the experts' "
-                               f"hidden {h} and intermediate {i} (layer {layer})")
+            raise ConvertError(
+                f"recipe: width {bad[0]}: group size {bad[0].group_size} does not divide the experts' "
+                f"hidden {h} and intermediate {i} (layer {layer})"
+            )
     names = {n for n in src.names}
     by_target = {family.target_name(n): n for n in names if not family.dropped(n, o.keep_mtp)}
     sources = {layer: (family.expert_source(layer, by_target), family.expert_shape(layer)[0]) for layer in layers}
     method = o.resolved_method() if o.resolved_method() in ("rtn", "clip") else "clip"
-    chosen = plan_widths(src, sources, tier_widths, o.bits_per_weight, Calibration.load(o.calibration),
-                         o.calibration, method, float_dtype)
+    chosen = plan_widths(
+        src,
+        sources,
+        tier_widths,
+        o.bits_per_weight,
+        Calibration.load(o.calibration),
+        o.calibration,
+        method,
+        float_dtype,
+    )
     for layer, ws in chosen.items():
-        out[layer] = [(w, [e for e, we in enumerate(ws) if we == w]) for w in sorted(set(ws),
-                                                                                  key=lambda w: w.bits_per_weight())]
+        out[layer] = [
+            (w, [e for e, we in enumerate(ws) if we == w]) for w in sorted(set(ws), key=lambda w: w.bits_per_weight())
+        ]
     return out
 
 
-def _resident_bits(family: MlxLmFamily, target: str, shape: tuple, rbits: int, g: int,
-                   kinds: dict[str, int] | None = None) -> tuple[int, int | None]:
+def _resident_bits(
+    family: MlxLmFamily, target: str, shape: tuple, rbits: int, g: int, kinds: dict[str, int] | None = None
+) -> tuple[int, int | None]:
     if kinds and tensor_kind(target) in kinds:
         rbits = kinds[tensor_kind(target)]
     if rbits >= 16 or len(shape) < 2:
         return 16, None
-    if target not in family.quantizable and not (target.startswith("mtp.") and target.endswith("weight")
-                                                 and "norm" not in target):
+    if target not in family.quantizable and not (
+        target.startswith("mtp.") and target.endswith("weight") and "norm" not in target
+    ):
         return 16, None
     override = family.resident_override(target)
     bits = max(rbits, override) if override else rbits
@@ -378,29 +453,51 @@ def _quantized_weight(src: SourceCheckpoint, side: str) -> bool:
 
 def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int, layer: int) -> None:
     n = es.num_experts
-    want = {"fused": {"gate_up": (n, 2 * i, h), "down": (n, h, i)},
-            "stacked": {"gate_proj": (n, i, h), "up_proj": (n, i, h), "down_proj": (n, h, i)},
-            "per_expert": {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}}[es.layout]
+    want = {
+        "fused": {"gate_up": (n, 2 * i, h), "down": (n, h, i)},
+        "stacked": {"gate_proj": (n, i, h), "up_proj": (n, i, h), "down_proj": (n, h, i)},
+        "per_expert": {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)},
+    }[es.layout]
     for key, shape in want.items():
         name = es.names[key]
         names = [name.format(e=e) for e in range(n)] if es.layout == "per_expert" else [name]
         for nm in names:
             got = src.shape(nm)
             if tuple(got) != shape:
-                raise ConvertError(f"{src.file_of(nm)}: tensor {nm} has shape {list(got)}, expected "
-                                   f"{list(shape)} (layer {layer}, {n} experts, intermediate {i}, hidden {h})")
+                raise ConvertError(
+                    f"{src.file_of(nm)}: tensor {nm} has shape {list(got)}, expected "
+                    f"{list(shape)} (layer {layer}, {n} experts, intermediate {i}, hidden {h})"
+                )
 
 
-RESIDENT_KINDS = ("router", "shared_expert", "attention", "linear_attention", "embedding", "lm_head", "mtp", "norm",
-                  "other")
+RESIDENT_KINDS = (
+    "router",
+    "shared_expert",
+    "attention",
+    "linear_attention",
+    "embedding",
+    "lm_head",
+    "mtp",
+    "norm",
+    "other",
+)
 
 
 def tensor_kind(target: str) -> str:
     """The kind of a resident tensor, as reports group them and recipes set their bits."""
-    for key, kind in ((".mlp.gate.", "router"), (".block_sparse_moe.gate.", "router"), ("shared_expert_gate", "router"),
-                      ("shared_expert.", "shared_expert"), ("shared_experts.", "shared_expert"),
-                      ("self_attn.", "attention"), ("linear_attn.", "linear_attention"),
-                      ("embed_tokens", "embedding"), ("lm_head", "lm_head"), ("mtp.", "mtp"), ("norm", "norm")):
+    for key, kind in (
+        (".mlp.gate.", "router"),
+        (".block_sparse_moe.gate.", "router"),
+        ("shared_expert_gate", "router"),
+        ("shared_expert.", "shared_expert"),
+        ("shared_experts.", "shared_expert"),
+        ("self_attn.", "attention"),
+        ("linear_attn.", "linear_attention"),
+        ("embed_tokens", "embedding"),
+        ("lm_head", "lm_head"),
+        ("mtp.", "mtp"),
+        ("norm", "norm"),
+    ):
         if key in target:
             return kind
     return "other"

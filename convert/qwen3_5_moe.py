@@ -17,8 +17,13 @@ import numpy as np
 from .family import MlxLmFamily, register
 
 # RMSNorm weights stored as (weight - 1) in Hugging Face checkpoints (mlx-lm's sanitize adds 1).
-NORM_SUFFIXES = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-                 ".q_norm.weight", ".k_norm.weight")
+NORM_SUFFIXES = (
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+)
 
 
 @dataclass

@@ -31,7 +31,9 @@ class Qwen3Next(MlxLmFamily):
         if "full_attention_interval" not in config and types:
             k = types.index("full_attention") + 1 if "full_attention" in types else 0
             if not k or any((t == "full_attention") != ((i + 1) % k == 0) for i, t in enumerate(types)):
-                raise ConvertError("config.json: layer_types is not one full-attention layer every N layers "
-                                   "(mlx-lm's qwen3_next needs a fixed full_attention_interval)")
+                raise ConvertError(
+                    "config.json: layer_types is not one full-attention layer every N layers "
+                    "(mlx-lm's qwen3_next needs a fixed full_attention_interval)"
+                )
             config["full_attention_interval"] = k
         return config

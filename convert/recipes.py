@@ -25,9 +25,10 @@ line still win. The manifest records the recipe's name. Example file::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .plan import RESIDENT_KINDS
 from .source import ConvertError
@@ -37,12 +38,18 @@ TIER_WIDTHS = ["2g128", "2g64", "3g64", "4g64", "8g64"]
 # Per-expert tiers at the three classes of issue 6 (benchmarks/RESULTS.md has their KL on the
 # trained fixture), and calibration-free mixes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "q4-tiered": {"experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 4.5,
-                                                          "weighted": False}}, "residents": {"bits": 8}},
-    "q3-tiered": {"experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 3.5,
-                                                          "weighted": False}}, "residents": {"bits": 8}},
-    "q2-tiered": {"experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 2.6,
-                                                          "weighted": False}}, "residents": {"bits": 8}},
+    "q4-tiered": {
+        "experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 4.5, "weighted": False}},
+        "residents": {"bits": 8},
+    },
+    "q3-tiered": {
+        "experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 3.5, "weighted": False}},
+        "residents": {"bits": 8},
+    },
+    "q2-tiered": {
+        "experts": {"method": "clip", "tiers": {"widths": TIER_WIDTHS, "bits_per_weight": 2.6, "weighted": False}},
+        "residents": {"bits": 8},
+    },
     "q4": {"experts": {"bits": 4, "method": "clip"}, "residents": {"bits": 8}},
     "q3": {"experts": {"bits": 3, "method": "clip"}, "residents": {"bits": 8}},
     "q2-down3": {"experts": {"bits": 2, "down_bits": 3, "method": "clip"}, "residents": {"bits": 8}},

@@ -32,13 +32,35 @@ from moestream.quant.dtypes import decode_to_f32, dequantize_fp8_blocks
 log = logging.getLogger(__name__)
 
 # Files a conversion needs from a hub repo (weights, config, tokenizer, chat template, license).
-ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                  "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "LICENSE*"]
+ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE*",
+]
 # Copied into the pack next to the weights.
-EXTRA_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-               "chat_template.jinja", "chat_template.json", "LICENSE"]
+EXTRA_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE",
+]
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "bfloat16"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -69,8 +91,13 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, dict
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ConvertError(f"{source}: cannot download from the hub ({str(e).splitlines()[0]})") from None
     folder = Path(folder)
-    return folder, {"kind": "hub", "repo_id": source, "revision": revision or "main",
-                    "commit": folder.name, "path": str(folder)}
+    return folder, {
+        "kind": "hub",
+        "repo_id": source,
+        "revision": revision or "main",
+        "commit": folder.name,
+        "path": str(folder),
+    }
 
 
 @dataclass
@@ -138,20 +165,24 @@ class SourceCheckpoint:
 
     def quantized(self, name: str) -> tuple[int, int] | None:
         """(bits, group size) of an mlx-lm-quantized ``X.weight`` (uint32 + ``X.scales``/``X.biases``)."""
-        base = name[:-len(".weight")] if name.endswith(".weight") else None
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base is None or self.info(name).dtype != "U32" or f"{base}.scales" not in self.where:
             return None
         q = self.config.get("quantization") or {}
         mod = q.get(base) if isinstance(q.get(base), dict) else q
         if "group_size" not in mod or f"{base}.biases" not in self.where:
-            raise ConvertError(f"{self.file_of(name)}: {name} is uint32 but config.json has no affine "
-                               f"\"quantization\" (group_size, bits) for it")
+            raise ConvertError(
+                f"{self.file_of(name)}: {name} is uint32 but config.json has no affine "
+                f'"quantization" (group_size, bits) for it'
+            )
         group = int(mod["group_size"])
         packed, groups = self.info(name).shape[-1], self.info(f"{base}.scales").shape[-1]
         bits, rem = divmod(packed * 32, groups * group)
         if rem or bits not in (2, 3, 4, 5, 6, 8) or ("bits" in mod and int(mod["bits"]) != bits):
-            raise ConvertError(f"{self.file_of(name)}: {name} has {packed} words per row and {groups} groups: "
-                               f"not {mod.get('bits', '?')}-bit with group size {group}")
+            raise ConvertError(
+                f"{self.file_of(name)}: {name} has {packed} words per row and {groups} groups: "
+                f"not {mod.get('bits', '?')}-bit with group size {group}"
+            )
         return bits, group
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -162,20 +193,27 @@ class SourceCheckpoint:
 
     def read_quantized_rows(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows of a quantized weight as stored: ``weight`` (uint32), ``scales``, ``biases`` (raw)."""
-        base = name[:-len(".weight")]
-        return {part: self.readers[self.where[n]].read_rows(n, start, stop)
-                for part, n in (("weight", name), ("scales", f"{base}.scales"), ("biases", f"{base}.biases"))}
+        base = name[: -len(".weight")]
+        return {
+            part: self.readers[self.where[n]].read_rows(n, start, stop)
+            for part, n in (("weight", name), ("scales", f"{base}.scales"), ("biases", f"{base}.biases"))
+        }
 
     def _dequantize_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         import mlx.core as mx
 
         bits, group = self.quantized(name)
         parts = self.read_quantized_rows(name, start, stop)
-        base = name[:-len(".weight")]
+        base = name[: -len(".weight")]
         sb = [decode_to_f32(parts[p], self.info(f"{base}.{p}").dtype, parts[p].shape) for p in ("scales", "biases")]
         w = parts["weight"]
-        flat = mx.dequantize(mx.array(w.reshape(-1, w.shape[-1])), mx.array(sb[0].reshape(-1, sb[0].shape[-1])),
-                             mx.array(sb[1].reshape(-1, sb[1].shape[-1])), group_size=group, bits=bits)
+        flat = mx.dequantize(
+            mx.array(w.reshape(-1, w.shape[-1])),
+            mx.array(sb[0].reshape(-1, sb[0].shape[-1])),
+            mx.array(sb[1].reshape(-1, sb[1].shape[-1])),
+            group_size=group,
+            bits=bits,
+        )
         return np.array(flat.astype(mx.float32)).reshape(*w.shape[:-1], -1)
 
     def float_dtype(self) -> str:
@@ -212,15 +250,20 @@ class SourceCheckpoint:
         scale = decode_to_f32(self.readers[self.where[scale_name]].read(scale_name), s_info.dtype, s_info.shape)
         rows_blocks = -(-info.shape[0] // block)
         if scale.shape != (rows_blocks, -(-info.shape[1] // block)):
-            raise ConvertError(f"{self.file_of(scale_name)}: {scale_name} has shape {list(scale.shape)}, "
-                               f"expected {[rows_blocks, -(-info.shape[1] // block)]} for 128x128 blocks")
-        scale = scale[start // block: -(-stop // block)]
+            raise ConvertError(
+                f"{self.file_of(scale_name)}: {scale_name} has shape {list(scale.shape)}, "
+                f"expected {[rows_blocks, -(-info.shape[1] // block)]} for 128x128 blocks"
+            )
+        scale = scale[start // block : -(-stop // block)]
         return dequantize_fp8_blocks(raw, scale, (block, block))
 
     def read_f32(self, name: str) -> np.ndarray:
         info = self.info(name)
-        return self.read_rows_f32(name, 0, info.shape[0]) if info.shape else \
-            decode_to_f32(self.readers[self.where[name]].read(name), info.dtype, ())
+        return (
+            self.read_rows_f32(name, 0, info.shape[0])
+            if info.shape
+            else decode_to_f32(self.readers[self.where[name]].read(name), info.dtype, ())
+        )
 
     # -- provenance ------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, dict]:

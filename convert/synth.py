@@ -20,9 +20,16 @@ import numpy as np
 from tqdm import tqdm
 
 from moestream import __version__
-from moestream.layouts import (ExpertLayerWriter, Manifest, ResidentFile, ResidentTensor, SafetensorsWriter,
-                               expert_block_layout, file_checksum, round_up)
-
+from moestream.layouts import (
+    ExpertLayerWriter,
+    Manifest,
+    ResidentFile,
+    ResidentTensor,
+    SafetensorsWriter,
+    expert_block_layout,
+    file_checksum,
+    round_up,
+)
 from moestream.quant import f32_to_bf16
 
 from .family import family_for
@@ -35,8 +42,11 @@ WEIGHT_STD = 0.02  # typical std of a trained model's linear weights (sets scale
 
 
 def known_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("moestream.convert").joinpath("known_configs").iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("moestream.convert").joinpath("known_configs").iterdir()
+        if p.name.endswith(".json")
+    )
 
 
 def load_like(like: str) -> dict:
@@ -49,8 +59,7 @@ def load_like(like: str) -> dict:
             raise ConvertError(f"{p}: not valid JSON ({e})") from None
     f = resources.files("moestream.convert").joinpath("known_configs", f"{like.lower()}.json")
     if not f.is_file():
-        raise ConvertError(f"--like {like}: no such config file or known model "
-                           f"(known: {', '.join(known_configs())})")
+        raise ConvertError(f"--like {like}: no such config file or known model (known: {', '.join(known_configs())})")
     return json.loads(f.read_text())
 
 
@@ -62,11 +71,16 @@ def reduced_config(config: dict, layers: int) -> dict:
     if not 1 <= layers <= n:
         raise ConvertError(f"--layers {layers}: the model has {n} layers")
     if layers < 2 and tc.get("full_attention_interval", 4) > 1:
-        raise ConvertError(f"--layers {layers}: this model mixes linear and full attention, and mlx-lm's "
-                           f"model needs one layer of each: use --layers 2 or more")
+        raise ConvertError(
+            f"--layers {layers}: this model mixes linear and full attention, and mlx-lm's "
+            f"model needs one layer of each: use --layers 2 or more"
+        )
     k = min(tc.get("full_attention_interval", 4), layers)
-    tc.update(num_hidden_layers=layers, full_attention_interval=k,
-              layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(layers)])
+    tc.update(
+        num_hidden_layers=layers,
+        full_attention_interval=k,
+        layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(layers)],
+    )
     tc.pop("mtp_num_hidden_layers", None)
     config.pop("quantization_config", None)
     config.pop("vision_config", None)
@@ -80,13 +94,24 @@ def _random_block(rng: np.random.Generator, comps, block_bytes: int, bits: int) 
             n = c.nbytes // 2
             span = WEIGHT_STD * 6 / ((1 << bits) - 1) if c.name.endswith(".scales") else -3 * WEIGHT_STD
             vals = (span * rng.uniform(0.7, 1.3, n)).astype(np.float32)
-            block[c.offset:c.offset + c.nbytes] = f32_to_bf16(vals).view(np.uint8)
+            block[c.offset : c.offset + c.nbytes] = f32_to_bf16(vals).view(np.uint8)
     return block
 
 
-def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, group_size: int = 64,
-          resident_bits: int | None = None, seed: int = 0, alignment: int = 16384, jobs: int | None = None,
-          force: bool = False, progress: bool = False, routing: str = "uniform") -> Manifest:
+def synth(
+    like: str,
+    output: str | os.PathLike,
+    layers: int = 4,
+    bits: int = 4,
+    group_size: int = 64,
+    resident_bits: int | None = None,
+    seed: int = 0,
+    alignment: int = 16384,
+    jobs: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    routing: str = "uniform",
+) -> Manifest:
     """Write a synthetic pack shaped like ``like``. Returns its manifest.
 
     ``routing``: ``uniform``, or ``zipf:S`` for hot experts: router row ``e`` is scaled by
@@ -119,12 +144,16 @@ def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, 
     experts = []
     with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         for layer, comps, block in plans:
-            w = ExpertLayerWriter(out / f"experts/layer-{layer:03d}.bin", layer, fam.num_experts, comps, block, alignment)
+            w = ExpertLayerWriter(
+                out / f"experts/layer-{layer:03d}.bin", layer, fam.num_experts, comps, block, alignment
+            )
             w.open()
             try:
+
                 def one(e: int) -> None:
                     w.write_expert(e, _random_block(np.random.default_rng([seed, layer, e]), comps, block, bits))
                     bar.update(w.stride)
+
                 list(pool.map(one, range(fam.num_experts)))
                 experts.append(w.finish(f"experts/layer-{layer:03d}.bin"))
             except BaseException:
@@ -134,15 +163,37 @@ def synth(like: str, output: str | os.PathLike, layers: int = 4, bits: int = 4, 
     rfiles, rtensors = _write_residents(fam, out, rb, group_size, np.random.default_rng([seed, 10**6]), skew)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     write_byte_tokenizer(out)
-    m = Manifest(model_type=fam.model_type, config=fam.text_config, num_experts=fam.num_experts, top_k=fam.top_k,
-                 quantization={"experts": {"bits": bits, "group_size": group_size, "mode": "affine", "method": "random",
-                                           "scale_dtype": "bfloat16"},
-                               "resident": {"bits": rb, "group_size": group_size, "mode": "affine",
-                                            "method": "random"}, "dtype": "bfloat16"},
-                 experts=experts, resident_files=rfiles, resident_tensors=rtensors, alignment=alignment,
-                 source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed, "routing": routing},
-                 extra_files=["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                              "generation_config.json"], synthetic=True, created_by=f"moestream {__version__}")
+    m = Manifest(
+        model_type=fam.model_type,
+        config=fam.text_config,
+        num_experts=fam.num_experts,
+        top_k=fam.top_k,
+        quantization={
+            "experts": {
+                "bits": bits,
+                "group_size": group_size,
+                "mode": "affine",
+                "method": "random",
+                "scale_dtype": "bfloat16",
+            },
+            "resident": {"bits": rb, "group_size": group_size, "mode": "affine", "method": "random"},
+            "dtype": "bfloat16",
+        },
+        experts=experts,
+        resident_files=rfiles,
+        resident_tensors=rtensors,
+        alignment=alignment,
+        source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed, "routing": routing},
+        extra_files=[
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ],
+        synthetic=True,
+        created_by=f"moestream {__version__}",
+    )
     m.check_layout()
     m.save(out)
     return m
@@ -170,7 +221,7 @@ def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generato
         for target, shape in tensors:
             bits, group = _resident_bits(fam, target, shape, rbits, g)
             dtype = "float32" if len(shape) == 1 else "bfloat16"
-            base = target[:-len(".weight")] if target.endswith(".weight") else target
+            base = target[: -len(".weight")] if target.endswith(".weight") else target
             if bits >= 16:
                 w.declare(target, "F32" if dtype == "float32" else "BF16", shape)
             else:
@@ -181,8 +232,9 @@ def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generato
             rtensors[target] = ResidentTensor(fname, list(shape), dtype, bits, group)
         w.begin()
         for target, base, shape, bits, group, dtype in specs:
-            _write_values(w, rng, target, base, shape, bits, group, dtype,
-                          skew if target.endswith("mlp.gate.weight") else 0.0)
+            _write_values(
+                w, rng, target, base, shape, bits, group, dtype, skew if target.endswith("mlp.gate.weight") else 0.0
+            )
         w.finish()
         rfiles.append(ResidentFile(fname, (out / fname).stat().st_size, file_checksum(out / fname)))
     return rfiles, rtensors

@@ -38,8 +38,9 @@ def routing_frequency(cal: Calibration, layer: int, num_experts: int, where: str
     return n / n.sum()
 
 
-def width_errors(src: SourceCheckpoint, es: ExpertSource, intermediate: int, widths: list[Width], method: str,
-                 dtype: str) -> dict[Width, float]:
+def width_errors(
+    src: SourceCheckpoint, es: ExpertSource, intermediate: int, widths: list[Width], method: str, dtype: str
+) -> dict[Width, float]:
     """Mean relative squared error of each width over a few experts of one layer (all three projections)."""
     from .writers import read_expert
 
@@ -58,15 +59,26 @@ def width_errors(src: SourceCheckpoint, es: ExpertSource, intermediate: int, wid
     return out
 
 
-def plan_widths(src: SourceCheckpoint, sources: dict[int, tuple[ExpertSource, int]], widths: list[Width],
-                budget: float, cal: Calibration, cal_path: str, method: str, dtype: str) -> dict[int, list[Width]]:
+def plan_widths(
+    src: SourceCheckpoint,
+    sources: dict[int, tuple[ExpertSource, int]],
+    widths: list[Width],
+    budget: float,
+    cal: Calibration,
+    cal_path: str,
+    method: str,
+    dtype: str,
+) -> dict[int, list[Width]]:
     """Width of every expert of every layer in ``sources`` (layer -> (expert source, intermediate))."""
     freq, err = {}, {}
     for layer, (es, inter) in sources.items():
         freq[layer] = routing_frequency(cal, layer, es.num_experts, cal_path)
         err[layer] = width_errors(src, es, inter, widths, method, dtype)
-        log.info("layer %d: relative error by width %s", layer,
-                 ", ".join(f"{w} {v:.2e}" for w, v in sorted(err[layer].items())))
+        log.info(
+            "layer %d: relative error by width %s",
+            layer,
+            ", ".join(f"{w} {v:.2e}" for w, v in sorted(err[layer].items())),
+        )
     try:
         return allocate_widths(freq, err, widths, budget, scale_bytes=4 if dtype == "float32" else 2)
     except ValueError as e:

@@ -23,16 +23,37 @@ log = logging.getLogger(__name__)
 
 INIT_STD = 0.02
 TINY_TEXT_CONFIG = {
-    "model_type": "qwen3_5_moe_text", "hidden_size": 256, "num_hidden_layers": 4,
+    "model_type": "qwen3_5_moe_text",
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
     "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-    "full_attention_interval": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 32,
-    "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "num_experts": 32, "num_experts_per_tok": 4,
-    "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "vocab_size": 1024,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-    "attn_output_gate": True, "hidden_act": "silu", "dtype": "bfloat16",
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
-                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    "full_attention_interval": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "linear_num_key_heads": 4,
+    "linear_num_value_heads": 8,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 128,
+    "shared_expert_intermediate_size": 128,
+    "vocab_size": 1024,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "attn_output_gate": True,
+    "hidden_act": "silu",
+    "dtype": "bfloat16",
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
 }
 
 
@@ -44,8 +65,12 @@ def tiny_config(**text_overrides) -> dict:
         # mlx-lm needs at least one full-attention layer: shorten the interval for very small models.
         k = tc["full_attention_interval"] = min(tc["full_attention_interval"], n)
         tc["layer_types"] = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
-    return {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
-            "text_config": tc, "tie_word_embeddings": tc["tie_word_embeddings"]}
+    return {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "text_config": tc,
+        "tie_word_embeddings": tc["tie_word_embeddings"],
+    }
 
 
 def hub_tensors(config: dict) -> dict[str, tuple[int, ...]]:
@@ -83,8 +108,17 @@ def _values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
 
 
 # The Qwen chat specials at ids 0-8 (as in the trained fixture), then the 256 byte-level symbols.
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
-             "</tool_call>", "<tool_response>", "</tool_response>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
 # A compact chat template in Qwen3.5's wire format (written for moestream, not copied): ChatML turns,
 # a <tools> system block, assistant tool calls as <tool_call><function=NAME><parameter=ARG>,
 # tool results as <tool_response> in a user turn, and the <think> switch on the generation prompt.
@@ -126,7 +160,6 @@ CHATML_TEMPLATE = (
 )
 
 
-
 def write_byte_tokenizer(folder: str | Path) -> None:
     """A minimal byte-level tokenizer (265 ids, no merges) with a ChatML template, via ``tokenizers``.
 
@@ -143,16 +176,32 @@ def write_byte_tokenizer(folder: str | Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "bos_token": None, "add_bos_token": False, "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE}, indent=1))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "add_bos_token": False,
+                "model_max_length": 4096,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": CHATML_TEMPLATE,
+            },
+            indent=1,
+        )
+    )
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}, indent=1))
 
 
-def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: int = 0,
-                          max_shard_bytes: int = 1 << 30, tokenizer: bool = True) -> Path:
+def write_tiny_checkpoint(
+    folder: str | Path,
+    config: dict | None = None,
+    seed: int = 0,
+    max_shard_bytes: int = 1 << 30,
+    tokenizer: bool = True,
+) -> Path:
     """Write a random checkpoint in the hub's BF16 layout (sharded, with an index).
 
     Args:
@@ -197,7 +246,8 @@ def write_tiny_checkpoint(folder: str | Path, config: dict | None = None, seed: 
         w.finish()
     total = sum(2 * int(np.prod(s)) for s in shapes.values())
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     if tokenizer and config.get("text_config", config)["vocab_size"] >= len(SPECIALS) + 256:
         write_byte_tokenizer(folder)

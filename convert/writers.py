@@ -34,10 +34,15 @@ def passthrough_stats(w: np.ndarray, stored: np.ndarray, dtype: str) -> ErrorSta
     from moestream.quant import bf16_to_f32
 
     back = bf16_to_f32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
-    err = (back.astype(np.float64) - w)
+    err = back.astype(np.float64) - w
     w64 = w.astype(np.float64)
-    return ErrorStats(count=w.size, sum_w=float(w64.sum()), sum_w2=float((w64 * w64).sum()),
-                      sum_err2=float((err * err).sum()), max_abs_err=float(np.abs(err).max(initial=0.0)))
+    return ErrorStats(
+        count=w.size,
+        sum_w=float(w64.sum()),
+        sum_w2=float((w64 * w64).sum()),
+        sum_err2=float((err * err).sum()),
+        max_abs_err=float(np.abs(err).max(initial=0.0)),
+    )
 
 
 def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, np.ndarray]:
@@ -47,8 +52,11 @@ def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, 
         return s.reader.floats(src, e)
     if s.layout == "fused":
         gu = src.read_rows_f32(s.names["gate_up"], e, e + 1)[0]
-        return {"gate_proj": gu[:x.intermediate], "up_proj": gu[x.intermediate:],
-                "down_proj": src.read_rows_f32(s.names["down"], e, e + 1)[0]}
+        return {
+            "gate_proj": gu[: x.intermediate],
+            "up_proj": gu[x.intermediate :],
+            "down_proj": src.read_rows_f32(s.names["down"], e, e + 1)[0],
+        }
     if s.layout == "stacked":
         return {p: src.read_rows_f32(n, e, e + 1)[0] for p, n in s.names.items()}
     return {p: src.read_f32(n.format(e=e)) for p, n in s.names.items()}
@@ -65,13 +73,17 @@ def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> 
 
 def repacked(src: SourceCheckpoint, name: str, start: int, stop: int, dtype: str) -> dict[str, np.ndarray]:
     """Rows of an mlx-quantized weight as stored (codes unchanged; scales/biases in ``dtype``)."""
-    base = name[:-len(".weight")]
+    base = name[: -len(".weight")]
     parts = src.read_quantized_rows(name, start, stop)
-    return {"weight": parts["weight"], **{p: stored_as(src, f"{base}.{p}", parts[p], dtype) for p in ("scales", "biases")}}
+    return {
+        "weight": parts["weight"],
+        **{p: stored_as(src, f"{base}.{p}", parts[p], dtype) for p in ("scales", "biases")},
+    }
 
 
-def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str,
-                 dtype: str, cal: Calibration | None = None) -> tuple[np.ndarray, dict[str, ErrorStats]]:
+def expert_block(
+    src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str, dtype: str, cal: Calibration | None = None
+) -> tuple[np.ndarray, dict[str, ErrorStats]]:
     """The bytes of expert ``e``'s block (``x.block_bytes``) and per-projection error stats.
 
     With ``cal``, each projection's clip search weights its columns by the expert's input statistics.
@@ -100,7 +112,7 @@ def expert_block(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, method: str,
             arrays["bias"] = store_float(np.ascontiguousarray(biases[proj]), dtype)
         for part, arr in arrays.items():
             c = comps[f"{proj}.{part}"]
-            block[c.offset:c.offset + c.nbytes] = arr.reshape(-1).view(np.uint8)
+            block[c.offset : c.offset + c.nbytes] = arr.reshape(-1).view(np.uint8)
     return block, stats
 
 
@@ -123,12 +135,20 @@ def _quantize(w: np.ndarray, bits: int, group: int, dtype: str, method: str, cal
     return quantize_with_error(w, bits, group, dtype, "clip", importance=imp)
 
 
-def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentFilePlan, path, method: str,
-                        hf_layout: bool, progress=None, cal: Calibration | None = None) -> dict[str, ErrorStats]:
+def write_resident_file(
+    src: SourceCheckpoint,
+    family: MlxLmFamily,
+    f: ResidentFilePlan,
+    path,
+    method: str,
+    hf_layout: bool,
+    progress=None,
+    cal: Calibration | None = None,
+) -> dict[str, ErrorStats]:
     """Write one resident safetensors file, tensor by tensor in row chunks. Returns error stats."""
     w = SafetensorsWriter(path, metadata={"format": "mlx", "producer": "moestream"})
     for t in f.tensors:
-        base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+        base = t.target[: -len(".weight")] if t.target.endswith(".weight") else t.target
         if t.bits >= 16:
             w.declare(t.target, ST_DTYPE[t.dtype], t.shape)
         else:
@@ -151,7 +171,7 @@ def write_resident_file(src: SourceCheckpoint, family: MlxLmFamily, f: ResidentF
 def _write_tensor(src, family, w: SafetensorsWriter, t: ResidentPlan, method, hf_layout, progress, cal=None):
     total = ErrorStats()
     side: dict[str, list[np.ndarray]] = {"scales": [], "biases": []}
-    base = t.target[:-len(".weight")] if t.target.endswith(".weight") else t.target
+    base = t.target[: -len(".weight")] if t.target.endswith(".weight") else t.target
     if t.repack:  # mlx-quantized source at these bits and group size: copied as stored
         info = src.info(t.source)
         parts = repacked(src, t.source, 0, info.shape[0], t.dtype)
@@ -187,8 +207,10 @@ def _chunks(src, family, t: ResidentPlan, hf_layout):
     if t.derived:  # small tensors that sanitize reshapes or splits: the whole source at once
         x = family.transform(t.target, src.read_f32(t.source), hf_layout)
         if tuple(x.shape) != tuple(t.shape):
-            raise ConvertError(f"{src.file_of(t.source)}: {t.source} gives {t.target} of shape "
-                               f"{list(x.shape)}, expected {list(t.shape)}")
+            raise ConvertError(
+                f"{src.file_of(t.source)}: {t.source} gives {t.target} of shape "
+                f"{list(x.shape)}, expected {list(t.shape)}"
+            )
         yield x, info.nbytes
         return
     rows = info.shape[0] if info.shape else 1

@@ -13,16 +13,50 @@ This package imports nothing else from moestream.
 
 from .errors import MoestreamError, PackError, SafetensorsError
 from .expert_file import ExpertLayerWriter, expert_block_layout, quantized_shapes, round_up
-from .manifest import (CHECKSUM_ALGO, DEFAULT_ALIGNMENT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME,
-                       MIN_ALIGNMENT, READ_VERSIONS, Component, ExpertLayer, Manifest, QuantSpec, ResidentFile,
-                       ResidentTensor)
+from .manifest import (
+    CHECKSUM_ALGO,
+    DEFAULT_ALIGNMENT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MIN_ALIGNMENT,
+    READ_VERSIONS,
+    Component,
+    ExpertLayer,
+    Manifest,
+    QuantSpec,
+    ResidentFile,
+    ResidentTensor,
+)
 from .pack import Pack, component_views, file_checksum, open_pack
 from .safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 
 __all__ = [
-    "MoestreamError", "PackError", "SafetensorsError", "ExpertLayerWriter", "expert_block_layout",
-    "quantized_shapes", "round_up", "CHECKSUM_ALGO", "DEFAULT_ALIGNMENT", "FORMAT_NAME", "FORMAT_VERSION",
-    "MANIFEST_NAME", "MIN_ALIGNMENT", "READ_VERSIONS", "Component", "ExpertLayer", "Manifest", "QuantSpec", "ResidentFile",
-    "ResidentTensor", "Pack", "component_views", "file_checksum", "open_pack", "SafetensorsReader",
-    "SafetensorsWriter", "TensorInfo",
+    "MoestreamError",
+    "PackError",
+    "SafetensorsError",
+    "ExpertLayerWriter",
+    "expert_block_layout",
+    "quantized_shapes",
+    "round_up",
+    "CHECKSUM_ALGO",
+    "DEFAULT_ALIGNMENT",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MIN_ALIGNMENT",
+    "READ_VERSIONS",
+    "Component",
+    "ExpertLayer",
+    "Manifest",
+    "QuantSpec",
+    "ResidentFile",
+    "ResidentTensor",
+    "Pack",
+    "component_views",
+    "file_checksum",
+    "open_pack",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "TensorInfo",
 ]

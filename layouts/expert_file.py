@@ -1,11 +1,11 @@
 """Expert layer files: the block layout inside one expert and the writer of one layer's file.
 
-A layer file is a header page followed by ``num_experts`` blocks of ``stride`` bytes. Block ``e``
-holds expert ``e``'s gate, up and down projections in MLX's quantized layout (affine: uint32 codes
-packed LSB-first, then per-group scales and biases; mxfp4: FP4 codes and uint8 E8M0 scales), and
-for families whose experts have them (gpt-oss), the projections' bias vectors, so the runtime hands
-the bytes straight to MLX's quantized kernels. Gate and up arrays are adjacent (gate rows first), so ``gate_proj.X`` followed by
-``up_proj.X`` is also the fused gate-up array ``[2I, ...]``.
+A layer file is a header page followed by ``num_experts`` blocks of ``stride`` bytes. Block ``e`` holds expert
+``e``'s gate, up and down projections in MLX's quantized layout (affine: uint32 codes packed LSB-first, then
+per-group scales and biases; mxfp4: FP4 codes and uint8 E8M0 scales), and for families whose experts have them
+(gpt-oss), the projections' bias vectors, so the runtime hands the bytes straight to MLX's quantized kernels.
+Gate and up arrays are adjacent (gate rows first), so ``gate_proj.X`` followed by ``up_proj.X`` is also the
+fused gate-up array ``[2I, ...]``.
 
 Header (little-endian, at byte 0, zero-padded to ``offset``)::
 
@@ -34,8 +34,9 @@ def round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None,
-                     mode: str = "affine") -> dict[str, tuple[list[int], str]]:
+def quantized_shapes(
+    rows: int, cols: int, bits: int, group_size: int | None, mode: str = "affine"
+) -> dict[str, tuple[list[int], str]]:
     """Shapes of the arrays MLX stores for one ``[rows, cols]`` weight (bits 16: the weight alone).
 
     ``mode="mxfp4"``: 4-bit E2M1 codes and one uint8 E8M0 scale per 32 inputs, no biases.
@@ -44,14 +45,24 @@ def quantized_shapes(rows: int, cols: int, bits: int, group_size: int | None,
         return {"weight": ([rows, cols], "")}
     if mode == "mxfp4":
         return {"weight": ([rows, cols * 4 // 32], "uint32"), "scales": ([rows, cols // 32], "uint8")}
-    return {"weight": ([rows, cols * bits // 32], "uint32"),
-            "scales": ([rows, cols // group_size], ""),
-            "biases": ([rows, cols // group_size], "")}
+    return {
+        "weight": ([rows, cols * bits // 32], "uint32"),
+        "scales": ([rows, cols // group_size], ""),
+        "biases": ([rows, cols // group_size], ""),
+    }
 
 
-def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up: int | None,
-                        group_down: int | None, float_dtype: str, down_bits: int | None = None,
-                        mode: str = "affine", linear_bias: bool = False) -> tuple[list[Component], int]:
+def expert_block_layout(
+    hidden: int,
+    intermediate: int,
+    bits: int,
+    group_gate_up: int | None,
+    group_down: int | None,
+    float_dtype: str,
+    down_bits: int | None = None,
+    mode: str = "affine",
+    linear_bias: bool = False,
+) -> tuple[list[Component], int]:
     """Components of one expert block, in file order, and the block's size in bytes.
 
     Args:
@@ -69,9 +80,11 @@ def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up
     db = bits if down_bits is None else down_bits
     if (bits >= 16) != (db >= 16):
         raise ValueError("gate/up and down must be both quantized or both unquantized")
-    mats = {"gate_proj": (intermediate, hidden, group_gate_up, bits),
-            "up_proj": (intermediate, hidden, group_gate_up, bits),
-            "down_proj": (hidden, intermediate, group_down, db)}
+    mats = {
+        "gate_proj": (intermediate, hidden, group_gate_up, bits),
+        "up_proj": (intermediate, hidden, group_gate_up, bits),
+        "down_proj": (hidden, intermediate, group_down, db),
+    }
     parts = ("weight",) if bits >= 16 else ("weight", "scales") if mode == "mxfp4" else ("weight", "scales", "biases")
     # Gate and up adjacent per part, so gate_proj.X followed by up_proj.X is the fused [2I, ...] array.
     order = [(m, p) for p in parts for m in ("gate_proj", "up_proj")]
@@ -90,8 +103,11 @@ def expert_block_layout(hidden: int, intermediate: int, bits: int, group_gate_up
         if part == "bias":  # a plain float vector, whatever the weights' quantization
             comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype))
         else:
-            comps.append(Component(f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g,
-                                   mode if b < 16 else "affine"))
+            comps.append(
+                Component(
+                    f"{mat}.{part}", off, nbytes, shape, dtype, b, None if b >= 16 else g, mode if b < 16 else "affine"
+                )
+            )
         off += nbytes
     return comps, off
 
@@ -113,7 +129,7 @@ def check_header(raw: bytes, x: ExpertLayer, alignment: int, where: str) -> None
     """Raise unless the file header agrees with its manifest entry."""
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise PackError(f"{where}: not a moestream expert file (bad magic)")
-    _, ver, layer, n, a, off, stride, bb = HEADER.unpack(raw[:HEADER.size])
+    _, ver, layer, n, a, off, stride, bb = HEADER.unpack(raw[: HEADER.size])
     if ver not in READ_VERSIONS:  # main writes 1 (unchanged header); the gptoss branch wrote 2
         raise PackError(f"{where}: expert file version {ver}, expected one of {READ_VERSIONS}")
     if (layer, n, a, off, stride, bb) != (x.layer, x.num_experts, alignment, x.offset, x.stride, x.block_bytes):
@@ -127,8 +143,17 @@ class ExpertLayerWriter:
     (:meth:`finish`: every expert written, fsynced, renamed into place) or ``aborted``.
     """
 
-    def __init__(self, path: str | os.PathLike, layer: int, num_experts: int, components: list[Component],
-                 block_bytes: int, alignment: int, tier: int = 0, expert_ids: list[int] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layer: int,
+        num_experts: int,
+        components: list[Component],
+        block_bytes: int,
+        alignment: int,
+        tier: int = 0,
+        expert_ids: list[int] | None = None,
+    ):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.layer, self.num_experts, self.alignment = layer, num_experts, alignment
@@ -150,8 +175,9 @@ class ExpertLayerWriter:
         try:
             # Reserve the whole file now so a full disk fails here, not halfway through a layer.
             os.posix_fallocate(self._fd, 0, self.file_size)
-            header = pack_header(self.layer, self.num_experts, self.alignment, self.offset, self.stride,
-                                 self.block_bytes)
+            header = pack_header(
+                self.layer, self.num_experts, self.alignment, self.offset, self.stride, self.block_bytes
+            )
             os.pwrite(self._fd, header, 0)
         except BaseException:
             self.abort()
@@ -194,9 +220,19 @@ class ExpertLayerWriter:
         self._fd = -1
         os.replace(self.partial, self.path)
         self.state = "closed"
-        return ExpertLayer(self.layer, relname, self.offset, self.stride, self.block_bytes,
-                           self.num_experts, self.file_size, self.components, list(self._checksums), self.tier,
-                           None if self.expert_ids is None else list(self.expert_ids))
+        return ExpertLayer(
+            self.layer,
+            relname,
+            self.offset,
+            self.stride,
+            self.block_bytes,
+            self.num_experts,
+            self.file_size,
+            self.components,
+            list(self._checksums),
+            self.tier,
+            None if self.expert_ids is None else list(self.expert_ids),
+        )
 
     def abort(self) -> None:
         if self._fd >= 0:

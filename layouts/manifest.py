@@ -206,8 +206,10 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise PackError(f"{where}: not a moestream pack manifest (format={d.get('format')!r})")
         if d.get("version") not in READ_VERSIONS:
-            raise PackError(f"{where}: unsupported pack version {d.get('version')!r} "
-                            f"(this moestream reads versions {', '.join(map(str, READ_VERSIONS))})")
+            raise PackError(
+                f"{where}: unsupported pack version {d.get('version')!r} "
+                f"(this moestream reads versions {', '.join(map(str, READ_VERSIONS))})"
+            )
         try:
             d = dict(d)
             d["experts"] = [ExpertLayer.from_dict(x) for x in d["experts"]]
@@ -276,8 +278,9 @@ class Manifest:
         for layer in {x.layer for x in self.experts}:
             ids = sorted(e for x in self.experts if x.layer == layer for e in x.ids())
             if ids != list(range(self.num_experts)):
-                raise PackError(f"{where}: layer {layer}'s expert files do not hold experts 0..{self.num_experts - 1} "
-                                f"exactly once")
+                raise PackError(
+                    f"{where}: layer {layer}'s expert files do not hold experts 0..{self.num_experts - 1} exactly once"
+                )
         names = {r.file for r in self.resident_files}
         for k, t in self.resident_tensors.items():
             if t.file not in names:
@@ -285,10 +288,12 @@ class Manifest:
 
     def named_files(self) -> list[tuple[str, str]]:
         """Every path the manifest names, as (what it is, path relative to the pack folder)."""
-        return ([("expert file", x.file) for x in self.experts]
-                + [("resident file", r.file) for r in self.resident_files]
-                + [(f"resident tensor {k}'s file", t.file) for k, t in self.resident_tensors.items()]
-                + [("extra file", name) for name in self.extra_files])
+        return (
+            [("expert file", x.file) for x in self.experts]
+            + [("resident file", r.file) for r in self.resident_files]
+            + [(f"resident tensor {k}'s file", t.file) for k, t in self.resident_tensors.items()]
+            + [("extra file", name) for name in self.extra_files]
+        )
 
     def check_paths(self, where: str = MANIFEST_NAME, root: str | os.PathLike | None = None) -> None:
         """Every named file lies inside the pack folder: packs are shared and downloaded, and a manifest
@@ -311,7 +316,7 @@ class Manifest:
             if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
                 raise PackError(f"{bad}: absolute path (pack files must be named relative to the pack folder)")
             if ".." in PureWindowsPath(name).parts:
-                raise PackError(f"{bad}: leaves the pack folder (\"..\")")
+                raise PackError(f'{bad}: leaves the pack folder ("..")')
             if base is None:
                 continue
             try:

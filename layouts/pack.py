@@ -19,8 +19,13 @@ from .errors import PackError
 from .expert_file import HEADER, check_header, checksum
 from .manifest import ExpertLayer, Manifest
 
-NUMPY_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
-                 "float32": np.float32}
+NUMPY_STORAGE = {
+    "uint32": np.uint32,
+    "uint8": np.uint8,
+    "bfloat16": np.uint16,
+    "float16": np.float16,
+    "float32": np.float32,
+}
 CHUNK = 16 << 20
 
 
@@ -52,11 +57,13 @@ class Pack:
     def read_expert(self, layer: int, expert: int, out: np.ndarray | None = None) -> np.ndarray:
         """Expert ``expert`` of ``layer`` as its file's ``block_bytes`` raw bytes, in one positioned read."""
         if not 0 <= expert < self.manifest.num_experts:
-            raise PackError(f"{self.manifest.expert_layer(layer).file}: layer {layer} has no expert {expert} "
-                            f"({self.manifest.num_experts} experts)")
+            raise PackError(
+                f"{self.manifest.expert_layer(layer).file}: layer {layer} has no expert {expert} "
+                f"({self.manifest.num_experts} experts)"
+            )
         x, j = self.manifest.locate(layer, expert)
         buf = np.empty(x.block_bytes, np.uint8) if out is None or out.nbytes < x.block_bytes else out
-        got = os.preadv(self._fd(x), [memoryview(buf)[:x.block_bytes]], x.expert_offset(j))
+        got = os.preadv(self._fd(x), [memoryview(buf)[: x.block_bytes]], x.expert_offset(j))
         if got != x.block_bytes:
             raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.block_bytes} bytes)")
         return buf
@@ -134,7 +141,7 @@ def component_views(x: ExpertLayer, block: np.ndarray) -> dict[str, np.ndarray]:
     """Numpy views of a block's components by name (``gate_proj.weight``, ...)."""
     out = {}
     for c in x.components:
-        out[c.name] = block[c.offset:c.offset + c.nbytes].view(NUMPY_STORAGE[c.dtype]).reshape(c.shape)
+        out[c.name] = block[c.offset : c.offset + c.nbytes].view(NUMPY_STORAGE[c.dtype]).reshape(c.shape)
     return out
 
 
@@ -157,8 +164,10 @@ def open_pack(path: str | os.PathLike) -> Pack:
         size = f.stat().st_size
         if size != x.file_size:
             last = max(0, (size - x.offset) // x.stride)
-            raise PackError(f"{where}: {size} bytes, expected {x.file_size}: "
-                            f"expert {min(last, x.num_experts - 1)} and later lie past the end of the file")
+            raise PackError(
+                f"{where}: {size} bytes, expected {x.file_size}: "
+                f"expert {min(last, x.num_experts - 1)} and later lie past the end of the file"
+            )
         with open(f, "rb") as fh:
             check_header(fh.read(HEADER.size), x, m.alignment, where)
     for r in m.resident_files:

@@ -22,15 +22,39 @@ import numpy as np
 from .errors import SafetensorsError
 
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 # Safetensors dtype -> numpy dtype of the raw storage (bf16 and fp8 are kept as raw bits).
 STORAGE_NUMPY = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
-    "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -104,10 +128,12 @@ class SafetensorsReader:
             expect = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=np.int64))
             if hi - lo != expect:
                 raise SafetensorsError(
-                    f"{self.path}: tensor {name}: {hi - lo} bytes for {dtype}{list(shape)}, expected {expect}")
+                    f"{self.path}: tensor {name}: {hi - lo} bytes for {dtype}{list(shape)}, expected {expect}"
+                )
             if base + hi > self.size:
                 raise SafetensorsError(
-                    f"{self.path}: truncated: tensor {name} ends at byte {base + hi}, file has {self.size}")
+                    f"{self.path}: truncated: tensor {name} ends at byte {base + hi}, file has {self.size}"
+                )
             tensors[name] = TensorInfo(name, dtype, shape, base + lo, hi - lo)
         return raw, meta, tensors
 

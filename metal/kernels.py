@@ -80,8 +80,9 @@ def _grid(rows: int) -> tuple[int, int, int]:
     return (groups * 32 * SIMDGROUPS, 1, 1)
 
 
-def plan(h: int, i: int, k: int, gate_up: tuple[int, int], down: tuple[int, int], out_dtype: mx.Dtype,
-         weighted_sum: bool) -> tuple[Launch, Launch]:
+def plan(
+    h: int, i: int, k: int, gate_up: tuple[int, int], down: tuple[int, int], out_dtype: mx.Dtype, weighted_sum: bool
+) -> tuple[Launch, Launch]:
     """The two dispatches for K experts of hidden size H and intermediate size I.
 
     Args:
@@ -94,31 +95,71 @@ def plan(h: int, i: int, k: int, gate_up: tuple[int, int], down: tuple[int, int]
     if why:
         raise ValueError(f"Metal expert kernels: {why}")
     tg = (32 * SIMDGROUPS, 1, 1)
-    first = Launch("gate_up", GATE_UP_INPUTS, ("hmid",),
-                   (("BITS", gate_up[0]), ("GS", gate_up[1]), ("H", h), ("I", i), ("K", k), ("ROWS", ROWS)),
-                   _grid(k * i), tg, ((k, i),), (mx.float32,))
-    second = Launch("down", DOWN_INPUTS, ("y",),
-                    (("T", out_dtype), ("BITS", down[0]), ("GS", down[1]), ("H", h), ("I", i), ("K", k),
-                     ("ROWS", ROWS), ("SUM", int(weighted_sum))),  # int, not bool: MLX writes template bools as 1/0
-                    _grid(h), tg, ((h,) if weighted_sum else (k, h),), (out_dtype,))
+    first = Launch(
+        "gate_up",
+        GATE_UP_INPUTS,
+        ("hmid",),
+        (("BITS", gate_up[0]), ("GS", gate_up[1]), ("H", h), ("I", i), ("K", k), ("ROWS", ROWS)),
+        _grid(k * i),
+        tg,
+        ((k, i),),
+        (mx.float32,),
+    )
+    second = Launch(
+        "down",
+        DOWN_INPUTS,
+        ("y",),
+        (
+            ("T", out_dtype),
+            ("BITS", down[0]),
+            ("GS", down[1]),
+            ("H", h),
+            ("I", i),
+            ("K", k),
+            ("ROWS", ROWS),
+            ("SUM", int(weighted_sum)),
+        ),  # int, not bool: MLX writes template bools as 1/0
+        _grid(h),
+        tg,
+        ((h,) if weighted_sum else (k, h),),
+        (out_dtype,),
+    )
     return first, second
 
 
 @functools.lru_cache(maxsize=None)
 def _metal_kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    return mx.fast.metal_kernel(name=f"moestream_{name}", input_names=list(inputs), output_names=list(outputs),
-                                source=source(name), header=source("common"), ensure_row_contiguous=True)
+    return mx.fast.metal_kernel(
+        name=f"moestream_{name}",
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=source(name),
+        header=source("common"),
+        ensure_row_contiguous=True,
+    )
 
 
 def launch(spec: Launch, inputs: list[mx.array]) -> list[mx.array]:
     """Run one dispatch on the Metal device (the tests replace this with the emulator)."""
     kern = _metal_kernel(spec.kernel, spec.inputs, spec.outputs)
-    return kern(inputs=inputs, template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
-                output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))
+    return kern(
+        inputs=inputs,
+        template=list(spec.template),
+        grid=spec.grid,
+        threadgroup=spec.threadgroup,
+        output_shapes=list(spec.output_shapes),
+        output_dtypes=list(spec.output_dtypes),
+    )
 
 
-def routed_experts(x: mx.array, arrays: dict[str, mx.array], slots: mx.array, gate_up: tuple[int, int],
-                   down: tuple[int, int], weights: mx.array | None = None) -> mx.array:
+def routed_experts(
+    x: mx.array,
+    arrays: dict[str, mx.array],
+    slots: mx.array,
+    gate_up: tuple[int, int],
+    down: tuple[int, int],
+    weights: mx.array | None = None,
+) -> mx.array:
     """One token through K routed experts held in slab arrays.
 
     Args:
@@ -138,8 +179,19 @@ def routed_experts(x: mx.array, arrays: dict[str, mx.array], slots: mx.array, ga
     first, second = plan(h, i, k, gate_up, down, x.dtype, weights is not None)
     slots = slots.astype(mx.uint32).reshape(k)
     a = arrays
-    (hmid,) = launch(first, [x.reshape(h), a["gate_proj.weight"], a["up_proj.weight"], a["gate_proj.scales"],
-                             a["up_proj.scales"], a["gate_proj.biases"], a["up_proj.biases"], slots])
+    (hmid,) = launch(
+        first,
+        [
+            x.reshape(h),
+            a["gate_proj.weight"],
+            a["up_proj.weight"],
+            a["gate_proj.scales"],
+            a["up_proj.scales"],
+            a["gate_proj.biases"],
+            a["up_proj.biases"],
+            slots,
+        ],
+    )
     w = weights.astype(mx.float32).reshape(k) if weights is not None else mx.ones((k,), mx.float32)
     (y,) = launch(second, [hmid, a["down_proj.weight"], a["down_proj.scales"], a["down_proj.biases"], slots, w])
     return y

@@ -59,6 +59,7 @@ _CLIP_REFITS = 4
 
 # --------------------------------------------------------------------------- scalar helpers
 
+
 @njit(inline="always")
 def _round_bf16(x):
     """float32 -> the float32 value of the nearest bfloat16 (ties to even), MLX's NaN rule."""
@@ -166,6 +167,7 @@ def _mlx_scale_bias(w, row, off, group_size, n_bins):
 
 # --------------------------------------------------------------------------- kernels
 
+
 @njit(nogil=True, cache=True)
 def _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases):
     rows, cols = w.shape
@@ -183,8 +185,7 @@ def _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases):
             scale, bias, _, _ = _mlx_scale_bias(w, r, off, group_size, n_bins)
             s_r = _round_to(scale, sdt)
             b_r = _round_to(bias, sdt)
-            gw, gw2, ge2, gmax = _codes_and_error(
-                w, r, off, group_size, scale, bias, s_r, b_r, n_bins, codes)
+            gw, gw2, ge2, gmax = _codes_and_error(w, r, off, group_size, scale, bias, s_r, b_r, n_bins, codes)
             _pack_group(codes, group_size, bits, wq, r, g * words)
             scales[r, g] = s_r
             biases[r, g] = b_r
@@ -314,12 +315,14 @@ def _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, grid, refits, imp
             if _usable(best_s):
                 # Codes from the stored values themselves: rint((x - b_r) / s_r).
                 gw, gw2, ge2, gmax = _codes_and_error(
-                    w, r, off, group_size, best_s, best_b, best_s, best_b, n_bins, codes)
+                    w, r, off, group_size, best_s, best_b, best_s, best_b, n_bins, codes
+                )
             else:
                 # Degenerate group (a scale that underflows the dtype): keep rtn's choice,
                 # with MLX's codes.
                 gw, gw2, ge2, gmax = _codes_and_error(
-                    w, r, off, group_size, m_scale, m_bias, best_s, best_b, n_bins, codes)
+                    w, r, off, group_size, m_scale, m_bias, best_s, best_b, n_bins, codes
+                )
             _pack_group(codes, group_size, bits, wq, r, g * words)
             scales[r, g] = best_s
             biases[r, g] = best_b
@@ -358,6 +361,7 @@ def _dequant_kernel(wq, scales, biases, bits, group_size, out):
 
 # --------------------------------------------------------------------------- public API
 
+
 def _check(w: np.ndarray, bits: int, group_size: int, scale_dtype: str, method: str) -> np.ndarray:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -371,9 +375,7 @@ def _check(w: np.ndarray, bits: int, group_size: int, scale_dtype: str, method: 
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D [rows, cols], got shape {w.shape}")
     if w.shape[1] % group_size:
-        raise ValueError(
-            f"weight of shape {w.shape}: cols {w.shape[1]} is not a multiple of "
-            f"group_size {group_size}")
+        raise ValueError(f"weight of shape {w.shape}: cols {w.shape[1]} is not a multiple of group_size {group_size}")
     if w.dtype != np.float32 or not w.flags.c_contiguous:
         log.debug("copying %s %s weight to C-contiguous float32", w.shape, w.dtype)
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -435,8 +437,7 @@ def quantize_with_error(
     if method == "rtn":
         sw, sw2, se2, smax = _rtn_kernel(w, bits, group_size, sdt, wq, scales, biases)
     else:
-        sw, sw2, se2, smax = _clip_kernel(
-            w, bits, group_size, sdt, wq, scales, biases, _CLIP_GRID, _CLIP_REFITS, imp)
+        sw, sw2, se2, smax = _clip_kernel(w, bits, group_size, sdt, wq, scales, biases, _CLIP_GRID, _CLIP_REFITS, imp)
     stats = ErrorStats(count=w.size, sum_w=sw, sum_w2=sw2, sum_err2=se2, max_abs_err=smax)
     return wq, _to_storage(scales, scale_dtype), _to_storage(biases, scale_dtype), stats
 
@@ -524,11 +525,11 @@ def dequantize(
     b = _from_storage(biases, scale_dtype)
     rows = wq.shape[0]
     cols = s.shape[1] * group_size
-    if wq.ndim != 2 or wq.shape[1] * 32 != cols * bits or s.shape != (rows, cols // group_size) \
-            or b.shape != s.shape:
+    if wq.ndim != 2 or wq.shape[1] * 32 != cols * bits or s.shape != (rows, cols // group_size) or b.shape != s.shape:
         raise ValueError(
             f"inconsistent shapes: wq {wq.shape}, scales {s.shape}, biases {b.shape} "
-            f"for bits={bits}, group_size={group_size}")
+            f"for bits={bits}, group_size={group_size}"
+        )
     out = np.empty((rows, cols), dtype=np.float32)
     _dequant_kernel(wq, s, b, bits, group_size, out)
     return out

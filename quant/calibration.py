@@ -52,13 +52,24 @@ class Calibration:
     def expert_recorder(self, layer: int, num_experts: int, hidden: int, inter: int, full: str = "none"):
         """``full``: ``expert`` (per-expert matrices), ``pooled`` (one per layer) or ``none``."""
         p = f"experts.{layer}."
-        self.arrays.update({p + "gate_up": np.zeros((num_experts, hidden)), p + "down": np.zeros((num_experts, inter)),
-                            p + "count": np.zeros(num_experts)})
+        self.arrays.update(
+            {
+                p + "gate_up": np.zeros((num_experts, hidden)),
+                p + "down": np.zeros((num_experts, inter)),
+                p + "count": np.zeros(num_experts),
+            }
+        )
         if full == "expert":
-            self.arrays.update({p + "gate_up_cov": np.zeros((num_experts, hidden, hidden)),
-                                p + "down_cov": np.zeros((num_experts, inter, inter))})
+            self.arrays.update(
+                {
+                    p + "gate_up_cov": np.zeros((num_experts, hidden, hidden)),
+                    p + "down_cov": np.zeros((num_experts, inter, inter)),
+                }
+            )
         elif full == "pooled":
-            self.arrays.update({p + "gate_up_pcov": np.zeros((hidden, hidden)), p + "down_pcov": np.zeros((inter, inter))})
+            self.arrays.update(
+                {p + "gate_up_pcov": np.zeros((hidden, hidden)), p + "down_pcov": np.zeros((inter, inter))}
+            )
 
         def record(e: int, x: np.ndarray, mid: np.ndarray) -> None:
             x, mid = x.astype(np.float64), mid.astype(np.float64)
@@ -130,7 +141,7 @@ class Calibration:
         return a * own[expert] / n + (1 - a) * prior
 
     def _linear(self, tensor: str) -> tuple[str, float]:
-        base = tensor[:-len(".weight")] if tensor.endswith(".weight") else tensor
+        base = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
         n = self.arrays.get(f"linear.{base}.count")
         return f"linear.{base}.", float(n[0]) if n is not None else 0.0
 
@@ -148,7 +159,7 @@ class Calibration:
 
     @property
     def linear_names(self) -> list[str]:
-        return sorted({k[len("linear."):].rsplit(".", 1)[0] for k in self.arrays if k.startswith("linear.")})
+        return sorted({k[len("linear.") :].rsplit(".", 1)[0] for k in self.arrays if k.startswith("linear.")})
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -156,8 +167,11 @@ class Calibration:
 
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
-        save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}, str(tmp),
-                  metadata={"format": "moestream-calibration", "meta": json.dumps(self.meta)})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in self.arrays.items()},
+            str(tmp),
+            metadata={"format": "moestream-calibration", "meta": json.dumps(self.meta)},
+        )
         tmp.replace(path)
 
     @classmethod

@@ -164,8 +164,7 @@ SAFETENSORS_FLOAT_DTYPES = {
 }
 
 
-def decode_to_f32(raw: np.ndarray | bytes | bytearray | memoryview, dtype: str,
-                  shape: Sequence[int]) -> np.ndarray:
+def decode_to_f32(raw: np.ndarray | bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:
     """Decode a tensor's raw little-endian safetensors bytes into a float32 array.
 
     Args:
@@ -186,8 +185,7 @@ def decode_to_f32(raw: np.ndarray | bytes | bytearray | memoryview, dtype: str,
         itemsize, decode = SAFETENSORS_FLOAT_DTYPES[dtype]
     except KeyError:
         raise ValueError(
-            f"unsupported safetensors dtype {dtype!r}; expected one of "
-            f"{sorted(SAFETENSORS_FLOAT_DTYPES)}"
+            f"unsupported safetensors dtype {dtype!r}; expected one of {sorted(SAFETENSORS_FLOAT_DTYPES)}"
         ) from None
     if isinstance(raw, np.ndarray):
         buf = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
@@ -196,7 +194,6 @@ def decode_to_f32(raw: np.ndarray | bytes | bytearray | memoryview, dtype: str,
     count = math.prod(shape)
     if buf.size != count * itemsize:
         raise ValueError(
-            f"{buf.size} bytes cannot hold a {dtype} tensor of shape {tuple(shape)} "
-            f"({count * itemsize} bytes expected)"
+            f"{buf.size} bytes cannot hold a {dtype} tensor of shape {tuple(shape)} ({count * itemsize} bytes expected)"
         )
     return decode(buf).reshape(tuple(shape))

@@ -126,5 +126,7 @@ class ErrorStats:
         return cls(**kwargs)
 
     def __str__(self) -> str:
-        return (f"ErrorStats(n={self.count}, rel_rmse={self.rel_rmse:.4f}, "
-                f"snr={self.snr_db:.2f} dB, max_abs={self.max_abs_err:.3g})")
+        return (
+            f"ErrorStats(n={self.count}, rel_rmse={self.rel_rmse:.4f}, "
+            f"snr={self.snr_db:.2f} dB, max_abs={self.max_abs_err:.3g})"
+        )

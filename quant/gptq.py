@@ -45,8 +45,15 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     raise ValueError("GPTQ: the input second-moment matrix is not positive definite even after damping")
 
 
-def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, scale_dtype: str = "bfloat16",
-                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, ErrorStats]:
+def gptq_quantize(
+    w: np.ndarray,
+    h: np.ndarray,
+    bits: int,
+    group_size: int,
+    scale_dtype: str = "bfloat16",
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ErrorStats]:
     """GPTQ-quantize ``w`` [rows, cols] given ``h`` [cols, cols] = E[x x^T] of its inputs.
 
     Returns (wq, scales, biases, stats) as :func:`~moestream.quant.quantize_with_error` does; the
@@ -72,10 +79,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, scal
         for j in range(b0, b1):
             if j % group_size == 0:
                 g = j // group_size
-                grp = np.ascontiguousarray(work[:, j:j + group_size], np.float32)
-                imp = diag_h[j:j + group_size]
-                _, s, b = quantize(grp, bits, group_size, sdt, "clip",
-                                   importance=imp if imp.sum() > 0 else None)
+                grp = np.ascontiguousarray(work[:, j : j + group_size], np.float32)
+                imp = diag_h[j : j + group_size]
+                _, s, b = quantize(grp, bits, group_size, sdt, "clip", importance=imp if imp.sum() > 0 else None)
                 scales[:, g] = _from_storage(s, sdt)[:, 0]
                 biases[:, g] = _from_storage(b, sdt)[:, 0]
             g = j // group_size
@@ -87,13 +93,16 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, scal
             deq = (q.astype(np.float32) * s + b).astype(np.float64)  # as MLX dequantizes, in float32
             e = (work[:, j] - deq) / u[j, j]
             err[:, j - b0] = e
-            work[:, j + 1:b1] -= np.outer(e, u[j, j + 1:b1])
+            work[:, j + 1 : b1] -= np.outer(e, u[j, j + 1 : b1])
         work[:, b1:] -= err @ u[b0:b1, b1:]  # the block's errors, pushed onto the later columns at once
     wq = pack_codes(codes, bits)
     deq = codes.astype(np.float32) * np.repeat(scales, group_size, 1) + np.repeat(biases, group_size, 1)
     d = deq.astype(np.float64) - w0
-    stats = ErrorStats(count=w0.size, sum_w=float(w0.sum(dtype=np.float64)),
-                       sum_w2=float(np.square(w0, dtype=np.float64).sum()), sum_err2=float((d * d).sum()),
-                       max_abs_err=float(np.abs(d).max()))
+    stats = ErrorStats(
+        count=w0.size,
+        sum_w=float(w0.sum(dtype=np.float64)),
+        sum_w2=float(np.square(w0, dtype=np.float64).sum()),
+        sum_err2=float((d * d).sum()),
+        max_abs_err=float(np.abs(d).max()),
+    )
     return wq, _to_storage(scales, sdt), _to_storage(biases, sdt), stats
-

@@ -17,16 +17,39 @@ from pathlib import Path
 from .errors import ErrorStats
 
 REPORT_JSON, REPORT_CSV = "report.json", "report.csv"
-CSV_FIELDS = ["layer", "tensor", "kind", "bits", "group_size", "method", "params", "rmse", "rel_rmse",
-              "max_abs", "snr_db"]
+CSV_FIELDS = [
+    "layer",
+    "tensor",
+    "kind",
+    "bits",
+    "group_size",
+    "method",
+    "params",
+    "rmse",
+    "rel_rmse",
+    "max_abs",
+    "snr_db",
+]
 
 
-def report_row(layer: int | None, tensor: str, kind: str, bits: int, group_size: int | None, method: str,
-               stats: ErrorStats) -> dict:
+def report_row(
+    layer: int | None, tensor: str, kind: str, bits: int, group_size: int | None, method: str, stats: ErrorStats
+) -> dict:
     """One report row: identification, derived figures and the raw sums."""
-    return {"layer": layer, "tensor": tensor, "kind": kind, "bits": bits, "group_size": group_size,
-            "method": method, "params": stats.count, "rmse": stats.rmse, "rel_rmse": _finite(stats.rel_rmse),
-            "max_abs": stats.max_abs, "snr_db": _finite(stats.snr_db), "sums": stats.to_dict()}
+    return {
+        "layer": layer,
+        "tensor": tensor,
+        "kind": kind,
+        "bits": bits,
+        "group_size": group_size,
+        "method": method,
+        "params": stats.count,
+        "rmse": stats.rmse,
+        "rel_rmse": _finite(stats.rel_rmse),
+        "max_abs": stats.max_abs,
+        "snr_db": _finite(stats.snr_db),
+        "sums": stats.to_dict(),
+    }
 
 
 def _finite(x: float) -> float | None:
@@ -61,8 +84,13 @@ def build_report(rows: list[dict], meta: dict) -> dict:
 
 
 def _figures(s: ErrorStats) -> dict:
-    return {"params": s.count, "rmse": s.rmse, "rel_rmse": _finite(s.rel_rmse), "max_abs": s.max_abs,
-            "snr_db": _finite(s.snr_db)}
+    return {
+        "params": s.count,
+        "rmse": s.rmse,
+        "rel_rmse": _finite(s.rel_rmse),
+        "max_abs": s.max_abs,
+        "snr_db": _finite(s.snr_db),
+    }
 
 
 def write_report(pack: str | os.PathLike, rows: list[dict], meta: dict) -> dict:
@@ -88,6 +116,7 @@ def load_report(pack: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         from moestream.layouts.errors import PackError
+
         raise PackError(f"{path}: missing (not a pack, or one converted without a report)") from None
 
 
@@ -108,8 +137,13 @@ def format_comparison(reports: list[tuple[str, dict]], metric: str = "rel_rmse")
     keys.sort(key=lambda k: (k[0], k[1] != "experts", k[1]))
     w = max(12, *(len(n) for n in names))
     head = f"{'layer':>5}  {'kind':<22}" + "".join(f"{n:>{w + 2}}" for n in names)
-    lines = [f"per layer: {metric} (relative RMSE = RMSE / std of the weights)" if metric == "rel_rmse"
-             else f"per layer: {metric}", head, "-" * len(head)]
+    lines = [
+        f"per layer: {metric} (relative RMSE = RMSE / std of the weights)"
+        if metric == "rel_rmse"
+        else f"per layer: {metric}",
+        head,
+        "-" * len(head),
+    ]
     for k in keys:
         cells = "".join(f"{_fmt(t.get(k, {}).get(metric)):>{w + 2}}" for t in tables)
         lines.append(f"{k[0]:>5}  {k[1]:<22}" + cells)
@@ -138,8 +172,11 @@ def plot_comparison(reports: list[tuple[str, dict]], path: str | os.PathLike) ->
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, rep in reports:
-        pts = sorted((r["layer"], r["rel_rmse"]) for r in rep["per_layer"]
-                     if r["kind"] == "experts" and r["rel_rmse"] is not None)
+        pts = sorted(
+            (r["layer"], r["rel_rmse"])
+            for r in rep["per_layer"]
+            if r["kind"] == "experts" and r["rel_rmse"] is not None
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("layer")

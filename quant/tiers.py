@@ -32,8 +32,9 @@ class Width:
     def parse(cls, text: str) -> "Width":
         m = _WIDTH.match(text.strip())
         if not m:
-            raise ValueError(f"width {text!r}: expected BITSgGROUP with bits 2, 3, 4 or 8 and group 32, 64 "
-                             f"or 128 (e.g. 4g64)")
+            raise ValueError(
+                f"width {text!r}: expected BITSgGROUP with bits 2, 3, 4 or 8 and group 32, 64 or 128 (e.g. 4g64)"
+            )
         return cls(int(m.group(1)), int(m.group(2)))
 
     def __str__(self) -> str:
@@ -44,8 +45,13 @@ class Width:
         return self.bits + 2 * 8 * scale_bytes / self.group_size
 
 
-def allocate_widths(freq: dict[int, np.ndarray], err: dict[int, dict[Width, float]], widths: list[Width],
-                    budget: float, scale_bytes: int = 2) -> dict[int, list[Width]]:
+def allocate_widths(
+    freq: dict[int, np.ndarray],
+    err: dict[int, dict[Width, float]],
+    widths: list[Width],
+    budget: float,
+    scale_bytes: int = 2,
+) -> dict[int, list[Width]]:
     """Choose a width per expert.
 
     Args:
@@ -62,8 +68,9 @@ def allocate_widths(freq: dict[int, np.ndarray], err: dict[int, dict[Width, floa
     cost = {w: w.bits_per_weight(scale_bytes) for w in widths}
     order = sorted(widths, key=lambda w: cost[w])
     if cost[order[0]] > budget + 1e-9:
-        raise ValueError(f"budget {budget} bits per weight is below the narrowest width {order[0]} "
-                         f"({cost[order[0]]:.3f})")
+        raise ValueError(
+            f"budget {budget} bits per weight is below the narrowest width {order[0]} ({cost[order[0]]:.3f})"
+        )
     n = sum(len(f) for f in freq.values())
     choice = {layer: [order[0]] * len(f) for layer, f in freq.items()}
     spare = (budget - cost[order[0]]) * n

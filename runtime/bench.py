@@ -28,7 +28,6 @@ import numba
 import numpy as np
 
 from moestream.layouts import Manifest
-
 from moestream.runtime.generate import peak_rss
 from moestream.runtime.options import RuntimeOptions
 
@@ -78,7 +77,7 @@ def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int 
 
         def one(i: int) -> int:
             x, e = picks[i]
-            return os.preadv(dfds[x.file], [memoryview(bufs[i % threads])[:x.stride]], x.expert_offset(e))
+            return os.preadv(dfds[x.file], [memoryview(bufs[i % threads])[: x.stride]], x.expert_offset(e))
 
         with ThreadPoolExecutor(threads) as pool:
             t = time.perf_counter()
@@ -125,7 +124,7 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     t = time.perf_counter()
     logits = None
     for i in range(0, prompt_tokens, 512):  # prefill in chunks: each chunk reads its experts once
-        logits = model(prompt[:, i:i + 512], cache=cache)
+        logits = model(prompt[:, i : i + 512], cache=cache)
         mx.eval(logits, [c.state for c in cache])
     tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
     mx.eval(tok)
@@ -144,20 +143,38 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     b2 = store.stats.bytes_read if store else 0
     total = sum(times)
     n = (store.stats.hits - h0 + store.stats.misses - m0) if store else 0
-    return {"prompt_tokens": prompt_tokens, "prompt_tps": prompt_tokens / ttft, "ttft_s": ttft,
-            "gen_tokens": gen_tokens, "decode_tps": gen_tokens / total,
-            "token_ms_p50": 1e3 * float(np.percentile(times, 50)), "token_ms_p99": 1e3 * float(np.percentile(times, 99)),
-            "prefill_bytes": b1 - b0, "bytes_per_token": (b2 - b1) / gen_tokens,
-            "read_gbps": (b2 - b1) / total / 1e9, "hit_rate": (store.stats.hits - h0) / n if n else 0.0,
-            "read_ahead_per_token": (store.stats.ahead - a1) / gen_tokens if store else 0.0,
-            "page_hits_per_token": (store.stats.page_hits - p1) / gen_tokens if store else 0.0,
-            "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0,
-            "prefill_ring_slots": ring.capacity if ring else 0, "prefill_guessed": g1[0] - g0[0],
-            "prefill_guess_hits": g1[1] - g0[1], "prefill_wasted_reads": g1[2] - g0[2]}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "prompt_tps": prompt_tokens / ttft,
+        "ttft_s": ttft,
+        "gen_tokens": gen_tokens,
+        "decode_tps": gen_tokens / total,
+        "token_ms_p50": 1e3 * float(np.percentile(times, 50)),
+        "token_ms_p99": 1e3 * float(np.percentile(times, 99)),
+        "prefill_bytes": b1 - b0,
+        "bytes_per_token": (b2 - b1) / gen_tokens,
+        "read_gbps": (b2 - b1) / total / 1e9,
+        "hit_rate": (store.stats.hits - h0) / n if n else 0.0,
+        "read_ahead_per_token": (store.stats.ahead - a1) / gen_tokens if store else 0.0,
+        "page_hits_per_token": (store.stats.page_hits - p1) / gen_tokens if store else 0.0,
+        "read_ahead_hit_rate": ((store.stats.ahead_hits - ah1) / max(1, store.stats.misses - m1)) if store else 0.0,
+        "prefill_ring_slots": ring.capacity if ring else 0,
+        "prefill_guessed": g1[0] - g0[0],
+        "prefill_guess_hits": g1[1] - g0[1],
+        "prefill_wasted_reads": g1[2] - g0[2],
+    }
 
 
-def bench(pack: str | Path, options: RuntimeOptions | None = None, *, prompt_tokens: int = 512,
-          gen_tokens: int = 128, repeat: int = 1, baselines: bool = True, **changes) -> dict:
+def bench(
+    pack: str | Path,
+    options: RuntimeOptions | None = None,
+    *,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    repeat: int = 1,
+    baselines: bool = True,
+    **changes,
+) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them).
 
     ``options`` (and ``changes`` to it, as in :func:`~moestream.runtime.load`) say how the pack runs;
@@ -173,9 +190,18 @@ def bench(pack: str | Path, options: RuntimeOptions | None = None, *, prompt_tok
     vocab = int(m.config.get("vocab_size", 1000))
     rt = load(pack, opts, tokenizer=False)
     nthreads = rt.store._pool._max_workers
-    out: dict = {"pack": str(pack), "cache": cache, "k": k, "threads": nthreads, "synthetic": m.synthetic,
-                 "verify": verify, "repeat": repeat,
-                 "numba_threads": numba.get_num_threads(), "cpu_kernels": rt.cpu_kernels, "kernels": kernels}
+    out: dict = {
+        "pack": str(pack),
+        "cache": cache,
+        "k": k,
+        "threads": nthreads,
+        "synthetic": m.synthetic,
+        "verify": verify,
+        "repeat": repeat,
+        "numba_threads": numba.get_num_threads(),
+        "cpu_kernels": rt.cpu_kernels,
+        "kernels": kernels,
+    }
     expert_bytes = m.expert_bytes_per_token(k)  # tiered packs: as if routing were uniform
     res_bytes = resident_bytes_per_token(m)
     reads = max(64, 4 * k * len(m.moe_layers()))
@@ -191,10 +217,16 @@ def bench(pack: str | Path, options: RuntimeOptions | None = None, *, prompt_tok
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
     finally:
         rt.close()
-    mem1, raw1 = (memory_bandwidth() / 1e9,
-                  read_bandwidth(pack, m, reads=reads, threads=nthreads, seed=1, direct=direct) / 1e9)
-    out.update(mem_gbps=(mem0 + mem1) / 2, raw_read_gbps=(raw0 + raw1) / 2, mem_gbps_probes=[mem0, mem1],
-               raw_read_gbps_probes=[raw0, raw1])
+    mem1, raw1 = (
+        memory_bandwidth() / 1e9,
+        read_bandwidth(pack, m, reads=reads, threads=nthreads, seed=1, direct=direct) / 1e9,
+    )
+    out.update(
+        mem_gbps=(mem0 + mem1) / 2,
+        raw_read_gbps=(raw0 + raw1) / 2,
+        mem_gbps_probes=[mem0, mem1],
+        raw_read_gbps_probes=[raw0, raw1],
+    )
     best = max(runs, key=lambda r: r["decode_tps"])
     out.update(best)
     out["peak_rss_bytes"] = peak_rss()
@@ -204,11 +236,19 @@ def bench(pack: str | Path, options: RuntimeOptions | None = None, *, prompt_tok
         expert_bytes = best["bytes_per_token"]
     t_io = expert_bytes / (out["raw_read_gbps"] * 1e9)
     t_mem = res_bytes / (out["mem_gbps"] * 1e9)
-    out.update(expert_bytes_per_token=expert_bytes, resident_bytes_per_token=res_bytes, t_io_ms=1e3 * t_io,
-               t_mem_ms=1e3 * t_mem, cold_roofline_tps=1 / (t_io + t_mem),
-               warm_roofline_tps=out["mem_gbps"] * 1e9 / (expert_bytes + res_bytes))
-    out["roofline_fraction"] = out["decode_tps"] / (out["cold_roofline_tps"] if best["hit_rate"] < 0.5 and
-                                                    cache not in ("os", "os-map") else out["warm_roofline_tps"])
+    out.update(
+        expert_bytes_per_token=expert_bytes,
+        resident_bytes_per_token=res_bytes,
+        t_io_ms=1e3 * t_io,
+        t_mem_ms=1e3 * t_mem,
+        cold_roofline_tps=1 / (t_io + t_mem),
+        warm_roofline_tps=out["mem_gbps"] * 1e9 / (expert_bytes + res_bytes),
+    )
+    out["roofline_fraction"] = out["decode_tps"] / (
+        out["cold_roofline_tps"]
+        if best["hit_rate"] < 0.5 and cache not in ("os", "os-map")
+        else out["warm_roofline_tps"]
+    )
     out["cold_roofline_fraction"] = out["decode_tps"] * (t_io + t_mem)
     if baselines:
         out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
@@ -224,8 +264,9 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
         # Cold runs compare with mmap whose pages are dropped after use (a model beyond RAM); others
         # with plain mmap, where the page cache keeps what it can.
         policy = "mmap-none" if out["cache"] == "none" else "mmap"
-        base[f"naive_{policy.replace('-', '_')}"] = _mmap_baseline(pack, m, prompt_tokens, gen_tokens,
-                                                                   experts_per_token, vocab, policy)
+        base[f"naive_{policy.replace('-', '_')}"] = _mmap_baseline(
+            pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, policy
+        )
     all_experts = sum(x.file_size for x in m.experts)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if all_experts > ram // 3:
@@ -233,15 +274,25 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
         return base
     gc.collect()
     # Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first.
-    rt = load(pack, cache=f"lru:{all_experts + (1 << 20)}", experts_per_token=experts_per_token, tokenizer=False,
-              kernels=out["kernels"])
+    rt = load(
+        pack,
+        cache=f"lru:{all_experts + (1 << 20)}",
+        experts_per_token=experts_per_token,
+        tokenizer=False,
+        kernels=out["kernels"],
+    )
     try:
         rt.store.prefetch_all()
         decode_run(rt.model, rt.store, prompt_tokens, 8, vocab, seed=7, rt=rt)
         # the best of as many runs as the run itself had (--repeat): on a noisy machine a single
         # baseline run against the best of several would flatter the ratio
-        r = max((decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=i, rt=rt)
-                 for i in range(out.get("repeat", 1))), key=lambda x: x["decode_tps"])
+        r = max(
+            (
+                decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=i, rt=rt)
+                for i in range(out.get("repeat", 1))
+            ),
+            key=lambda x: x["decode_tps"],
+        )
     finally:
         rt.close()
     base["resident"] = r
@@ -251,6 +302,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
     p.close()
     if experts_per_token:
         from moestream.runtime.model.blocks import moe_blocks, set_experts_per_token
+
         for mlp in moe_blocks(model).values():
             set_experts_per_token(mlp, experts_per_token)
     decode_run(model, None, 16, 2, vocab, seed=7)
@@ -283,7 +335,8 @@ def format_bench(r: dict) -> str:
         f"{'' if r.get('verify', True) else 'checksums off, '}{'O_DIRECT reads, ' if r.get('direct_io') else ''}"
         f"{r['threads']} reader threads, {r['numba_threads']} compute threads)",
         f"prompt: {r['prompt_tokens']} tokens at {r['prompt_tps']:.2f} tok/s (time to first token {r['ttft_s']:.2f} s)",
-        f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, p99 {r['token_ms_p99']:.1f} ms); "
+        f"decode: {r['decode_tps']:.3f} tok/s (per token p50 {r['token_ms_p50']:.1f} ms, "
+        f"p99 {r['token_ms_p99']:.1f} ms); "
         f"{r['bytes_per_token'] / 1e6:.1f} MB of experts read per token, {r['read_gbps']:.2f} GB/s; "
         f"hit rate {r['hit_rate']:.1%}; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
         f"limits measured now (before, after): raw cold read {r['raw_read_gbps']:.2f} GB/s "
@@ -298,15 +351,23 @@ def format_bench(r: dict) -> str:
     if r.get("page_hits_per_token"):
         lines.insert(3, f"page cache: {r['page_hits_per_token']:.1f} experts per token computed in place (os-map)")
     if r.get("read_ahead_per_token"):
-        lines.insert(3, f"read-ahead: {r['read_ahead_per_token']:.1f} experts guessed per token, "
-                        f"{r['read_ahead_hit_rate']:.1%} of routed experts already read or in flight when routed")
+        lines.insert(
+            3,
+            f"read-ahead: {r['read_ahead_per_token']:.1f} experts guessed per token, "
+            f"{r['read_ahead_hit_rate']:.1%} of routed experts already read or in flight when routed",
+        )
     if r.get("prefill_guessed"):
-        lines.insert(2, f"prefill ring ({r['prefill_ring_slots']} slots): {r['prefill_guessed']} experts guessed at "
-                        f"layer entries, {r['prefill_guess_hits'] / r['prefill_guessed']:.1%} of them routed; "
-                        f"{r['prefill_wasted_reads']} wrong guesses read")
+        lines.insert(
+            2,
+            f"prefill ring ({r['prefill_ring_slots']} slots): {r['prefill_guessed']} experts guessed at "
+            f"layer entries, {r['prefill_guess_hits'] / r['prefill_guessed']:.1%} of them routed; "
+            f"{r['prefill_wasted_reads']} wrong guesses read",
+        )
     for name, b in r.get("baselines", {}).items():
-        lines.append(f"baseline {name}: decode {b['decode_tps']:.3f} tok/s, prompt {b['prompt_tps']:.2f} tok/s -> "
-                     f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "
-                     f"{r['prompt_tps'] / b['prompt_tps']:.2f}x its prefill")
+        lines.append(
+            f"baseline {name}: decode {b['decode_tps']:.3f} tok/s, prompt {b['prompt_tps']:.2f} tok/s -> "
+            f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "
+            f"{r['prompt_tps'] / b['prompt_tps']:.2f}x its prefill"
+        )
     lines.append(f"prefill / decode speed: {r['prompt_tps'] / r['decode_tps']:.1f}x")
     return "\n".join(lines)

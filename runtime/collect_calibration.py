@@ -19,8 +19,9 @@ from moestream.quant.calibration import Calibration
 log = logging.getLogger(__name__)
 
 
-def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int = 512,
-              matrix_bytes: int = 1 << 30) -> Calibration:
+def calibrate(
+    pack: str | Path, text: str, max_tokens: int = 4096, window: int = 512, matrix_bytes: int = 1 << 30
+) -> Calibration:
     """Run ``text`` (its first ``max_tokens`` tokens, in independent windows) through the pack.
 
     ``matrix_bytes``: budget for full second-moment matrices (GPTQ's input), per expert if they all
@@ -28,8 +29,8 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
     """
     from moestream.runtime.cpu import kernels as cpu_kernels
     from moestream.runtime.model.blocks import get_switch, moe_blocks
-    from moestream.runtime.model.runtime import load
     from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
+    from moestream.runtime.model.runtime import load
 
     rt = load(pack, kernels="numba")
     int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products
@@ -38,17 +39,26 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
             raise PackError(f"{pack}: calibrate needs a quantized pack (an 8-bit one is closest to the source)")
         m = rt.pack.manifest
         blocks = moe_blocks(rt.model)
-        dims = {i: (m.expert_layer(i).component("down_proj.weight").shape[0],
-                    m.expert_layer(i).component("gate_proj.weight").shape[0]) for i in blocks}
+        dims = {
+            i: (
+                m.expert_layer(i).component("down_proj.weight").shape[0],
+                m.expert_layer(i).component("gate_proj.weight").shape[0],
+            )
+            for i in blocks
+        }
         pooled = sum(8 * (h * h + n * n) for h, n in dims.values())
         full = "expert" if pooled * m.num_experts <= matrix_bytes else "pooled" if pooled <= matrix_bytes else "none"
         left = matrix_bytes - {"expert": pooled * m.num_experts, "pooled": pooled, "none": 0}[full]
-        linears = {name.replace(".inner.", "."): mod for name, mod in rt.model.named_modules()
-                   if isinstance(mod, CpuQuantizedLinear)}  # pack names carry no wrapper segments
+        linears = {
+            name.replace(".inner.", "."): mod
+            for name, mod in rt.model.named_modules()
+            if isinstance(mod, CpuQuantizedLinear)
+        }  # pack names carry no wrapper segments
         widths = {k: int(mod.inner["weight"].shape[-1]) * 32 // mod.inner.bits for k, mod in linears.items()}
         full_linears = sum(8 * w * w for w in widths.values()) <= left
-        cal = Calibration(meta={"pack": str(pack), "window": window, "expert_matrices": full,
-                                "linear_matrices": full_linears})
+        cal = Calibration(
+            meta={"pack": str(pack), "window": window, "expert_matrices": full, "linear_matrices": full_linears}
+        )
         for layer, mlp in blocks.items():
             get_switch(mlp).recorder = cal.expert_recorder(layer, m.num_experts, *dims[layer], full=full)
         for name, mod in linears.items():
@@ -59,10 +69,15 @@ def calibrate(pack: str | Path, text: str, max_tokens: int = 4096, window: int =
         from tqdm import tqdm
 
         for i in tqdm(range(0, len(ids), window), desc="calibrate", unit="window", leave=False):
-            mx.eval(rt.model(mx.array(ids[i:i + window])[None]))
+            mx.eval(rt.model(mx.array(ids[i : i + window])[None]))
         cal.meta["tokens"] = len(ids)
-        log.info("calibrated on %d tokens: %d MoE layers (%s matrices), %d linears", len(ids), len(blocks), full,
-                 len(linears))
+        log.info(
+            "calibrated on %d tokens: %d MoE layers (%s matrices), %d linears",
+            len(ids),
+            len(blocks),
+            full,
+            len(linears),
+        )
         return cal
     finally:
         cpu_kernels.INT8_ACTIVATIONS = int8

@@ -56,8 +56,9 @@ def load_reference(path: str | Path, backend: str = "mlx"):
         model, _ = load_model(path, model_config=config)
     except (TypeError, KeyError, ValueError) as e:  # ModelArgs or the weights refused
         raise PackError(f"{path}: mlx-lm cannot load this reference ({type(e).__name__}: {e})") from None
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
     return model
 
 
@@ -74,8 +75,14 @@ def _transformers_reference(path: Path):
     return run
 
 
-def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int | None = 2048,
-             window: int = 512, reference_backend: str = "mlx") -> dict:
+def evaluate(
+    rt,
+    text: str,
+    reference: str | Path | None = None,
+    max_tokens: int | None = 2048,
+    window: int = 512,
+    reference_backend: str = "mlx",
+) -> dict:
     """Perplexity (and KL vs ``reference``) of ``rt`` (from :func:`moestream.runtime.load`) on ``text``.
 
     Returns:
@@ -85,7 +92,7 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
     ids = rt.tokenizer.encode(text)
     if max_tokens:
         ids = ids[:max_tokens]
-    wins = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+    wins = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     if not wins:
         raise PackError("eval: the text has fewer than 2 tokens")
     ref = load_reference(reference, reference_backend) if reference else None
@@ -115,13 +122,19 @@ def evaluate(rt, text: str, reference: str | Path | None = None, max_tokens: int
         x = m.expert_layer(m.moe_layers()[0])
         params = 3 * x.component("gate_proj.weight").shape[0] * x.component("down_proj.weight").shape[0]
         k = next(iter(trace.layers.values())).shape[-1]
-        out["expert_read_bits_per_weight"] = 8 * routed_bytes_per_token(trace.layers, m, padded=False) / (
-            params * k * len(trace.layers))
+        out["expert_read_bits_per_weight"] = (
+            8 * routed_bytes_per_token(trace.layers, m, padded=False) / (params * k * len(trace.layers))
+        )
     if ref is not None:
         kl = np.concatenate(kls)
-        out.update(reference=str(reference), ref_ppl=float(np.exp(ref_nll / n)), kl_mean=float(kl.mean()),
-                   kl_median=float(np.median(kl)), kl_p99=float(np.percentile(kl, 99)),
-                   top1_agreement=float(np.concatenate(agree).mean()))
+        out.update(
+            reference=str(reference),
+            ref_ppl=float(np.exp(ref_nll / n)),
+            kl_mean=float(kl.mean()),
+            kl_median=float(np.median(kl)),
+            kl_p99=float(np.percentile(kl, 99)),
+            top1_agreement=float(np.concatenate(agree).mean()),
+        )
     return out
 
 
@@ -140,13 +153,17 @@ def _routing_trace(rt):
 def format_eval(res: dict) -> str:
     s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']})"
     if "expert_bytes_per_token" in res:
-        s += (f"\nexperts: {res['expert_bits_per_weight']:.3f} bits per weight stored, "
-              f"{res['expert_read_bits_per_weight']:.3f} per weight read; {res['expert_bytes_per_token'] / 1e6:.3f} MB "
-              f"read per token (routed blocks with their padding, cache misses)")
+        s += (
+            f"\nexperts: {res['expert_bits_per_weight']:.3f} bits per weight stored, "
+            f"{res['expert_read_bits_per_weight']:.3f} per weight read; {res['expert_bytes_per_token'] / 1e6:.3f} MB "
+            f"read per token (routed blocks with their padding, cache misses)"
+        )
     if "kl_mean" in res:
-        s += (f"\nreference {res['reference']}: perplexity {res['ref_ppl']:.4f}\n"
-              f"KL(reference || pack): mean {res['kl_mean']:.4f}, median {res['kl_median']:.4f}, "
-              f"p99 {res['kl_p99']:.3f}; top-1 agreement {res['top1_agreement']:.1%}")
+        s += (
+            f"\nreference {res['reference']}: perplexity {res['ref_ppl']:.4f}\n"
+            f"KL(reference || pack): mean {res['kl_mean']:.4f}, median {res['kl_median']:.4f}, "
+            f"p99 {res['kl_p99']:.3f}; top-1 agreement {res['top1_agreement']:.1%}"
+        )
     return s
 
 

@@ -46,8 +46,9 @@ class Chunk:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-def build_prompt(rt: Runtime, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False,
-                 think: bool = True) -> list[int]:
+def build_prompt(
+    rt: Runtime, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False, think: bool = True
+) -> list[int]:
     """Token ids: the chat template applied to ``messages`` (or one user ``prompt``), or raw text."""
     tok = rt.tokenizer
     if raw:
@@ -74,9 +75,20 @@ def peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def generate(rt: Runtime, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
-             temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
-             stop: tuple[str, ...] = (), raw: bool = False, think: bool = True) -> Iterator[Chunk]:
+def generate(
+    rt: Runtime,
+    prompt: str | None = None,
+    *,
+    messages: list[dict] | None = None,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    raw: bool = False,
+    think: bool = True,
+) -> Iterator[Chunk]:
     """Stream generated text; the last chunk carries the final statistics.
 
     Args:
@@ -121,8 +133,8 @@ def _stream(rt, ids, max_tokens, sampler, stop, stats, st, start_bytes, h0, m0, 
             pending, stats.finish_reason = pending[:cut], "stop"
             break
         if hold and len(pending) >= hold:
-            yield Chunk(pending[:-hold + 1] if hold > 1 else pending, r.token, stats)
-            pending = pending[-hold + 1:] if hold > 1 else ""
+            yield Chunk(pending[: -hold + 1] if hold > 1 else pending, r.token, stats)
+            pending = pending[-hold + 1 :] if hold > 1 else ""
         elif not hold:
             yield Chunk(pending, r.token, stats)
             pending = ""

@@ -252,28 +252,29 @@ def _mtp_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     }
     for j in range(t.get("mtp_num_hidden_layers", 1) or 1):
         p = f"mtp.layers.{j}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (2 * nh * hd, h),
-            p + "self_attn.k_proj.weight": (nkv * hd, h),
-            p + "self_attn.v_proj.weight": (nkv * hd, h),
-            p + "self_attn.o_proj.weight": (h, nh * hd),
-            p + "self_attn.q_norm.weight": (hd,),
-            p + "self_attn.k_norm.weight": (hd,),
-            p + "mlp.gate.weight": (e, h),
-            p + "mlp.experts.gate_up_proj": (e, 2 * i, h),
-            p + "mlp.experts.down_proj": (e, h, i),
-            p + "mlp.shared_expert.gate_proj.weight": (s, h),
-            p + "mlp.shared_expert.up_proj.weight": (s, h),
-            p + "mlp.shared_expert.down_proj.weight": (h, s),
-            p + "mlp.shared_expert_gate.weight": (1, h),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (2 * nh * hd, h),
+                p + "self_attn.k_proj.weight": (nkv * hd, h),
+                p + "self_attn.v_proj.weight": (nkv * hd, h),
+                p + "self_attn.o_proj.weight": (h, nh * hd),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+                p + "mlp.gate.weight": (e, h),
+                p + "mlp.experts.gate_up_proj": (e, 2 * i, h),
+                p + "mlp.experts.down_proj": (e, h, i),
+                p + "mlp.shared_expert.gate_proj.weight": (s, h),
+                p + "mlp.shared_expert.up_proj.weight": (s, h),
+                p + "mlp.shared_expert.down_proj.weight": (h, s),
+                p + "mlp.shared_expert_gate.weight": (1, h),
+            }
+        )
     gen = torch.Generator().manual_seed(10_000 + seed)
     std = t.get("initializer_range", 0.02)
     return {
-        k: torch.randn(shape, generator=gen) * (0.1 if len(shape) == 1 else std)
-        for k, shape in sorted(shapes.items())
+        k: torch.randn(shape, generator=gen) * (0.1 if len(shape) == 1 else std) for k, shape in sorted(shapes.items())
     }
 
 
@@ -293,8 +294,7 @@ def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -
     if not 1 <= shards <= len(keys):
         raise ValueError(f"shards must be in 1..{len(keys)}")
     if shards == 1:
-        save_file({k: tensors[k].contiguous() for k in keys}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file({k: tensors[k].contiguous() for k in keys}, folder / "model.safetensors", metadata={"format": "pt"})
         return
     sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
     total = sum(sizes)
@@ -330,8 +330,9 @@ def _with_tokenizer_vocab(tokenizer: bool, overrides: dict) -> dict:
     return overrides
 
 
-def save_transformers(tmp, dtype: str = "float32", shards: int = 1, seed: int = 0,
-                      tokenizer: bool = False, **config_overrides) -> Path:
+def save_transformers(
+    tmp, dtype: str = "float32", shards: int = 1, seed: int = 0, tokenizer: bool = False, **config_overrides
+) -> Path:
     """Build the tiny model with transformers and ``save_pretrained`` it.
 
     What transformers 5.23 writes: per-expert 2-D experts
@@ -393,8 +394,15 @@ def _max_shard_size_for(model, shards: int) -> int:
     return lo
 
 
-def save_hub_fused(tmp, dtype: str = "bfloat16", shards: int = 2, seed: int = 0, mtp: bool = True,
-                   tokenizer: bool = False, **config_overrides) -> Path:
+def save_hub_fused(
+    tmp,
+    dtype: str = "bfloat16",
+    shards: int = 2,
+    seed: int = 0,
+    mtp: bool = True,
+    tokenizer: bool = False,
+    **config_overrides,
+) -> Path:
     """The layout of the official BF16 hub releases (and of ``TRAINED_TINY``).
 
     The tensors are the transformers model's in-memory ``state_dict()`` unchanged: its experts
@@ -457,14 +465,27 @@ def _not_converted(config: dict, keys) -> list[str]:
     mods = {"lm_head", "model.language_model.embed_tokens"}
     for key in keys:
         mod = key.rsplit(".", 1)[0]
-        if key.startswith("model.visual.") and key.endswith(".weight") and (
-            ".attn." in key or ".mlp." in key or ".merger.linear" in key or "patch_embed" in key
-            or "pos_embed" in key
+        if (
+            key.startswith("model.visual.")
+            and key.endswith(".weight")
+            and (
+                ".attn." in key
+                or ".mlp." in key
+                or ".merger.linear" in key
+                or "patch_embed" in key
+                or "pos_embed" in key
+            )
         ):
             mods.add(mod)
-        elif key.endswith((".linear_attn.conv1d.weight", ".linear_attn.in_proj_a.weight",
-                           ".linear_attn.in_proj_b.weight", ".mlp.gate.weight",
-                           ".mlp.shared_expert_gate.weight")):
+        elif key.endswith(
+            (
+                ".linear_attn.conv1d.weight",
+                ".linear_attn.in_proj_a.weight",
+                ".linear_attn.in_proj_b.weight",
+                ".mlp.gate.weight",
+                ".mlp.shared_expert_gate.weight",
+            )
+        ):
             mods.add(mod)
         elif key == "mtp.fc.weight":
             mods.add(mod)
@@ -504,8 +525,15 @@ def fp8_dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block=FP8_BLOCK) 
     return fp8.float() * scale[:rows, :cols]
 
 
-def save_hub_fp8(tmp, seed: int = 0, shards: int = 2, mtp: bool = True, scale_dtype: str = "float32",
-                 tokenizer: bool = False, **config_overrides) -> Path:
+def save_hub_fp8(
+    tmp,
+    seed: int = 0,
+    shards: int = 2,
+    mtp: bool = True,
+    scale_dtype: str = "float32",
+    tokenizer: bool = False,
+    **config_overrides,
+) -> Path:
     """The layout of the official FP8 release (Qwen3.5-397B-A17B-FP8 style).
 
     From the float32 model (and mtp block) of ``seed``, with fused experts split per expert
@@ -551,11 +579,16 @@ def save_hub_fp8(tmp, seed: int = 0, shards: int = 2, mtp: bool = True, scale_dt
     try:
         for key, value in source.items():
             module = key[: -len(".weight")] if key.endswith(".weight") else None
-            quantize = (module is not None and value.ndim == 2 and module not in skip
-                        and key.startswith(("model.language_model.", "mtp.")))
+            quantize = (
+                module is not None
+                and value.ndim == 2
+                and module not in skip
+                and key.startswith(("model.language_model.", "mtp."))
+            )
             if quantize:
                 tensors[key], tensors[module + ".weight_scale_inv"] = fp8_quantize(
-                    value, FP8_BLOCK, _DTYPES[scale_dtype])
+                    value, FP8_BLOCK, _DTYPES[scale_dtype]
+                )
             else:
                 tensors[key] = value.to(torch.bfloat16)
     finally:
@@ -580,6 +613,8 @@ def save_hub_fp8(tmp, seed: int = 0, shards: int = 2, mtp: bool = True, scale_dt
 # tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
 def add_tokenizer(folder) -> None:
     """Give a checkpoint folder a tokenizer: tokenizer.json, tokenizer_config.json,
     chat_template.jinja, generation_config.json.
@@ -605,8 +640,10 @@ def add_tokenizer(folder) -> None:
         write_byte_tokenizer(folder)
     n = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
     if n > vocab_size:
-        raise ValueError(f"tokenizer has {n} ids but the model's vocab_size is {vocab_size}: "
-                         f"build with vocab_size={TOKENIZER_VOCAB_SIZE}")
+        raise ValueError(
+            f"tokenizer has {n} ids but the model's vocab_size is {vocab_size}: "
+            f"build with vocab_size={TOKENIZER_VOCAB_SIZE}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from moestream.runtime.cpu.threads import prefer_passive_wait
 # numba's OpenMP workers wait passively (the CLI does the same): before torch or mlx-lm load libgomp.
 prefer_passive_wait()
 
-import pytest
+import pytest  # noqa: E402 (after the wait policy is set)
 
 TRAINED_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny-qwen3_5-moe"
 
@@ -70,4 +70,3 @@ def float_kernels(monkeypatch):
     from moestream.runtime.cpu import kernels as cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
-

@@ -30,15 +30,26 @@ SHIM = Path(__file__).resolve().parent / "metal_shim"
 
 # MLX's list (mlx/backend/common/metal_kernel.cpp): attribute name -> type, in signature order.
 ATTRIBUTES = [
-    ("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgroups_per_threadgroup", "uint"),
-    ("dispatch_threads_per_threadgroup", "uint3"), ("grid_origin", "uint3"), ("grid_size", "uint3"),
-    ("quadgroup_index_in_threadgroup", "uint"), ("quadgroups_per_threadgroup", "uint"),
-    ("simdgroup_index_in_threadgroup", "uint"), ("simdgroups_per_threadgroup", "uint"),
-    ("thread_execution_width", "uint"), ("thread_index_in_quadgroup", "uint"),
-    ("thread_index_in_simdgroup", "uint"), ("thread_index_in_threadgroup", "uint"),
-    ("thread_position_in_grid", "uint3"), ("thread_position_in_threadgroup", "uint3"),
-    ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3"),
-    ("threads_per_grid", "uint3"), ("threads_per_simdgroup", "uint"), ("threads_per_threadgroup", "uint3"),
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
 ]
 EMULATED = {name for name, _ in ATTRIBUTES if "quadgroup" not in name and not name.startswith(("dispatch_", "grid_"))}
 
@@ -74,20 +85,27 @@ def _function(idx: int, key: tuple, inputs: tuple[str, ...], outputs: tuple[str,
         else:
             consts.append(f"  using {name} = {value};")
     args = [f"{{(const {t}*)b[{i}], (const {t}*)b[{i}], n[{i}]}}" for i, t in enumerate(in_types)]
-    args += [f"{{({t}*)b[{len(inputs) + i}], ({t}*)b[{len(inputs) + i}], n[{len(inputs) + i}]}}"
-             for i, t in enumerate(out_types)]
+    args += [
+        f"{{({t}*)b[{len(inputs) + i}], ({t}*)b[{len(inputs) + i}], n[{len(inputs) + i}]}}"
+        for i, t in enumerate(out_types)
+    ]
     args += [f"d.{n}" for n, _ in attrs]
-    return "\n".join([
-        f"static void ms_kernel_{idx}({', '.join(params)}) {{", *consts, f'#line 1 "{kernel}.metal"', body,
-        "}",
-        f'extern "C" int ms_run_{idx}(void** b, const size_t* n, unsigned gx, unsigned gy, unsigned gz, '
-        "unsigned tx, unsigned ty, unsigned tz, char* err, int errlen) {",
-        "  std::function<void(const ms_emu::Ids&)> f = [&](const ms_emu::Ids& d) {",
-        f"    ms_kernel_{idx}({', '.join(args)});",
-        "  };",
-        "  return ms_emu::launch({gx, gy, gz}, {tx, ty, tz}, f, err, errlen);",
-        "}",
-    ])
+    return "\n".join(
+        [
+            f"static void ms_kernel_{idx}({', '.join(params)}) {{",
+            *consts,
+            f'#line 1 "{kernel}.metal"',
+            body,
+            "}",
+            f'extern "C" int ms_run_{idx}(void** b, const size_t* n, unsigned gx, unsigned gy, unsigned gz, '
+            "unsigned tx, unsigned ty, unsigned tz, char* err, int errlen) {",
+            "  std::function<void(const ms_emu::Ids&)> f = [&](const ms_emu::Ids& d) {",
+            f"    ms_kernel_{idx}({', '.join(args)});",
+            "  };",
+            "  return ms_emu::launch({gx, gy, gz}, {tx, ty, tz}, f, err, errlen);",
+            "}",
+        ]
+    )
 
 
 class Emulator:
@@ -128,8 +146,21 @@ class Emulator:
         if not lib.exists():
             src = self.workdir / f"kernels-{digest}.cpp"
             src.write_text(text)
-            cmd = ["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unused-variable",
-                   "-Wno-unused-but-set-variable", "-I", str(SHIM), str(src), "-o", str(lib) + ".tmp"]
+            cmd = [
+                "g++",
+                "-std=c++17",
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Wno-unused-variable",
+                "-Wno-unused-but-set-variable",
+                "-I",
+                str(SHIM),
+                str(src),
+                "-o",
+                str(lib) + ".tmp",
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"g++ failed on the kernels:\n{res.stderr[-6000:]}")
@@ -147,16 +178,20 @@ class Emulator:
         key = _key(spec, in_dtypes)
         if key not in self._entries:
             self.prepare([(spec, in_dtypes)])
-        bufs = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).reshape(-1)
-                for a in inputs]
-        outs = [np.full(int(np.prod(s)), TYPES[d][2], TYPES[d][1]) for s, d in zip(spec.output_shapes,
-                                                                                   spec.output_dtypes)]
+        bufs = [
+            np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).reshape(-1)
+            for a in inputs
+        ]
+        outs = [
+            np.full(int(np.prod(s)), TYPES[d][2], TYPES[d][1]) for s, d in zip(spec.output_shapes, spec.output_dtypes)
+        ]
         arrays = bufs + outs
         ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         sizes = (ctypes.c_size_t * len(arrays))(*[a.size for a in arrays])
         err = ctypes.create_string_buffer(512)
-        rc = self._entries[key](ptrs, sizes, *[ctypes.c_uint(v) for v in (*spec.grid, *spec.threadgroup)], err,
-                                ctypes.c_int(512))
+        rc = self._entries[key](
+            ptrs, sizes, *[ctypes.c_uint(v) for v in (*spec.grid, *spec.threadgroup)], err, ctypes.c_int(512)
+        )
         if rc:
             raise RuntimeError(f"emulated {spec.kernel}: {err.value.decode()}")
         res = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-U = 2.0 ** -24
+U = 2.0**-24
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -71,7 +71,7 @@ def as_np(a: mx.array) -> np.ndarray:
 
 def check(got, want, tol, out_dtype=mx.float32):
     """|got - want| <= tol, plus the output's own rounding (bf16 keeps 8 bits, fp16 11)."""
-    rounding = {mx.float32: U, mx.float16: 2.0 ** -11, mx.bfloat16: 2.0 ** -8}[out_dtype]
+    rounding = {mx.float32: U, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}[out_dtype]
     err = np.abs(got - want)
     bound = tol + rounding * np.abs(want)
     assert np.isfinite(got).all(), "NaN in the output: an element never written, or threadgroup memory read unwritten"

@@ -30,7 +30,7 @@ def test_weighted_clip_lowers_the_output_error(bits):
     w = rng.standard_normal((64, 256)).astype(np.float32)
     scale = np.exp(rng.standard_normal(256) * 1.5)  # heavy-tailed channel scales, as activations have
     x = rng.standard_normal((2048, 256)) * scale
-    imp = (x ** 2).mean(0)
+    imp = (x**2).mean(0)
     x_test = rng.standard_normal((2048, 256)) * scale  # fresh inputs for the measurement
 
     def out_err(**kw):
@@ -55,8 +55,14 @@ def test_unit_importance_is_plain_clip_and_bad_importance_is_refused():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cal")
-    cfg = tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64, num_hidden_layers=2, vocab_size=512,
-                      shared_expert_intermediate_size=64)
+    cfg = tiny_config(
+        hidden_size=128,
+        num_experts=8,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        shared_expert_intermediate_size=64,
+    )
     src = write_tiny_checkpoint(d / "src", cfg)
     convert(str(src), d / "p8", bits=8)
     return d, src
@@ -71,7 +77,9 @@ def test_calibration_statistics_match_the_resident_model(tiny):
     # Independent: mlx-lm's model with every expert in RAM and MLX's kernels; capture what the
     # MoE blocks' switch_mlp and the output head receive.
     model, pack = load_resident_model(d / "p8", dtype="float32")
-    tok_ids = pack and __import__("moestream.runtime.model.runtime", fromlist=["load_tokenizer"]).load_tokenizer(pack.root)
+    tok_ids = pack and __import__("moestream.runtime.model.runtime", fromlist=["load_tokenizer"]).load_tokenizer(
+        pack.root
+    )
     ids = tok_ids.encode(text)[:200]
     pack.close()
     seen = {}
@@ -80,13 +88,18 @@ def test_calibration_statistics_match_the_resident_model(tiny):
         inner = layer.mlp.switch_mlp
 
         def hook(x, inds, inner=inner, i=i):
-            seen.setdefault(i, []).append((np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1]),
-                                           np.array(inds).reshape(-1, inds.shape[-1]), inner))
+            seen.setdefault(i, []).append(
+                (
+                    np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1]),
+                    np.array(inds).reshape(-1, inds.shape[-1]),
+                    inner,
+                )
+            )
             return inner(x, inds)
 
         layer.mlp.switch_mlp = hook
     for i in range(0, len(ids), 64):
-        mx.eval(model(mx.array(ids[i:i + 64])[None]))
+        mx.eval(model(mx.array(ids[i : i + 64])[None]))
     for i, calls in seen.items():
         xs = np.concatenate([c[0] for c in calls])
         inds = np.concatenate([c[1] for c in calls])
@@ -96,19 +109,29 @@ def test_calibration_statistics_match_the_resident_model(tiny):
         assert cal.meta["expert_matrices"] == "expert" and cal.meta["linear_matrices"]
         for e in range(8):
             xe = xs[(inds == e).any(1)].astype(np.float64)
-            np.testing.assert_allclose(cal.expert_importance(i, e, "up_proj"), (xe ** 2).mean(0), rtol=2e-4, atol=1e-6)
+            np.testing.assert_allclose(cal.expert_importance(i, e, "up_proj"), (xe**2).mean(0), rtol=2e-4, atol=1e-6)
             np.testing.assert_allclose(cal.arrays[f"experts.{i}.gate_up_cov"][e], xe.T @ xe, rtol=2e-3, atol=1e-5)
             # GPTQ's matrix: shrunk towards the pooled correlation, with the expert's own diagonal.
             h = cal.expert_hessian(i, e, "gate_proj")
-            np.testing.assert_allclose(np.diag(h), (xe ** 2).mean(0), rtol=2e-4, atol=1e-6)
-            deq = {p: _mx_dequant(np.array(getattr(glu, p)["weight"][e]), np.array(getattr(glu, p)["scales"][e].view(mx.uint16)),
-                                  np.array(getattr(glu, p)["biases"][e].view(mx.uint16)), 8, getattr(glu, p).group_size)
-                   if getattr(glu, p)["scales"].dtype == mx.bfloat16 else None for p in ("gate_proj", "up_proj")}
+            np.testing.assert_allclose(np.diag(h), (xe**2).mean(0), rtol=2e-4, atol=1e-6)
+            deq = {
+                p: _mx_dequant(
+                    np.array(getattr(glu, p)["weight"][e]),
+                    np.array(getattr(glu, p)["scales"][e].view(mx.uint16)),
+                    np.array(getattr(glu, p)["biases"][e].view(mx.uint16)),
+                    8,
+                    getattr(glu, p).group_size,
+                )
+                if getattr(glu, p)["scales"].dtype == mx.bfloat16
+                else None
+                for p in ("gate_proj", "up_proj")
+            }
             if deq["gate_proj"] is not None:
                 g, u = xe @ deq["gate_proj"].T, xe @ deq["up_proj"].T
                 mid = g / (1 + np.exp(-g)) * u
-                np.testing.assert_allclose(cal.expert_importance(i, e, "down_proj"), (mid ** 2).mean(0),
-                                           rtol=2e-3, atol=1e-6)
+                np.testing.assert_allclose(
+                    cal.expert_importance(i, e, "down_proj"), (mid**2).mean(0), rtol=2e-3, atol=1e-6
+                )
     head = cal.linear_importance("language_model.lm_head.weight")
     assert head is not None and head.shape == (128,) and np.all(head > 0)
     assert cal.meta["tokens"] == len(ids)
@@ -149,8 +172,9 @@ def test_convert_with_calibration(tiny, tmp_path):
     d, src = tiny
     if not (d / "cal.st").exists():
         calibrate(d / "p8", "hello world " * 40, max_tokens=100, window=50).save(d / "cal.st")
-    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2c"), "--bits", "2",
-                                 "--calibration", str(d / "cal.st")])
+    r = CliRunner().invoke(
+        cli, ["convert", str(src), "-o", str(tmp_path / "p2c"), "--bits", "2", "--calibration", str(d / "cal.st")]
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "p2c" / "report.json").read_text())["rows"]
     assert {x["method"] for x in rows if x["kind"].startswith("experts")} == {"gptq+calibration"}
@@ -159,8 +183,9 @@ def test_convert_with_calibration(tiny, tmp_path):
     a = (tmp_path / "p2c" / "experts" / "layer-000.bin").read_bytes()
     b = (tmp_path / "p2" / "experts" / "layer-000.bin").read_bytes()
     assert a != b  # the statistics changed the codes
-    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "rtn",
-                                 "--calibration", str(d / "cal.st")])
+    r = CliRunner().invoke(
+        cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "rtn", "--calibration", str(d / "cal.st")]
+    )
     assert r.exit_code == 1 and r.output.startswith("error: --calibration") and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "gptq"])
     assert r.exit_code == 1 and r.output.startswith("error: --method gptq needs --calibration")
@@ -175,8 +200,9 @@ def test_calibrate_refuses_a_bad_size_in_one_line(tiny, tmp_path):
     d, _ = tiny
     text = tmp_path / "t.txt"
     text.write_text("hello " * 20)
-    r = CliRunner().invoke(cli, ["calibrate", str(d / "p8"), "--text", str(text), "-o", str(tmp_path / "c.st"),
-                                 "--matrix-bytes", "12Q"])
+    r = CliRunner().invoke(
+        cli, ["calibrate", str(d / "p8"), "--text", str(text), "-o", str(tmp_path / "c.st"), "--matrix-bytes", "12Q"]
+    )
     assert r.exit_code == 1 and r.output == "error: --matrix-bytes 12Q: expected a size such as 512M or 8G\n"
     assert not (tmp_path / "c.st").exists()
 

@@ -48,8 +48,13 @@ def assert_text_layers(cfg, keys):
         has_lin = p + "linear_attn.in_proj_qkv.weight" in keys
         has_att = p + "self_attn.q_proj.weight" in keys
         assert (has_lin, has_att) == (kind == "linear_attention", kind == "full_attention")
-        for k in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate.weight",
-                  "mlp.shared_expert.gate_proj.weight", "mlp.shared_expert_gate.weight"):
+        for k in (
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate.weight",
+            "mlp.shared_expert.gate_proj.weight",
+            "mlp.shared_expert_gate.weight",
+        ):
             assert p + k in keys
     for k in ("lm_head.weight", f"{LM}.embed_tokens.weight", f"{LM}.norm.weight"):
         assert k in keys
@@ -69,8 +74,13 @@ def test_tiny_config_fields_and_overrides():
     for dim in ("hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim"):
         assert t[dim] % 32 == 0
 
-    cfg = checkpoints.tiny_config(hidden_size=64, num_hidden_layers=3, full_attention_interval=3,
-                                  tie_word_embeddings=True, vision_config={"depth": 2})
+    cfg = checkpoints.tiny_config(
+        hidden_size=64,
+        num_hidden_layers=3,
+        full_attention_interval=3,
+        tie_word_embeddings=True,
+        vision_config={"depth": 2},
+    )
     assert cfg["tie_word_embeddings"] is True and "tie_word_embeddings" not in cfg["text_config"]
     assert cfg["text_config"]["layer_types"] == ["linear_attention"] * 2 + ["full_attention"]
     assert cfg["vision_config"] == {**cfg["vision_config"], "depth": 2, "out_hidden_size": 64}
@@ -93,11 +103,12 @@ def test_transformers_layout_is_per_expert(tiny_per_expert_fp32):
             p = f"{LM}.layers.{n}.mlp.experts.{x}."
             assert heads[p + "gate_proj.weight"][1] == heads[p + "up_proj.weight"][1] == (i, h)
             assert heads[p + "down_proj.weight"][1] == (h, i)
-    conv_dim = 2 * cfg["linear_key_head_dim"] * cfg["linear_num_key_heads"] + \
-        cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"]
+    conv_dim = (
+        2 * cfg["linear_key_head_dim"] * cfg["linear_num_key_heads"]
+        + cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"]
+    )
     assert heads[f"{LM}.layers.0.linear_attn.conv1d.weight"][1] == (conv_dim, 1, cfg["linear_conv_kernel_dim"])
-    assert heads[f"{LM}.layers.1.self_attn.q_proj.weight"][1] == (
-        2 * cfg["num_attention_heads"] * cfg["head_dim"], h)
+    assert heads[f"{LM}.layers.1.self_attn.q_proj.weight"][1] == (2 * cfg["num_attention_heads"] * cfg["head_dim"], h)
 
 
 def test_transformers_sharded_bf16(tiny_per_expert_bf16):
@@ -133,8 +144,7 @@ def test_hub_fused_layout(tiny_fused_bf16):
     assert "mtp.norm.weight" in heads and "mtp.pre_fc_norm_hidden.weight" in heads
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     sizes = {"BF16": 2}
-    assert index["metadata"]["total_size"] == sum(
-        sizes[d] * torch.Size(s).numel() for d, s in heads.values())
+    assert index["metadata"]["total_size"] == sum(sizes[d] * torch.Size(s).numel() for d, s in heads.values())
 
 
 def test_i96_variant(tiny_fused_i96):
@@ -188,8 +198,11 @@ def test_transformers_loads_both_layouts_to_the_same_model(tmp_path, tiny_per_ex
 
 def test_hub_fused_matches_trained_fixture_names(tmp_path, trained_tiny):
     real = json.loads((trained_tiny / "config.json").read_text())
-    text = {k: v for k, v in real["text_config"].items()
-            if k in checkpoints._TEXT_DEFAULTS and k not in ("dtype", "model_type", "rope_parameters")}
+    text = {
+        k: v
+        for k, v in real["text_config"].items()
+        if k in checkpoints._TEXT_DEFAULTS and k not in ("dtype", "model_type", "rope_parameters")
+    }
     vision = {k: v for k, v in real["vision_config"].items() if k in checkpoints._VISION_DEFAULTS and k != "model_type"}
     ours = checkpoints.save_hub_fused(tmp_path, mtp=False, vision_config=vision, **text)
     assert header(ours) == header(trained_tiny)
@@ -214,8 +227,15 @@ def test_fp8_layout(tiny_fp8):
     q = config["quantization_config"]
     assert q["quant_method"] == "fp8" and q["weight_block_size"] == [128, 128]
     skip = set(q["modules_to_not_convert"])
-    assert {"lm_head", f"{LM}.embed_tokens", f"{LM}.layers.0.linear_attn.conv1d", f"{LM}.layers.0.mlp.gate",
-            f"{LM}.layers.1.mlp.shared_expert_gate", "mtp.fc", "model.visual.blocks.0.attn.qkv"} <= skip
+    assert {
+        "lm_head",
+        f"{LM}.embed_tokens",
+        f"{LM}.layers.0.linear_attn.conv1d",
+        f"{LM}.layers.0.mlp.gate",
+        f"{LM}.layers.1.mlp.shared_expert_gate",
+        "mtp.fc",
+        "model.visual.blocks.0.attn.qkv",
+    } <= skip
     assert_index_consistent(folder, 2)
     heads = header(folder)
     assert not any(FUSED_RE.search(k) for k in heads)
@@ -231,9 +251,14 @@ def test_fp8_layout(tiny_fp8):
         if k.rsplit(".", 1)[0] in skip:
             assert heads[k][0] == "BF16"
     h = config["text_config"]["hidden_size"]
-    for k in (f"{LM}.layers.0.mlp.experts.7.gate_proj.weight", f"{LM}.layers.0.mlp.experts.7.down_proj.weight",
-              f"{LM}.layers.0.linear_attn.in_proj_qkv.weight", f"{LM}.layers.1.self_attn.o_proj.weight",
-              f"{LM}.layers.0.mlp.shared_expert.up_proj.weight", "mtp.layers.0.mlp.experts.0.up_proj.weight"):
+    for k in (
+        f"{LM}.layers.0.mlp.experts.7.gate_proj.weight",
+        f"{LM}.layers.0.mlp.experts.7.down_proj.weight",
+        f"{LM}.layers.0.linear_attn.in_proj_qkv.weight",
+        f"{LM}.layers.1.self_attn.o_proj.weight",
+        f"{LM}.layers.0.mlp.shared_expert.up_proj.weight",
+        "mtp.layers.0.mlp.experts.0.up_proj.weight",
+    ):
         assert k in fp8, k
     assert heads[f"{LM}.layers.0.mlp.experts.7.gate_proj.weight_scale_inv"][1] == (1, -(-h // 128))
     assert h % 128  # partial blocks exercised
@@ -243,7 +268,8 @@ def test_fp8_layout(tiny_fp8):
 def test_fp8_dequantized_close_to_original(tmp_path, scale_dtype):
     folder = checkpoints.save_hub_fp8(tmp_path, seed=1, scale_dtype=scale_dtype)
     original = checkpoints.reference_state_dict(
-        checkpoints.save_transformers(tmp_path, seed=1, **checkpoints.FP8_DEFAULTS))
+        checkpoints.save_transformers(tmp_path, seed=1, **checkpoints.FP8_DEFAULTS)
+    )
     raw = checkpoints.load_tensors(folder)
     deq = checkpoints.fp8_dequantized_state_dict(folder)
     assert deq.keys() == checkpoints.reference_state_dict(folder).keys()
@@ -290,7 +316,8 @@ def test_minimal_tokenizer_without_fixture(tmp_path, monkeypatch):
     ids = tok("héllo")["input_ids"]
     assert tok.decode(ids) == "héllo" and max(ids) < 512
     assert "<|im_start|>assistant" in tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_add_tokenizer_rejects_small_vocab(tmp_path):

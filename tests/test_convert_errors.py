@@ -14,8 +14,14 @@ from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.layouts import PackError, open_pack
 from moestream.main import cli
 
-SMALL = dict(hidden_size=64, num_experts=4, moe_intermediate_size=32, num_hidden_layers=2, vocab_size=128,
-             shared_expert_intermediate_size=32)
+SMALL = dict(
+    hidden_size=64,
+    num_experts=4,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    vocab_size=128,
+    shared_expert_intermediate_size=32,
+)
 
 
 @pytest.fixture()
@@ -100,8 +106,9 @@ def test_index_and_shards_disagree(src, tmp_path):
     shard = index["weight_map"].pop(name)
     index_path.write_text(json.dumps(index))
     code, out = run("convert", src, "-o", tmp_path / "out")
-    assert_clean_failure(code, out, f"{shard}: tensor {name} is not listed in model.safetensors.index.json",
-                         tmp_path / "out")
+    assert_clean_failure(
+        code, out, f"{shard}: tensor {name} is not listed in model.safetensors.index.json", tmp_path / "out"
+    )
 
 
 def test_missing_resident_tensor(src, tmp_path):
@@ -112,8 +119,9 @@ def test_missing_resident_tensor(src, tmp_path):
 
 
 def test_leftover_tensor(src, tmp_path):
-    from moestream.layouts import SafetensorsWriter
     import numpy as np
+
+    from moestream.layouts import SafetensorsWriter
 
     w = SafetensorsWriter(src / "extra.safetensors")
     w.declare("model.language_model.layers.0.mystery.weight", "F32", (4,))
@@ -125,8 +133,9 @@ def test_leftover_tensor(src, tmp_path):
     index["weight_map"]["model.language_model.layers.0.mystery.weight"] = "extra.safetensors"
     index_path.write_text(json.dumps(index))
     code, out = run("convert", src, "-o", tmp_path / "out")
-    assert_clean_failure(code, out, "extra.safetensors: unexpected tensor model.language_model.layers.0.mystery.weight",
-                         tmp_path / "out")
+    assert_clean_failure(
+        code, out, "extra.safetensors: unexpected tensor model.language_model.layers.0.mystery.weight", tmp_path / "out"
+    )
 
 
 def test_missing_per_expert_tensor(tmp_path):
@@ -232,8 +241,11 @@ def test_resume_redoes_a_corrupt_finished_layer(src, tmp_path, monkeypatch):
     from moestream.convert import pipeline
 
     real = pipeline.expert_block
-    monkeypatch.setattr(pipeline, "expert_block",
-                        lambda s, x, e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if x.layer == 1 else real(s, x, e, *a))
+    monkeypatch.setattr(
+        pipeline,
+        "expert_block",
+        lambda s, x, e, *a: (_ for _ in ()).throw(KeyboardInterrupt) if x.layer == 1 else real(s, x, e, *a),
+    )
     out_dir = tmp_path / "p"
     run("convert", src, "-o", out_dir)
     f = out_dir / "experts" / "layer-000.bin"
@@ -293,6 +305,7 @@ def test_keep_mtp_stores_the_head(tmp_path):
 def test_dimension_not_divisible_by_32_fails_naming_it(tmp_path):
     src = write_tiny_checkpoint(tmp_path / "src", tiny_config(**{**SMALL, "moe_intermediate_size": 48}))
     code, out = run("convert", src, "-o", tmp_path / "out")
-    assert_clean_failure(code, out, "layer 0 experts down_proj (intermediate 48): not divisible by group size 64 or 32",
-                         tmp_path / "out")
+    assert_clean_failure(
+        code, out, "layer 0 experts down_proj (intermediate 48): not divisible by group size 64 or 32", tmp_path / "out"
+    )
     assert run("convert", src, "-o", tmp_path / "out16", "--bits", "16")[0] == 0  # unquantized needs no groups

@@ -46,12 +46,20 @@ def test_expert_blocks_match_mx_quantize(layout, bits, request, tmp_path):
                     wsrc = mx.array(w) if (fp8 or scale_dtype == "float32") else mx.array(w).astype(mx.bfloat16)
                     wq, s, b = mx.quantize(wsrc, group_size=g, bits=bits)
                     assert np.array_equal(np.array(wq), got[f"{proj}.weight"]), (layout, x.layer, e, proj)
-                    want_s = np.array(s.astype(mx.bfloat16).view(mx.uint16)) if scale_dtype == "bfloat16" \
+                    want_s = (
+                        np.array(s.astype(mx.bfloat16).view(mx.uint16))
+                        if scale_dtype == "bfloat16"
                         else np.array(s.astype(mx.float32))
+                    )
                     assert np.array_equal(want_s, got[f"{proj}.scales"]), (layout, x.layer, e, proj)
                     # Dequantizing the pack's block reproduces mx.dequantize(mx.quantize(w)) exactly.
-                    deq = mx.dequantize(mx.array(got[f"{proj}.weight"]), _mx_view(got[f"{proj}.scales"], scale_dtype),
-                                        _mx_view(got[f"{proj}.biases"], scale_dtype), group_size=g, bits=bits)
+                    deq = mx.dequantize(
+                        mx.array(got[f"{proj}.weight"]),
+                        _mx_view(got[f"{proj}.scales"], scale_dtype),
+                        _mx_view(got[f"{proj}.biases"], scale_dtype),
+                        group_size=g,
+                        bits=bits,
+                    )
                     want = mx.dequantize(wq, s.astype(deq.dtype), b.astype(deq.dtype), group_size=g, bits=bits)
                     assert np.array_equal(np.array(deq.astype(mx.float32)), np.array(want.astype(mx.float32)))
 
@@ -87,8 +95,11 @@ def _transformers_logits(folder: Path, tokens: np.ndarray, tmp: Path) -> np.ndar
         config.pop("quantization_config")
         (tmp / "deq").mkdir()
         (tmp / "deq" / "config.json").write_text(json.dumps(config))
-        sd = {k: v.contiguous() for k, v in checkpoints.fp8_dequantized_state_dict(folder).items()
-              if not k.startswith("mtp.")}
+        sd = {
+            k: v.contiguous()
+            for k, v in checkpoints.fp8_dequantized_state_dict(folder).items()
+            if not k.startswith("mtp.")
+        }
         save_file(sd, tmp / "deq" / "model.safetensors")
         folder = tmp / "deq"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

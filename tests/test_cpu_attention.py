@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moestream.runtime.cpu import attention as cpu_attention
-from moestream.runtime.model import cpu_layers
 from moestream.runtime.cpu.attention import sdpa
+from moestream.runtime.model import cpu_layers
 from moestream.runtime.model.patches import patched as rebound
 
 
@@ -28,8 +28,8 @@ def test_sdpa_matches_mlx(B, Hq, Hk, Lq, Lk, D, mask, monkeypatch):
     elif mask == "additive":
         m = mx.array(rng.standard_normal((B, 1, Lq, Lk)).astype(np.float32))
     monkeypatch.setattr(cpu_attention, "SCORE_BYTES", 4096)  # several query blocks
-    got = np.array(sdpa(q, k, v, cache=None, scale=D ** -0.5, mask=m))
-    want = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=m))
+    got = np.array(sdpa(q, k, v, cache=None, scale=D**-0.5, mask=m))
+    want = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask=m))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
@@ -45,14 +45,32 @@ def test_sinks_go_to_mlx_lm():
 def test_switch_is_per_model():
     from mlx_lm.models import qwen3_next
 
-    args = qwen3_next.ModelArgs(model_type="qwen3_next", hidden_size=64, num_hidden_layers=2, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=64,
-                                rms_norm_eps=1e-6, linear_num_value_heads=2, linear_num_key_heads=2,
-                                linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-                                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
-                                shared_expert_intermediate_size=32, moe_intermediate_size=32, mlp_only_layers=[],
-                                full_attention_interval=2, rope_theta=10000.0, partial_rotary_factor=0.5,
-                                max_position_embeddings=128)
+    args = qwen3_next.ModelArgs(
+        model_type="qwen3_next",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=64,
+        rms_norm_eps=1e-6,
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        shared_expert_intermediate_size=32,
+        moe_intermediate_size=32,
+        mlp_only_layers=[],
+        full_attention_interval=2,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=128,
+    )
     a, b = qwen3_next.Model(args), qwen3_next.Model(args)
     b.update(a.parameters())
     assert cpu_layers.use_cpu_attention(a) == 1 and cpu_layers.use_cpu_attention(a) == 0

@@ -13,12 +13,20 @@ from moestream.runtime.model import cpu_layers
 def _inputs(rng, B, T, Hk, Hv, Dk, Dv, vec):
     r = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
     g = rng.uniform(0.7, 1.0, (B, T, Hv, Dk) if vec else (B, T, Hv)).astype(np.float32)
-    return (r(B, T, Hk, Dk) * 0.2, r(B, T, Hk, Dk) * 0.2, r(B, T, Hv, Dv), mx.array(g),
-            mx.array(rng.uniform(0, 1, (B, T, Hv)).astype(np.float32)), r(B, Hv, Dv, Dk) * 0.1)
+    return (
+        r(B, T, Hk, Dk) * 0.2,
+        r(B, T, Hk, Dk) * 0.2,
+        r(B, T, Hv, Dv),
+        mx.array(g),
+        mx.array(rng.uniform(0, 1, (B, T, Hv)).astype(np.float32)),
+        r(B, Hv, Dv, Dk) * 0.1,
+    )
 
 
-@pytest.mark.parametrize("B,T,Hk,Hv,vec,masked", [(1, 37, 2, 4, False, False), (2, 9, 2, 2, True, False),
-                                                   (2, 12, 1, 3, False, True), (1, 1, 2, 4, True, False)])
+@pytest.mark.parametrize(
+    "B,T,Hk,Hv,vec,masked",
+    [(1, 37, 2, 4, False, False), (2, 9, 2, 2, True, False), (2, 12, 1, 3, False, True), (1, 1, 2, 4, True, False)],
+)
 def test_recurrence_matches_mlx_lm(B, T, Hk, Hv, vec, masked):
     rng = np.random.default_rng(T * 10 + Hv)
     q, k, v, g, beta, state = _inputs(rng, B, T, Hk, Hv, 32, 16, vec)
@@ -45,8 +53,14 @@ def test_recurrence_matches_mlx_lm(B, T, Hk, Hv, vec, masked):
 def test_update_signature_and_options_match():
     rng = np.random.default_rng(3)
     q, k, v, _, _, state = _inputs(rng, 1, 8, 2, 4, 32, 16, False)
-    a, b = mx.array(rng.standard_normal((1, 8, 4)).astype(np.float32)), mx.array(rng.standard_normal((1, 8, 4)).astype(np.float32))
-    A_log, dt_bias = mx.array(rng.standard_normal(4).astype(np.float32)), mx.array(rng.standard_normal(4).astype(np.float32))
+    a, b = (
+        mx.array(rng.standard_normal((1, 8, 4)).astype(np.float32)),
+        mx.array(rng.standard_normal((1, 8, 4)).astype(np.float32)),
+    )
+    A_log, dt_bias = (
+        mx.array(rng.standard_normal(4).astype(np.float32)),
+        mx.array(rng.standard_normal(4).astype(np.float32)),
+    )
     for kw in ({}, {"allow_neg_eigval": True}, {"lower_bound": -5.0}):
         for st in (None, state):
             y_ref, s_ref = gated_delta_update(q, k, v, a, b, A_log, dt_bias, st, None, **kw)
@@ -59,8 +73,14 @@ def test_only_the_given_model_is_switched(tmp_path):
     """The evaluation reference and mlx-lm's baseline live in the same process and keep mlx-lm's code."""
     from mlx_lm.utils import load_model
 
-    cfg = tiny_config(hidden_size=64, num_experts=4, moe_intermediate_size=32, num_hidden_layers=2, vocab_size=256,
-                      shared_expert_intermediate_size=32)
+    cfg = tiny_config(
+        hidden_size=64,
+        num_experts=4,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        vocab_size=256,
+        shared_expert_intermediate_size=32,
+    )
     src = write_tiny_checkpoint(tmp_path / "src", cfg)
     from moestream.runtime.model.build import cast_floats
 
@@ -85,4 +105,6 @@ def test_depthwise_conv_matches_mlx():
     conv.weight = mx.array(rng.standard_normal((48, 4, 1)).astype(np.float32))
     x = mx.array(rng.standard_normal((2, 19, 48)).astype(np.float32))
     assert cpu_layers._is_depthwise(conv) and not cpu_layers._is_depthwise(nn.Conv1d(48, 48, 4, bias=False))
-    np.testing.assert_allclose(np.array(cpu_layers.CpuDepthwiseConv1d(conv)(x)), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(cpu_layers.CpuDepthwiseConv1d(conv)(x)), np.array(conv(x)), rtol=1e-5, atol=1e-5
+    )

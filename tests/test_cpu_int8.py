@@ -16,8 +16,14 @@ def _quantized(rng, shape, bits, group, dtype=mx.bfloat16):
     wq, s, b = mx.quantize(mx.array(w).astype(dtype), group_size=group, bits=bits)
     deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits))
     raw = (lambda a: np.array(a.view(mx.uint16))) if dtype == mx.bfloat16 else np.array
-    return np.array(wq), raw(s), raw(b), deq.astype(np.float64), np.array(s.astype(mx.float32)).astype(np.float64), \
-        np.array(b.astype(mx.float32)).astype(np.float64)
+    return (
+        np.array(wq),
+        raw(s),
+        raw(b),
+        deq.astype(np.float64),
+        np.array(s.astype(mx.float32)).astype(np.float64),
+        np.array(b.astype(mx.float32)).astype(np.float64),
+    )
 
 
 def _reference(x, deq, s, b, bits, group):
@@ -27,7 +33,7 @@ def _reference(x, deq, s, b, bits, group):
     xg = x.astype(np.float64).reshape(T, K // group, group)
     dx = np.abs(xg).max(-1, keepdims=True) / 127
     xhat = (np.rint(xg / np.where(dx > 0, dx, 1)) * dx).reshape(T, K)
-    mid = np.repeat(b + (2 ** bits - 1) / 2 * s, group, axis=1)  # [N, K]: the middle code's value
+    mid = np.repeat(b + (2**bits - 1) / 2 * s, group, axis=1)  # [N, K]: the middle code's value
     want = xhat @ deq.T + (x - xhat) @ mid.T
     # the rounding error is dx/2 at most per input and meets centred weights |deq - mid|
     bound = (np.repeat(dx.reshape(T, -1), group, axis=1) / 2) @ np.abs(deq - mid).T
@@ -39,8 +45,10 @@ def _need(bits, group):
         pytest.skip(f"no int8 kernel for {bits}-bit g{group} on this CPU (3 bits need AVX-512 VBMI)")
 
 
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128),
-                                        (8, 32), (8, 64), (8, 128)])
+@pytest.mark.parametrize(
+    "bits,group",
+    [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128), (8, 32), (8, 64), (8, 128)],
+)
 @pytest.mark.parametrize("tokens", [1, 7])  # 7: token blocks of 4, 2 and 1
 def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
     _need(bits, group)
@@ -55,7 +63,7 @@ def test_int8_matvec_matches_rounded_reference(bits, group, tokens):
     exact = x.astype(np.float64) @ deq.T
     assert np.all(np.abs(got - exact) <= bound + 3e-5 * np.abs(exact).max())
     # and the rounding costs ~1% of the product here (the outlier's group loses the most)
-    assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2)) < 0.03
+    assert np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact**2)) < 0.03
 
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (4, 32)])
@@ -98,7 +106,7 @@ def test_int8_experts_match_each_experts_matrix(bits):
     # an ulp apart (fastmath; seen once in a full run), so not bit for bit. A stride bug gives garbage.
     np.testing.assert_allclose(strided, got, rtol=0, atol=1e-6 * np.abs(got).max())
     for j, e in enumerate(slots):
-        want, _ = _reference(x[j:j + 1], q[e][3], q[e][4], q[e][5], bits, 64)
+        want, _ = _reference(x[j : j + 1], q[e][3], q[e][4], q[e][5], bits, 64)
         np.testing.assert_allclose(got[j], want[0], rtol=0, atol=3e-5 * np.abs(want).max())
 
 
@@ -137,8 +145,9 @@ def test_widths_without_int8_kernels_stay_exact():
         wq, s, b, deq, _, _ = _quantized(rng, (16, 256), bits, group)
         x = rng.standard_normal((1, 256)).astype(np.float32)
         want = x.astype(np.float64) @ deq.T
-        np.testing.assert_allclose(qmm(x, wq, s, b, bits, group, int8=True), want, rtol=0,
-                                   atol=2e-5 * np.abs(want).max())
+        np.testing.assert_allclose(
+            qmm(x, wq, s, b, bits, group, int8=True), want, rtol=0, atol=2e-5 * np.abs(want).max()
+        )
 
 
 def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, monkeypatch):
@@ -153,9 +162,17 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
     from moestream.runtime.model.build import load_resident_model
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", True)
-    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=256, num_experts=8, moe_intermediate_size=128,
-                                                              num_hidden_layers=2, vocab_size=512,
-                                                              shared_expert_intermediate_size=128))
+    src = write_tiny_checkpoint(
+        tmp_path / "src",
+        tiny_config(
+            hidden_size=256,
+            num_experts=8,
+            moe_intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=512,
+            shared_expert_intermediate_size=128,
+        ),
+    )
     convert(str(src), tmp_path / "p4", bits=4)
     ref, p = load_resident_model(tmp_path / "p4", dtype="float32")
     p.close()
@@ -164,10 +181,10 @@ def test_decode_with_int8_kernels_stays_close_to_the_resident_model(tmp_path, mo
     rt = load(tmp_path / "p4", kernels="numba")
     try:
         cache = make_prompt_cache(rt.model)
-        got = np.concatenate([np.array(rt.model(x[:, i:i + 1], cache=cache))[0] for i in range(x.shape[1])])
+        got = np.concatenate([np.array(rt.model(x[:, i : i + 1], cache=cache))[0] for i in range(x.shape[1])])
     finally:
         rt.close()
-    rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
     logp = lambda a: a - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)) - a.max(-1, keepdims=True)
     kl = (np.exp(logp(want)) * (logp(want) - logp(got))).sum(-1)
     assert 1e-4 < rel < 0.02, rel  # the float kernels agree to ~1e-6: above 1e-4, the int8 path ran
@@ -189,25 +206,30 @@ def test_grouped_prefill_rows_match_each_experts_product(bits):
     slots, counts = np.array([4, 0, 2, 5]), np.array([7, 1, 4, 2])  # blocks of 4, 2, 1 within segments
     x = rng.standard_normal((counts.sum(), k)).astype(np.float32)
     got = qmm_grouped_int8(x, codes, sc, bi, slots, counts, bits, 64)
-    np.testing.assert_allclose(qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=True), got, rtol=0,
-                               atol=1e-6 * np.abs(got).max())
+    np.testing.assert_allclose(
+        qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=True), got, rtol=0, atol=1e-6 * np.abs(got).max()
+    )
     r = 0
     for e, c in zip(slots, counts):
         # the same integer sums; the float epilogue may round differently between a kernel compiled
         # in this process and one loaded from numba's cache (fastmath), so to a few ulp
-        np.testing.assert_allclose(got[r:r + c], qmv_int8(x[r:r + c], codes[e], sc[e], bi[e], bits, 64),
-                                   rtol=0, atol=1e-6 * np.abs(got).max())
-        want, bound = _reference(x[r:r + c], q[e][3], q[e][4], q[e][5], bits, 64)
-        np.testing.assert_allclose(got[r:r + c], want, rtol=0, atol=3e-5 * np.abs(want).max())
-        exact = x[r:r + c].astype(np.float64) @ q[e][3].T
-        assert np.all(np.abs(got[r:r + c] - exact) <= bound + 3e-5 * np.abs(exact).max())
+        np.testing.assert_allclose(
+            got[r : r + c],
+            qmv_int8(x[r : r + c], codes[e], sc[e], bi[e], bits, 64),
+            rtol=0,
+            atol=1e-6 * np.abs(got).max(),
+        )
+        want, bound = _reference(x[r : r + c], q[e][3], q[e][4], q[e][5], bits, 64)
+        np.testing.assert_allclose(got[r : r + c], want, rtol=0, atol=3e-5 * np.abs(want).max())
+        exact = x[r : r + c].astype(np.float64) @ q[e][3].T
+        assert np.all(np.abs(got[r : r + c] - exact) <= bound + 3e-5 * np.abs(exact).max())
         r += c
     # the float path (int8 off) computes each segment exactly, up to float32 rounding
     flt = qmm_grouped(x, codes, sc, bi, slots, counts, bits, 64, int8=False)
     r = 0
     for e, c in zip(slots, counts):
-        exact = x[r:r + c].astype(np.float64) @ q[e][3].T
-        np.testing.assert_allclose(flt[r:r + c], exact, rtol=0, atol=2e-5 * np.abs(exact).max())
+        exact = x[r : r + c].astype(np.float64) @ q[e][3].T
+        np.testing.assert_allclose(flt[r : r + c], exact, rtol=0, atol=2e-5 * np.abs(exact).max())
         r += c
 
 
@@ -229,7 +251,9 @@ kern[0](w, *x, s, s, k // g, np.empty((1, 8), np.float32))
 print(sum(kern[0].stats.cache_hits.values()), sum(kern[0].stats.cache_misses.values()))
 """
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
     first, second = (tuple(map(int, r.stdout.split())) for r in runs)
     assert first == (0, 1) and second == (1, 0), (first, second)

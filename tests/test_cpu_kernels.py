@@ -20,8 +20,15 @@ def test_qmm_matches_mlx_dequantize(bits, group, tokens):
     # Reference: MLX's dequantize with the stored scales widened to float32, then float64 matmul.
     deq = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits))
     want = x.astype(np.float64) @ deq.astype(np.float64).T
-    got = qmm(x, np.array(wq), as_f32(np.array(s.view(mx.uint16))), as_f32(np.array(b.view(mx.uint16))), bits, group,
-              int8=False)
+    got = qmm(
+        x,
+        np.array(wq),
+        as_f32(np.array(s.view(mx.uint16))),
+        as_f32(np.array(b.view(mx.uint16))),
+        bits,
+        group,
+        int8=False,
+    )
     assert got.shape == (tokens, n)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # bf16 scales passed as stored (raw uint16), as the expert slabs hold them
@@ -50,16 +57,24 @@ def test_silu_mul():
 def test_runtime_with_cpu_kernels_matches_resident(tmp_path, monkeypatch):
     """The float kernels (int8 activations off: their own test is in test_cpu_int8.py)."""
     from moestream.convert import convert
-    from moestream.runtime.cpu import kernels as cpu_kernels
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
     from moestream.runtime import generate, load
+    from moestream.runtime.cpu import kernels as cpu_kernels
     from moestream.runtime.model.build import load_resident_model
     from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 
     monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
-    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
-                                                              num_hidden_layers=2, vocab_size=512,
-                                                              shared_expert_intermediate_size=64))
+    src = write_tiny_checkpoint(
+        tmp_path / "src",
+        tiny_config(
+            hidden_size=128,
+            num_experts=8,
+            moe_intermediate_size=64,
+            num_hidden_layers=2,
+            vocab_size=512,
+            shared_expert_intermediate_size=64,
+        ),
+    )
     for bits in (4, 2):
         convert(str(src), tmp_path / f"p{bits}", bits=bits)
         ref, p = load_resident_model(tmp_path / f"p{bits}", dtype="float32")
@@ -101,8 +116,9 @@ def test_qmm_experts_matches_mlx_dequantize(bits):
     got = qmm_experts(x, codes, sc, bi, slots, bits, 64, int8=False)
     for j, e in enumerate(slots):
         _, s, b = q[e]
-        deq = np.array(mx.dequantize(mx.array(codes[e]), s.astype(mx.float32), b.astype(mx.float32), group_size=64,
-                                     bits=bits))
+        deq = np.array(
+            mx.dequantize(mx.array(codes[e]), s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits)
+        )
         want = x[j].astype(np.float64) @ deq.astype(np.float64).T
         np.testing.assert_allclose(got[j], want, rtol=0, atol=2e-5 * np.abs(want).max())
 

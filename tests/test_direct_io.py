@@ -7,15 +7,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-
 from tiny_packs import tiny_pack
+
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest
 from moestream.runtime import load
 
 # hidden 1024, expert intermediate 512, 4-bit g64: every component a multiple of 4 KiB
-CONFIG = tiny_config(hidden_size=1024, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
-                     num_hidden_layers=2, vocab_size=256, shared_expert_intermediate_size=256)
+CONFIG = tiny_config(
+    hidden_size=1024,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=512,
+    num_hidden_layers=2,
+    vocab_size=256,
+    shared_expert_intermediate_size=256,
+)
 
 
 @pytest.fixture(scope="module")

@@ -51,15 +51,19 @@ def test_mlx_reference_of_a_transformers_5_checkpoint(qwen3_moe):
 def test_eval_cli_with_a_transformers_5_reference(qwen3_moe, tmp_path):
     src, pack = qwen3_moe
     (tmp_path / "text.txt").write_text(_text(6))
-    r = CliRunner().invoke(cli, ["eval", str(pack), "--text", str(tmp_path / "text.txt"), "--reference", str(src),
-                                 "--window", "128"])
+    r = CliRunner().invoke(
+        cli, ["eval", str(pack), "--text", str(tmp_path / "text.txt"), "--reference", str(src), "--window", "128"]
+    )
     assert r.exit_code == 0 and r.exception is None, r.output
     assert "KL(reference || pack)" in r.output and "Traceback" not in r.output
 
 
 def test_mlx_lm_config_is_the_converters_normalization():
-    cfg = {"model_type": "qwen3_moe", "num_local_experts": 8,
-           "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
+    cfg = {
+        "model_type": "qwen3_moe",
+        "num_local_experts": 8,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+    }
     got = mlx_lm_config(cfg)
     assert got["num_experts"] == 8 and got["rope_theta"] == 1e6 and got["num_local_experts"] == 8
     assert "num_experts" not in cfg  # the caller's dict is left alone

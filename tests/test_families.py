@@ -67,8 +67,10 @@ def test_8bit_kl_against_transformers(fam):
         res = evaluate(rt, _text(5), reference=src, reference_backend="transformers", window=128)
     finally:
         rt.close()
-    print(f"\n{name}: 8-bit mean KL {res['kl_mean']:.5f}, top-1 {res['top1_agreement']:.1%}, "
-          f"ppl {res['ppl']:.2f} vs reference {res['ref_ppl']:.2f} over {res['tokens']} tokens")
+    print(
+        f"\n{name}: 8-bit mean KL {res['kl_mean']:.5f}, top-1 {res['top1_agreement']:.1%}, "
+        f"ppl {res['ppl']:.2f} vs reference {res['ref_ppl']:.2f} over {res['tokens']} tokens"
+    )
     assert res["tokens"] > 200
     assert res["kl_mean"] <= KL_8BIT, res
 
@@ -143,11 +145,13 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
 # real config -> (family, MoE layers, experts, top-k, (expert intermediate, hidden))
-REAL = {"qwen3-30b-a3b.json": ("qwen3_moe", 48, 128, 8, (768, 2048)),
-        "qwen3-235b-a22b.json": ("qwen3_moe", 94, 128, 8, (1536, 4096)),
-        "qwen3-next-80b-a3b.json": ("qwen3_next", 48, 512, 10, (512, 2048)),
-        # dense layers 0-2, MTP layer 61 not a decoder layer
-        "deepseek-v3.json": ("deepseek_v3", 58, 256, 8, (2048, 7168))}
+REAL = {
+    "qwen3-30b-a3b.json": ("qwen3_moe", 48, 128, 8, (768, 2048)),
+    "qwen3-235b-a22b.json": ("qwen3_moe", 94, 128, 8, (1536, 4096)),
+    "qwen3-next-80b-a3b.json": ("qwen3_next", 48, 512, 10, (512, 2048)),
+    # dense layers 0-2, MTP layer 61 not a decoder layer
+    "deepseek-v3.json": ("deepseek_v3", 58, 256, 8, (2048, 7168)),
+}
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

@@ -56,8 +56,14 @@ def test_mxfp4_experts_pass_through_bit_exact(mxfp4):
 
     src, deq, pack = mxfp4
     m = Manifest.load(pack)
-    assert m.quantization["experts"] == {"bits": 4, "group_size": 32, "mode": "mxfp4", "method": "passthrough",
-                                         "scale_dtype": "uint8", "linear_bias": True}
+    assert m.quantization["experts"] == {
+        "bits": 4,
+        "group_size": 32,
+        "mode": "mxfp4",
+        "method": "passthrough",
+        "scale_dtype": "uint8",
+        "linear_bias": True,
+    }
     t = load_tensors(src)
     with open_pack(pack) as p:
         for x in m.experts:
@@ -68,8 +74,11 @@ def test_mxfp4_experts_pass_through_bit_exact(mxfp4):
             hf_gu = convert_moe_packed_tensors(torch.from_numpy(gu_b), torch.from_numpy(gu_s), dtype=torch.float32)
             for e in range(x.num_experts):
                 a = p.expert_arrays(x.layer, e)
-                want = {"gate_proj": (gu_b[e, 0::2], gu_s[e, 0::2]), "up_proj": (gu_b[e, 1::2], gu_s[e, 1::2]),
-                        "down_proj": (d_b[e], d_s[e])}
+                want = {
+                    "gate_proj": (gu_b[e, 0::2], gu_s[e, 0::2]),
+                    "up_proj": (gu_b[e, 1::2], gu_s[e, 1::2]),
+                    "down_proj": (d_b[e], d_s[e]),
+                }
                 for proj, (b, sc) in want.items():
                     assert a[f"{proj}.weight"].tobytes() == b.tobytes(), (x.layer, e, proj)
                     assert np.array_equal(a[f"{proj}.scales"], sc)
@@ -77,8 +86,14 @@ def test_mxfp4_experts_pass_through_bit_exact(mxfp4):
                 assert np.array_equal(a["up_proj.bias"], gu_bias[e, 1::2])
                 assert np.array_equal(a["down_proj.bias"], t[f"{pre}.down_proj_bias"].float().numpy()[e])
                 # MLX reads the pack's codes as transformers reads the hub's blocks
-                got = mx.dequantize(mx.array(a["gate_proj.weight"]), mx.array(a["gate_proj.scales"]), group_size=32,
-                                    bits=4, mode="mxfp4", dtype=mx.float32)
+                got = mx.dequantize(
+                    mx.array(a["gate_proj.weight"]),
+                    mx.array(a["gate_proj.scales"]),
+                    group_size=32,
+                    bits=4,
+                    mode="mxfp4",
+                    dtype=mx.float32,
+                )
                 assert np.array_equal(np.array(got), hf_gu[e, :, 0::2].T.numpy())
 
 
@@ -137,8 +152,8 @@ def test_mxfp4_experts_per_token_override_reads_k(mxfp4):
 
 def test_metal_kernels_leave_gpt_oss_to_mlx(mxfp4):
     """The fused Metal kernels compute affine SwiGLU without biases: gpt-oss layers run MLX's ops."""
-    from moestream.runtime.store.expert_store import ExpertStore
     from moestream.runtime.model.streamed import StreamedSwitchGLU
+    from moestream.runtime.store.expert_store import ExpertStore
 
     with open_pack(mxfp4[2]) as p:
         store = ExpertStore(p)

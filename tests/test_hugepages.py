@@ -17,7 +17,7 @@ def _anon_huge_kb(addr: int) -> int:
     for i, line in enumerate(lines):
         m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
         if m and int(m.group(1), 16) <= addr < int(m.group(2), 16):
-            for rest in lines[i + 1:]:
+            for rest in lines[i + 1 :]:
                 if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", rest):
                     break
                 if rest.startswith("AnonHugePages:"):
@@ -40,8 +40,10 @@ def test_contents_kept_and_small_arrays_left_alone():
         assert done >= HUGE  # 6 MB hold at least one whole huge page of 2 MB, however aligned
 
 
-@pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(),
-                    reason="transparent huge pages not on madvise here (always: nothing to show; never: none)")
+@pytest.mark.skipif(
+    not THP.exists() or "[madvise]" not in THP.read_text(),
+    reason="transparent huge pages not on madvise here (always: nothing to show; never: none)",
+)
 def test_mlx_memory_moves_onto_huge_pages():
     a = mx.array(np.random.default_rng(1).integers(0, 2**32, 4 * HUGE // 4, dtype=np.uint32))  # 4 huge pages
     mx.eval(a)

@@ -6,8 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from moestream.layouts import (ExpertLayerWriter, Manifest, PackError, SafetensorsError, SafetensorsReader,
-                               SafetensorsWriter, expert_block_layout, open_pack)
+from moestream.layouts import (
+    ExpertLayerWriter,
+    Manifest,
+    PackError,
+    SafetensorsError,
+    SafetensorsReader,
+    SafetensorsWriter,
+    expert_block_layout,
+    open_pack,
+)
 from moestream.layouts.expert_file import HEADER
 
 
@@ -15,8 +23,12 @@ def test_safetensors_writer_loads_with_reference_reader(tmp_path):
     from safetensors.numpy import load_file
 
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.standard_normal((5, 7)).astype(np.float32), "b": rng.integers(0, 2**32, (3, 4), dtype=np.uint32),
-               "c": rng.standard_normal(9).astype(np.float16), "empty": np.zeros((0, 4), np.float32)}
+    tensors = {
+        "a": rng.standard_normal((5, 7)).astype(np.float32),
+        "b": rng.integers(0, 2**32, (3, 4), dtype=np.uint32),
+        "c": rng.standard_normal(9).astype(np.float16),
+        "empty": np.zeros((0, 4), np.float32),
+    }
     w = SafetensorsWriter(tmp_path / "x.safetensors", metadata={"format": "mlx"})
     for k, v in tensors.items():
         w.declare(k, {"float32": "F32", "uint32": "U32", "float16": "F16"}[v.dtype.name], v.shape)
@@ -99,7 +111,7 @@ def test_expert_layer_writer_states_and_completeness(tmp_path):
     data = (tmp_path / "layer-000.bin").read_bytes()
     assert len(data) == x.file_size and x.stride % 4096 == 0 and x.offset % 4096 == 0
     for e in range(3):  # each expert's block lies at offset + e * stride
-        assert data[x.offset + e * x.stride: x.offset + e * x.stride + block] == bytes([e]) * block
+        assert data[x.offset + e * x.stride : x.offset + e * x.stride + block] == bytes([e]) * block
     assert data[:8] == b"MOESTRM\0" and len(HEADER.pack(b"MOESTRM\0", 1, 0, 0, 0, 0, 0, 0)) == HEADER.size
 
 
@@ -117,9 +129,17 @@ def _small_pack(tmp_path):
     from moestream.convert import convert
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 
-    src = write_tiny_checkpoint(tmp_path / "src", tiny_config(hidden_size=64, num_experts=4, moe_intermediate_size=32,
-                                                              num_hidden_layers=2, vocab_size=128,
-                                                              shared_expert_intermediate_size=32))
+    src = write_tiny_checkpoint(
+        tmp_path / "src",
+        tiny_config(
+            hidden_size=64,
+            num_experts=4,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            vocab_size=128,
+            shared_expert_intermediate_size=32,
+        ),
+    )
     convert(str(src), tmp_path / "pack", bits=4, alignment=4096)
     return tmp_path / "pack"
 
@@ -140,7 +160,9 @@ def test_reader_validates_before_use(tmp_path):
         return str(e.value)
 
     assert "unsupported pack version 99" in broken(lambda d: d.update(version=99))
-    assert "not a multiple of alignment" in broken(lambda d: d["experts"][0].update(stride=d["experts"][0]["stride"] + 512))
+    assert "not a multiple of alignment" in broken(
+        lambda d: d["experts"][0].update(stride=d["experts"][0]["stride"] + 512)
+    )
     assert "lies past the end of the block" in broken(lambda d: d["experts"][0]["components"][-1].update(offset=10**6))
     # A short expert file: the error names the file, the layer and the first expert past the end.
     f = pack / manifest["experts"][1]["file"]

@@ -19,9 +19,17 @@ def built(tmp_path_factory):
     from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("paths")
-    src = write_tiny_checkpoint(d / "src", tiny_config(hidden_size=64, num_experts=4, moe_intermediate_size=32,
-                                                       num_hidden_layers=2, vocab_size=128,
-                                                       shared_expert_intermediate_size=32))
+    src = write_tiny_checkpoint(
+        d / "src",
+        tiny_config(
+            hidden_size=64,
+            num_experts=4,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            vocab_size=128,
+            shared_expert_intermediate_size=32,
+        ),
+    )
     convert(str(src), d / "pack", bits=4, alignment=4096)
     return d / "pack"
 
@@ -72,8 +80,9 @@ def test_dotdot_escape_is_refused_for_every_kind_of_file(pack, tmp_path, entry):
     assert f"{name!r}: leaves the pack folder" in msg
 
 
-@pytest.mark.parametrize("name", ["/etc/hostname", "../../../etc/passwd", "experts/../../x", "..\\..\\x", "C:\\x",
-                                  "\\\\host\\share\\x", ""])
+@pytest.mark.parametrize(
+    "name", ["/etc/hostname", "../../../etc/passwd", "experts/../../x", "..\\..\\x", "C:\\x", "\\\\host\\share\\x", ""]
+)
 def test_names_alone_are_checked_without_the_folder(built, name):
     d = json.loads((built / "manifest.json").read_text())
     d["experts"][0]["file"] = name

@@ -11,14 +11,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from metal_reference import as_np, check, make_experts, ref_down, ref_hidden
 
 from moestream.metal import kernels as K
 
-pytestmark = pytest.mark.skipif(not mx.metal.is_available(),
-                                reason="needs a Metal device (Apple silicon); the kernels are verified by emulation "
-                                       "on Linux")
+pytestmark = pytest.mark.skipif(
+    not mx.metal.is_available(),
+    reason="needs a Metal device (Apple silicon); the kernels are verified by emulation on Linux",
+)
 GRID = [(bits, gs) for bits in (2, 3, 4, 8) for gs in (32, 64, 128)]
 
 
@@ -44,18 +44,22 @@ def test_bits_and_groups(bits, gs):
     _run(1280, 1152, 3, (bits, gs), (bits, gs), seed=bits * 1000 + gs)
 
 
-@pytest.mark.parametrize("x_dtype,scale_dtype", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16),
-                                                 (mx.float32, mx.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,scale_dtype", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16), (mx.float32, mx.float32)]
+)
 def test_dtypes(x_dtype, scale_dtype):
     _run(1280, 1152, 3, (4, 64), (4, 64), x_dtype, scale_dtype, seed=3)
 
 
-@pytest.mark.parametrize("h,i,k,gate_up,down", [
-    (4096, 1024, 10, (4, 64), (4, 64)),  # Qwen3.5-397B-A17B at K = 10
-    (4096, 1024, 10, (2, 64), (2, 64)),
-    (128, 96, 8, (4, 64), (4, 32)),
-    (256, 64, 4, (2, 128), (8, 64)),
-])
+@pytest.mark.parametrize(
+    "h,i,k,gate_up,down",
+    [
+        (4096, 1024, 10, (4, 64), (4, 64)),  # Qwen3.5-397B-A17B at K = 10
+        (4096, 1024, 10, (2, 64), (2, 64)),
+        (128, 96, 8, (4, 64), (4, 32)),
+        (256, 64, 4, (2, 128), (8, 64)),
+    ],
+)
 def test_shapes(h, i, k, gate_up, down):
     _run(h, i, k, gate_up, down, seed=h + i + k)
 
@@ -66,20 +70,28 @@ def test_streamed_with_metal_kernels_matches_mlx(tmp_path):
     from moestream.runtime import generate, load
     from moestream.runtime.model.build import load_resident_model
 
-    cfg = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                      num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)
+    cfg = tiny_config(
+        hidden_size=128,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        shared_expert_intermediate_size=64,
+    )
     src = write_tiny_checkpoint(tmp_path / "src", cfg, seed=4)
     x = mx.array(np.random.default_rng(1).integers(0, 512, (1, 6)))
     for bits in (4, 3):
         convert(str(src), tmp_path / f"p{bits}", bits=bits, alignment=4096)
         ref, p = load_resident_model(tmp_path / f"p{bits}", dtype="float32")
         p.close()
-        want = [np.array(ref(x[:, j:j + 1])) for j in range(x.shape[1])]
+        want = [np.array(ref(x[:, j : j + 1])) for j in range(x.shape[1])]
         rt = load(tmp_path / f"p{bits}", kernels="metal", dtype="float32")
         try:
             for j in range(x.shape[1]):  # one token per call: the Metal path
-                np.testing.assert_allclose(np.array(rt.model(x[:, j:j + 1])), want[j], rtol=0,
-                                           atol=5e-4 * np.abs(want[j]).max())
+                np.testing.assert_allclose(
+                    np.array(rt.model(x[:, j : j + 1])), want[j], rtol=0, atol=5e-4 * np.abs(want[j]).max()
+                )
             toks = [c.token for c in generate(rt, "ab", max_tokens=8, raw=True) if c.token is not None]
         finally:
             rt.close()

@@ -11,22 +11,22 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from metal_reference import as_np, check, make_experts, ref_down, ref_hidden
 
 from moestream.metal import kernels as K
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None,
-                                reason="the Metal emulator needs Linux and g++")
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("g++") is None, reason="the Metal emulator needs Linux and g++"
+)
 # Shapes for the bit-width x group-size grid, multiples of every group size: H = 40 units of 32
 # inputs (lanes 0-7 of a simdgroup take two), I = 36 units (lanes 0-3 take two); K of 5 slots.
 H, I, KE, SLOTS = 1280, 1152, 3, 5
 GRID = [(bits, gs) for bits in (2, 3, 4, 8) for gs in (32, 64, 128)]
 SHAPES = [
-    (4096, 1024, 2, (4, 64), (4, 64)),   # Qwen3.5-397B-A17B's expert shape: 4 units per lane, 17 KB staged
-    (256, 128, 10, (3, 64), (3, 64)),    # its K = 10
-    (128, 96, 8, (4, 64), (4, 32)),      # I = 96: the converter quantizes down at group 32
-    (256, 64, 4, (2, 128), (8, 64)),     # different widths for gate/up and down
+    (4096, 1024, 2, (4, 64), (4, 64)),  # Qwen3.5-397B-A17B's expert shape: 4 units per lane, 17 KB staged
+    (256, 128, 10, (3, 64), (3, 64)),  # its K = 10
+    (128, 96, 8, (4, 64), (4, 32)),  # I = 96: the converter quantizes down at group 32
+    (256, 64, 4, (2, 128), (8, 64)),  # different widths for gate/up and down
 ]
 
 
@@ -62,9 +62,19 @@ def test_gate_up_swiglu(emu, bits, gs):
     slots = rng.permutation(SLOTS)[:KE]
     first, _ = K.plan(H, I, KE, (bits, gs), (bits, gs), mx.float32, True)
     a = arrays
-    (hmid,) = emu.launch(first, [mx.array(x), a["gate_proj.weight"], a["up_proj.weight"], a["gate_proj.scales"],
-                                 a["up_proj.scales"], a["gate_proj.biases"], a["up_proj.biases"],
-                                 mx.array(slots.astype(np.uint32))])
+    (hmid,) = emu.launch(
+        first,
+        [
+            mx.array(x),
+            a["gate_proj.weight"],
+            a["up_proj.weight"],
+            a["gate_proj.scales"],
+            a["up_proj.scales"],
+            a["gate_proj.biases"],
+            a["up_proj.biases"],
+            mx.array(slots.astype(np.uint32)),
+        ],
+    )
     want, tol = ref_hidden(arrays, slots, x, (bits, gs))
     check(as_np(hmid), want, tol)
 
@@ -79,11 +89,20 @@ def test_down_weighted_sum(emu, bits, gs, summed):
     weights = rng.random(KE).astype(np.float32)
     _, second = K.plan(H, I, KE, (bits, gs), (bits, gs), mx.float32, summed)
     a = arrays
-    (y,) = emu.launch(second, [mx.array(hmid), a["down_proj.weight"], a["down_proj.scales"], a["down_proj.biases"],
-                               mx.array(slots.astype(np.uint32)),
-                               mx.array(weights if summed else np.ones(KE, np.float32))])
-    ys, tols, total, total_tol = ref_down(arrays, slots, hmid.astype(np.float64), np.zeros((KE, I)), (bits, gs),
-                                          weights)
+    (y,) = emu.launch(
+        second,
+        [
+            mx.array(hmid),
+            a["down_proj.weight"],
+            a["down_proj.scales"],
+            a["down_proj.biases"],
+            mx.array(slots.astype(np.uint32)),
+            mx.array(weights if summed else np.ones(KE, np.float32)),
+        ],
+    )
+    ys, tols, total, total_tol = ref_down(
+        arrays, slots, hmid.astype(np.float64), np.zeros((KE, I)), (bits, gs), weights
+    )
     if summed:
         assert y.shape == (H,)
         check(as_np(y), total, total_tol)
@@ -92,8 +111,9 @@ def test_down_weighted_sum(emu, bits, gs, summed):
         check(as_np(y), ys, tols)
 
 
-@pytest.mark.parametrize("x_dtype,scale_dtype", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16),
-                                                 (mx.float32, mx.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,scale_dtype", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16), (mx.float32, mx.float32)]
+)
 def test_routed_experts_dtypes(emu, monkeypatch, x_dtype, scale_dtype):
     """Both dispatches through routed_experts (the runtime's entry), activations and scales in each type."""
     monkeypatch.setattr(K, "launch", emu.launch)
@@ -127,10 +147,16 @@ def test_shapes(emu, monkeypatch, h, i, k, gate_up, down):
 # The emulator is only worth its name if it fails broken kernels: each mutation below must be caught,
 # by the emulator itself (error) or by the reference check.
 MUTATIONS = {
-    "barrier before the staged reads": ("common", "  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (uint u",
-                                        "  }\n  for (uint u"),
-    "barrier before restaging (next expert)": ("common", "  const int stride = MS_STAGE_STRIDE(N);\n  threadgroup_barrier("
-                                               "mem_flags::mem_threadgroup);", "  const int stride = MS_STAGE_STRIDE(N);"),
+    "barrier before the staged reads": (
+        "common",
+        "  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (uint u",
+        "  }\n  for (uint u",
+    ),
+    "barrier before restaging (next expert)": (
+        "common",
+        "  const int stride = MS_STAGE_STRIDE(N);\n  threadgroup_barrier(mem_flags::mem_threadgroup);",
+        "  const int stride = MS_STAGE_STRIDE(N);",
+    ),
     "3-bit chunk straddling words": ("common", "((w[1] & 0xffffu) << 8)", "((w[1] & 0xffu) << 8)"),
     "row offset of the slot": ("gate_up", "size_t(slots[k]) * I + i0", "size_t(slots[k]) * I"),
     "slot past the slab": ("down", "size_t(slots[k]) * H + row0", "size_t(slots[k] + 1) * H + row0"),
@@ -157,11 +183,30 @@ def test_emulator_catches_broken_kernels(tmp_path, name):
     first, second = K.plan(h, i, k, (3, 64), (3, 64), mx.float32, True)
     a = arrays
     try:
-        (hmid,) = emu.launch(first, [mx.array(x), a["gate_proj.weight"], a["up_proj.weight"], a["gate_proj.scales"],
-                                     a["up_proj.scales"], a["gate_proj.biases"], a["up_proj.biases"],
-                                     mx.array(slots.astype(np.uint32))])
-        (y,) = emu.launch(second, [hmid, a["down_proj.weight"], a["down_proj.scales"], a["down_proj.biases"],
-                                   mx.array(slots.astype(np.uint32)), mx.array(weights)])
+        (hmid,) = emu.launch(
+            first,
+            [
+                mx.array(x),
+                a["gate_proj.weight"],
+                a["up_proj.weight"],
+                a["gate_proj.scales"],
+                a["up_proj.scales"],
+                a["gate_proj.biases"],
+                a["up_proj.biases"],
+                mx.array(slots.astype(np.uint32)),
+            ],
+        )
+        (y,) = emu.launch(
+            second,
+            [
+                hmid,
+                a["down_proj.weight"],
+                a["down_proj.scales"],
+                a["down_proj.biases"],
+                mx.array(slots.astype(np.uint32)),
+                mx.array(weights),
+            ],
+        )
     except RuntimeError as e:
         assert "emulated" in str(e)
         print(f"{name}: {e}")

@@ -23,8 +23,15 @@ from moestream.runtime import generate, load
 from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 from moestream.runtime.model.streamed import StreamedSwitchGLU
 
-CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                     num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)
+CONFIG = tiny_config(
+    hidden_size=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    vocab_size=512,
+    shared_expert_intermediate_size=64,
+)
 no_metal = pytest.mark.skipif(metal.available(), reason="checks the behaviour where there is no Metal device")
 
 
@@ -41,8 +48,16 @@ def packs(tmp_path_factory) -> dict[int, Path]:
 
     counts = np.array([2000, 900, 500, 300, 200, 120, 80, 60, 40, 30, 20, 10, 5, 2, 1, 0], float)
     Calibration({f"experts.{layer}.count": np.roll(counts, 3 * layer) for layer in range(2)}).save(d / "cal.st")
-    convert(str(src), d / "tiered", alignment=4096, method="clip", calibration=str(d / "cal.st"), weighted=False,
-            tier_widths=["2g64", "4g64", "8g64"], bits_per_weight=4.5)
+    convert(
+        str(src),
+        d / "tiered",
+        alignment=4096,
+        method="clip",
+        calibration=str(d / "cal.st"),
+        weighted=False,
+        tier_widths=["2g64", "4g64", "8g64"],
+        bits_per_weight=4.5,
+    )
     out["tiered"] = d / "tiered"
     return out
 
@@ -79,15 +94,18 @@ def test_kernel_choice_without_metal(packs):
         load(packs[4], kernels="metal")
     with pytest.raises(MoestreamError, match="expected one of auto, metal, numba, mlx"):
         load(packs[4], kernels="cuda")
-    for cmd in (["generate", str(packs[4]), "-p", "hi", "--kernels", "metal"],
-                ["serve", str(packs[4]), "--kernels", "metal"]):
+    for cmd in (
+        ["generate", str(packs[4]), "-p", "hi", "--kernels", "metal"],
+        ["serve", str(packs[4]), "--kernels", "metal"],
+    ):
         res = CliRunner().invoke(cli, cmd)
         assert res.exit_code == 1
         assert res.output.strip().splitlines()[-1].startswith("error: --kernels metal: no Metal device")
 
 
-@pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None,
-                    reason="the Metal emulator needs Linux and g++")
+@pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("g++") is None, reason="the Metal emulator needs Linux and g++"
+)
 @pytest.mark.parametrize("bits,cache", [(4, "os"), (3, "lru:40K"), ("tiered", "none")])
 def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cache):
     """lru:40K holds one expert per layer, so each token's 4 experts come in 4 slab groups; the
@@ -104,7 +122,7 @@ def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cac
     x = mx.array(np.random.default_rng(1).integers(0, 512, (1, 6)))
     ref = load(packs[bits], kernels="mlx")
     try:
-        want = [np.array(ref.model(x[:, j:j + 1])) for j in range(x.shape[1])]  # one token per call: decode
+        want = [np.array(ref.model(x[:, j : j + 1])) for j in range(x.shape[1])]  # one token per call: decode
         want_toks = [c.token for c in generate(ref, "ab", max_tokens=6, raw=True) if c.token is not None]
     finally:
         ref.close()
@@ -116,7 +134,7 @@ def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cac
         if bits == "tiered":
             assert all(len(rt.pack.manifest.expert_tiers(layer)) > 1 for layer in (0, 1))
         for j in range(x.shape[1]):
-            got = np.array(rt.model(x[:, j:j + 1]))
+            got = np.array(rt.model(x[:, j : j + 1]))
             np.testing.assert_allclose(got, want[j], rtol=0, atol=1e-4 * np.abs(want[j]).max())
         n = len(calls)
         assert n > 0 and calls.count("gate_up") == calls.count("down")

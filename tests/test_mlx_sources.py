@@ -47,7 +47,10 @@ def test_same_bits_repacks_byte_identical(q4, tmp_path):
     src.close()
     assert all(x.repack for x in plan.experts)
     assert {t.target for f in plan.resident_files for t in f.tensors if t.repack} >= {
-        "model.layers.0.mlp.gate.weight", "model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"}
+        "model.layers.0.mlp.gate.weight",
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    }
     m = convert(str(q4), tmp_path / "p4", bits=4, group_size=64)
     w = _source(q4)
     with open_pack(tmp_path / "p4") as pack:
@@ -60,7 +63,9 @@ def test_same_bits_repacks_byte_identical(q4, tmp_path):
                         assert np.array_equal(got[f"{p}.{part}"], want), (x.layer, e, p, part)
         router = mx.load(str(pack.root / m.resident_tensors["model.layers.1.mlp.gate.weight"].file))
         for part in ("weight", "scales", "biases"):
-            assert np.array_equal(_raw(router[f"model.layers.1.mlp.gate.{part}"]), _raw(w[f"model.layers.1.mlp.gate.{part}"]))
+            assert np.array_equal(
+                _raw(router[f"model.layers.1.mlp.gate.{part}"]), _raw(w[f"model.layers.1.mlp.gate.{part}"])
+            )
 
 
 def test_repacked_pack_runs_as_mlx_lm_runs_the_source(q4, tmp_path, float_kernels):
@@ -84,8 +89,13 @@ def test_other_settings_requantize_from_the_dequantized_source(q4, tmp_path, bit
                 got = pack.expert_arrays(x.layer, e)
                 for p in PROJS:
                     pre = f"model.layers.{x.layer}.mlp.switch_mlp.{p}"
-                    deq = mx.dequantize(w[f"{pre}.weight"][e], w[f"{pre}.scales"][e].astype(mx.float32),
-                                        w[f"{pre}.biases"][e].astype(mx.float32), group_size=64, bits=4)
+                    deq = mx.dequantize(
+                        w[f"{pre}.weight"][e],
+                        w[f"{pre}.scales"][e].astype(mx.float32),
+                        w[f"{pre}.biases"][e].astype(mx.float32),
+                        group_size=64,
+                        bits=4,
+                    )
                     wq, s, b = mx.quantize(deq, group_size=group, bits=bits)
                     assert np.array_equal(got[f"{p}.weight"], np.array(wq)), (x.layer, e, p)
                     assert np.array_equal(got[f"{p}.scales"], _raw(s.astype(mx.bfloat16))), (x.layer, e, p)

@@ -23,8 +23,14 @@ def source(tmp_path_factory) -> Path:
     # MOESTREAM_NB_FALLBACK=1 runs them on the random model even where the fixture exists (as CI does).
     if (TRAINED / "model.safetensors.index.json").exists() and not os.environ.get("MOESTREAM_NB_FALLBACK"):
         return TRAINED
-    cfg = tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64, num_hidden_layers=2, vocab_size=512,
-                      shared_expert_intermediate_size=64)
+    cfg = tiny_config(
+        hidden_size=128,
+        num_experts=8,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        shared_expert_intermediate_size=64,
+    )
     return write_tiny_checkpoint(tmp_path_factory.mktemp("nbsrc"), cfg)
 
 
@@ -44,8 +50,9 @@ def test_notebook_runs(path, source, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     # Run in a scratch folder (the notebooks write packs and figures next to themselves).
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute(env=dict(os.environ))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors

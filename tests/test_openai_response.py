@@ -12,11 +12,28 @@ from moestream.convert.tiny import write_byte_tokenizer
 from moestream.runtime.model.tokenizer import load_tokenizer
 from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
-    "city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"},
-    "hours": {"type": "array"}, "metric": {"type": "boolean"}}}}},
-         {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
-             "query": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "opts": {"type": "object"},
+                    "hours": {"type": "array"},
+                    "metric": {"type": "boolean"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +50,14 @@ def call(name: str, **params) -> str:
 
 
 def assemble(tok, chunks, initial="normal", finish="stop", streaming=False):
-    asm = ResponseAssembler(make_text_state_machine(tok), initial, tok.tool_parser, TOOLS,
-                            (tok.tool_call_start, tok.tool_call_end), streaming=streaming)
+    asm = ResponseAssembler(
+        make_text_state_machine(tok),
+        initial,
+        tok.tool_parser,
+        TOOLS,
+        (tok.tool_call_start, tok.tool_call_end),
+        streaming=streaming,
+    )
     out = Delta()
     for i, c in enumerate(chunks):
         out.merge(asm.feed(c, None))
@@ -53,11 +76,27 @@ def args(d: Delta) -> list[tuple[str, dict]]:
 
 
 def test_nested_values_typed_by_the_schema(tok):
-    text = call("get_weather", city="Paris", days="3", opts='{"units": "metric", "nested": {"a": [1, {"b": null}]}}',
-                hours="[1, 2, 3]", metric="true")
+    text = call(
+        "get_weather",
+        city="Paris",
+        days="3",
+        opts='{"units": "metric", "nested": {"a": [1, {"b": null}]}}',
+        hours="[1, 2, 3]",
+        metric="true",
+    )
     d = assemble(tok, [text])
-    assert args(d) == [("get_weather", {"city": "Paris", "days": 3, "hours": [1, 2, 3], "metric": True,
-                                        "opts": {"units": "metric", "nested": {"a": [1, {"b": None}]}}})]
+    assert args(d) == [
+        (
+            "get_weather",
+            {
+                "city": "Paris",
+                "days": 3,
+                "hours": [1, 2, 3],
+                "metric": True,
+                "opts": {"units": "metric", "nested": {"a": [1, {"b": None}]}},
+            },
+        )
+    ]
     assert d.content == "" and d.tool_calls[0]["type"] == "function" and d.tool_calls[0]["id"].startswith("call_")
 
 
@@ -80,8 +119,14 @@ def test_any_split_across_chunks_gives_the_same_result(tok, seed):
 
 
 def test_streaming_numbers_calls_and_emits_each_whole(tok):
-    asm = ResponseAssembler(make_text_state_machine(tok), "normal", tok.tool_parser, TOOLS,
-                            (tok.tool_call_start, tok.tool_call_end), streaming=True)
+    asm = ResponseAssembler(
+        make_text_state_machine(tok),
+        "normal",
+        tok.tool_parser,
+        TOOLS,
+        (tok.tool_call_start, tok.tool_call_end),
+        streaming=True,
+    )
     text = call("search", query="x") + call("search", query="y")
     emitted = [asm.feed(c) for c in text]
     with_calls = [d for d in emitted if d.tool_calls]
@@ -89,11 +134,15 @@ def test_streaming_numbers_calls_and_emits_each_whole(tok):
     assert all(len(d.tool_calls) == 1 for d in with_calls)  # each call arrives once, complete
 
 
-@pytest.mark.parametrize("bad", [
-    "<tool_call>\nnot a function at all\n</tool_call>",
-    "<tool_call>\n<function=>\n</function>\n</tool_call>",
-    "<tool_call>\n<function=get_weather>\n<parameter=days>\nthree and a half\n</parameter>\n</function>\n</tool_call>",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "<tool_call>\nnot a function at all\n</tool_call>",
+        "<tool_call>\n<function=>\n</function>\n</tool_call>",
+        "<tool_call>\n<function=get_weather>\n<parameter=days>\nthree and a half\n"
+        "</parameter>\n</function>\n</tool_call>",
+    ],
+)
 def test_malformed_calls_come_back_as_text(tok, bad):
     d = assemble(tok, ["before ", bad, " after"])
     assert d.tool_calls == [] and d.content == "before " + bad + " after"

@@ -9,14 +9,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-
 from tiny_packs import tiny_pack
+
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest, PackError
 from moestream.runtime import OptionError, load
 
-CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                     num_hidden_layers=2, vocab_size=512, shared_expert_intermediate_size=64)
+CONFIG = tiny_config(
+    hidden_size=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    vocab_size=512,
+    shared_expert_intermediate_size=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +119,21 @@ def test_bench_with_os_map_and_no_verify(pack):
     from moestream.main import cli
 
     _run(pack, [1, 2, 3, 4, 5, 6], cache="os")  # the experts into the page cache
-    res = CliRunner().invoke(cli, ["bench", str(pack), "--cache", "os-map", "--no-verify", "--no-baselines",
-                                   "--prompt-tokens", "8", "--gen-tokens", "4"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            str(pack),
+            "--cache",
+            "os-map",
+            "--no-verify",
+            "--no-baselines",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "cache os-map" in res.output and "checksums off" in res.output
     if _cached(pack):

@@ -9,16 +9,23 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-
 from tiny_packs import tiny_pack
+
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest, PackError
 from moestream.runtime import load
 from moestream.runtime.store.prefill_ring import PrefillStream
 
 # 16 experts, top-2: a chunk of 8 or more tokens routes to most of them (tokens x k >= experts)
-CONFIG = tiny_config(hidden_size=256, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128,
-                     num_hidden_layers=3, vocab_size=256, shared_expert_intermediate_size=128)
+CONFIG = tiny_config(
+    hidden_size=256,
+    num_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    num_hidden_layers=3,
+    vocab_size=256,
+    shared_expert_intermediate_size=128,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from moestream.quant import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     ErrorStats,
+    affine,
     bf16_to_f32,
     decode_to_f32,
     dequantize,
@@ -26,7 +27,6 @@ from moestream.quant import (
     quantize,
     quantize_with_error,
 )
-from moestream.quant import affine
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -34,6 +34,7 @@ TRAINED = FIXTURES / "trained-tiny-qwen3_5-moe"
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _weights(rng: np.random.Generator, rows: int, cols: int, group_size: int) -> np.ndarray:
     """Gaussian rows of very different magnitudes, plus the awkward groups: constant,
@@ -45,13 +46,13 @@ def _weights(rng: np.random.Generator, rows: int, cols: int, group_size: int) ->
     flat = w.reshape(n_groups, g)
     picks = rng.choice(n_groups, size=min(n_groups, 7), replace=False)
     specials = [
-        np.full(g, rng.standard_normal(), np.float32),                      # constant
-        np.zeros(g, np.float32),                                             # all zero
+        np.full(g, rng.standard_normal(), np.float32),  # constant
+        np.zeros(g, np.float32),  # all zero
         np.where(np.arange(g) == rng.integers(g), 40.0, 0.01 * rng.standard_normal(g)),
-        -np.abs(rng.standard_normal(g)) - 0.5,                               # negative only
-        np.abs(rng.standard_normal(g)) + 0.5,                                # positive only
-        1.0 + 1e-3 * rng.standard_normal(g),                                 # tiny spread
-        np.full(g, -3.0, np.float32),                                        # negative constant
+        -np.abs(rng.standard_normal(g)) - 0.5,  # negative only
+        np.abs(rng.standard_normal(g)) + 0.5,  # positive only
+        1.0 + 1e-3 * rng.standard_normal(g),  # tiny spread
+        np.full(g, -3.0, np.float32),  # negative constant
     ]
     for p, s in zip(picks, specials):
         flat[p] = s
@@ -77,6 +78,7 @@ def _mx_f32(x: np.ndarray, scale_dtype: str) -> mx.array:
 
 
 # ----------------------------------------------------------------------------- rtn vs MLX
+
 
 @pytest.mark.parametrize("scale_dtype", list(MX_DTYPES))
 @pytest.mark.parametrize("group_size", SUPPORTED_GROUP_SIZES)
@@ -104,8 +106,9 @@ def test_dequantize_matches_mlx(bits, scale_dtype):
         for method in ("rtn", "clip"):
             wq, s, b = quantize(w, bits, group_size, scale_dtype, method)
             ours = dequantize(wq, s, b, bits, group_size, scale_dtype)
-            ref = mx.dequantize(mx.array(wq), _mx_f32(s, scale_dtype), _mx_f32(b, scale_dtype),
-                                group_size=group_size, bits=bits)
+            ref = mx.dequantize(
+                mx.array(wq), _mx_f32(s, scale_dtype), _mx_f32(b, scale_dtype), group_size=group_size, bits=bits
+            )
             np.testing.assert_array_equal(ours, np.array(ref))
 
 
@@ -116,8 +119,11 @@ def test_error_stats_match_numpy(method, scale_dtype):
     for bits, group_size in [(2, 64), (3, 32), (4, 128), (8, 64)]:
         w = _as_dtype(_weights(rng, 12, 768, group_size), scale_dtype)[1]
         wq, s, b, st = quantize_with_error(w, bits, group_size, scale_dtype, method)
-        deq = np.array(mx.dequantize(mx.array(wq), _mx_f32(s, scale_dtype),
-                                     _mx_f32(b, scale_dtype), group_size=group_size, bits=bits))
+        deq = np.array(
+            mx.dequantize(
+                mx.array(wq), _mx_f32(s, scale_dtype), _mx_f32(b, scale_dtype), group_size=group_size, bits=bits
+            )
+        )
         err = deq.astype(np.float64) - w.astype(np.float64)
         w64 = w.astype(np.float64)
         assert st.count == w.size
@@ -126,14 +132,14 @@ def test_error_stats_match_numpy(method, scale_dtype):
         assert st.sum_err2 == pytest.approx((err**2).sum(), rel=1e-9)
         assert st.max_abs == pytest.approx(np.abs(err).max(), rel=1e-12)
         assert st.rel_rmse == pytest.approx(np.sqrt((err**2).mean()) / w64.std(), rel=1e-6)
-        assert st.snr_db == pytest.approx(10 * np.log10((w64**2).mean() / (err**2).mean()),
-                                          rel=1e-6)
+        assert st.snr_db == pytest.approx(10 * np.log10((w64**2).mean() / (err**2).mean()), rel=1e-6)
         # The stats are of exactly what quantize returns.
         wq2, s2, b2 = quantize(w, bits, group_size, scale_dtype, method)
         assert wq2.tobytes() == wq.tobytes() and s2.tobytes() == s.tobytes()
 
 
 # ----------------------------------------------------------------------------- clip
+
 
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16", "float32"])
 def test_clip_beats_rtn_on_gaussian(scale_dtype):
@@ -147,9 +153,11 @@ def test_clip_beats_rtn_on_gaussian(scale_dtype):
             wq, s, b, clip = quantize_with_error(w, bits, group_size, scale_dtype, "clip")
             assert clip.rel_rmse <= rtn.rel_rmse * (1 - min_gain), (bits, group_size)
             # Codes stay in range and MLX reads the result as is.
-            deq = np.array(mx.dequantize(mx.array(wq), _mx_f32(s, scale_dtype),
-                                         _mx_f32(b, scale_dtype), group_size=group_size,
-                                         bits=bits))
+            deq = np.array(
+                mx.dequantize(
+                    mx.array(wq), _mx_f32(s, scale_dtype), _mx_f32(b, scale_dtype), group_size=group_size, bits=bits
+                )
+            )
             assert np.sqrt(((deq - w) ** 2).mean()) == pytest.approx(clip.rmse, rel=1e-5)
 
 
@@ -159,8 +167,7 @@ def test_clip_never_loses_to_rtn_per_group():
         w = _as_dtype(_weights(rng, 40, 512, group_size), "bfloat16")[1]
         sse = {}
         for method in ("rtn", "clip"):
-            deq = dequantize(*quantize(w, bits, group_size, "bfloat16", method), bits,
-                             group_size, "bfloat16")
+            deq = dequantize(*quantize(w, bits, group_size, "bfloat16", method), bits, group_size, "bfloat16")
             d = deq.astype(np.float64) - w
             sse[method] = (d**2).reshape(-1, group_size).sum(1)
         assert np.all(sse["clip"] <= sse["rtn"] * (1 + 1e-4) + 1e-30)
@@ -196,6 +203,7 @@ def test_clip_on_trained_experts():
 
 
 # ----------------------------------------------------------------------------- API edges
+
 
 def test_bad_arguments_raise():
     w = np.zeros((4, 96), np.float32)
@@ -239,11 +247,12 @@ def test_threads_give_the_same_bytes():
 
 # ----------------------------------------------------------------------------- ErrorStats
 
+
 def test_error_stats_merge_and_json():
     rng = np.random.default_rng(8)
     w = rng.standard_normal((32, 256)).astype(np.float32)
     whole = quantize_with_error(w, 4, 64)[3]
-    parts = [quantize_with_error(w[i:i + 8], 4, 64)[3] for i in range(0, 32, 8)]
+    parts = [quantize_with_error(w[i : i + 8], 4, 64)[3] for i in range(0, 32, 8)]
     merged = sum(parts)
     assert merged.count == whole.count
     assert merged.sum_err2 == pytest.approx(whole.sum_err2, rel=1e-12)
@@ -260,19 +269,18 @@ def test_error_stats_merge_and_json():
 
 # ----------------------------------------------------------------------------- dtypes
 
+
 def test_bf16_rounding_matches_mlx():
     rng = np.random.default_rng(12)
     bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
     ties = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # exact half-way cases
     near = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x7FFF)
     f = np.concatenate([bits, ties, near]).view(np.float32)
-    f = np.concatenate([f, np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38,
-                                     1e-40, -1e-45], np.float32)])
+    f = np.concatenate([f, np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40, -1e-45], np.float32)])
     ref = np.array(mx.array(f).astype(mx.bfloat16).view(mx.uint16))
     np.testing.assert_array_equal(f32_to_bf16(f), ref)
     # Widening is exact and agrees with MLX.
-    np.testing.assert_array_equal(
-        bf16_to_f32(ref), np.array(mx.array(ref).view(mx.bfloat16).astype(mx.float32)))
+    np.testing.assert_array_equal(bf16_to_f32(ref), np.array(mx.array(ref).view(mx.bfloat16).astype(mx.float32)))
 
 
 def test_kernel_scale_rounding_matches_numpy_and_mlx():
@@ -283,10 +291,12 @@ def test_kernel_scale_rounding_matches_numpy_and_mlx():
             outbf[i] = affine._round_bf16(x[i])
 
     rng = np.random.default_rng(13)
-    x = np.concatenate([
-        (rng.standard_normal(50_000) * 10.0 ** rng.uniform(-9, 5, 50_000)),
-        np.array([65504.0, 65519.99, 65520.0, 6.1e-5, 6.104e-5, 2.0**-25, 3 * 2.0**-26, 0.0]),
-    ]).astype(np.float32)
+    x = np.concatenate(
+        [
+            (rng.standard_normal(50_000) * 10.0 ** rng.uniform(-9, 5, 50_000)),
+            np.array([65504.0, 65519.99, 65520.0, 6.1e-5, 6.104e-5, 2.0**-25, 3 * 2.0**-26, 0.0]),
+        ]
+    ).astype(np.float32)
     out16 = np.empty_like(x)
     outbf = np.empty_like(x)
     round_all(x, out16, outbf)
@@ -306,8 +316,7 @@ def test_fp8_e4m3_table_matches_torch():
 def test_fp8_block_dequant_matches_torch(shape):
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     rows, cols = shape
-    w8 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 50).to(
-        torch.float8_e4m3fn)
+    w8 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 50).to(torch.float8_e4m3fn)
     sr, sc = -(-rows // 128), -(-cols // 128)
     scale = torch.from_numpy(rng.uniform(1e-4, 1e-2, (sr, sc)).astype(np.float32))
     ref = w8.float() * scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
@@ -317,15 +326,23 @@ def test_fp8_block_dequant_matches_torch(shape):
         dequantize_fp8_blocks(w8.view(torch.uint8).numpy(), scale.numpy()[:, :0])
 
 
-@pytest.mark.parametrize("st_dtype,torch_dtype", [
-    ("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32),
-    ("F8_E4M3", torch.float8_e4m3fn),
-])
+@pytest.mark.parametrize(
+    "st_dtype,torch_dtype",
+    [
+        ("BF16", torch.bfloat16),
+        ("F16", torch.float16),
+        ("F32", torch.float32),
+        ("F8_E4M3", torch.float8_e4m3fn),
+    ],
+)
 def test_decode_to_f32_matches_torch(st_dtype, torch_dtype):
     rng = np.random.default_rng(len(st_dtype))
     t = torch.from_numpy(rng.standard_normal((6, 10)).astype(np.float32) * 3).to(torch_dtype)
-    raw = t.view(torch.uint8).numpy().tobytes() if t.element_size() == 1 else \
-        t.contiguous().view(torch.uint8).numpy().tobytes()
+    raw = (
+        t.view(torch.uint8).numpy().tobytes()
+        if t.element_size() == 1
+        else t.contiguous().view(torch.uint8).numpy().tobytes()
+    )
     out = decode_to_f32(raw, st_dtype, (6, 10))
     assert out.dtype == np.float32 and out.shape == (6, 10)
     np.testing.assert_array_equal(out, t.float().numpy())

@@ -8,15 +8,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-
 from tiny_packs import tiny_pack
+
 from moestream.convert.tiny import tiny_config
 from moestream.layouts import Manifest
 from moestream.runtime import load
 from moestream.runtime.store.expert_store import ExpertStore
 
-CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                     num_hidden_layers=4, vocab_size=512, shared_expert_intermediate_size=64)
+CONFIG = tiny_config(
+    hidden_size=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    num_hidden_layers=4,
+    vocab_size=512,
+    shared_expert_intermediate_size=64,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Routing traces (--trace-routing): the recorded choices equal mlx-lm's resident model's router on the
 same tokens; the cache analyses give hand-computed answers on crafted traces."""
 
-import numpy as np
 import mlx.core as mx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -10,16 +10,22 @@ from moestream.convert import convert
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.main import cli
 from moestream.runtime import load
-from moestream.runtime.model.build import load_resident_model
-from moestream.runtime.model.blocks import moe_blocks
 from moestream.runtime.analysis.routing import RoutingTrace, consecutive_reuse, lru_hit_rate, popularity
+from moestream.runtime.model.blocks import moe_blocks
+from moestream.runtime.model.build import load_resident_model
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     d = tmp_path_factory.mktemp("routing")
-    cfg = tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64, num_hidden_layers=2, vocab_size=512,
-                      shared_expert_intermediate_size=64)
+    cfg = tiny_config(
+        hidden_size=128,
+        num_experts=8,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        shared_expert_intermediate_size=64,
+    )
     convert(str(write_tiny_checkpoint(d / "src", cfg)), d / "p4", bits=4)
     return d / "p4"
 
@@ -53,8 +59,9 @@ def test_trace_equals_the_resident_router(pack, tmp_path):
 
 
 def test_cli_generate_writes_a_trace(pack, tmp_path):
-    r = CliRunner().invoke(cli, ["generate", str(pack), "-p", "hi", "-m", "5", "--no-think", "--trace-routing",
-                                 str(tmp_path / "g.npz")])
+    r = CliRunner().invoke(
+        cli, ["generate", str(pack), "-p", "hi", "-m", "5", "--no-think", "--trace-routing", str(tmp_path / "g.npz")]
+    )
     assert r.exit_code == 0, r.output
     n, layers = RoutingTrace.load(tmp_path / "g.npz")
     rows = {a.shape[0] for a in layers.values()}

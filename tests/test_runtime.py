@@ -16,14 +16,20 @@ from click.testing import CliRunner
 
 from moestream.convert import convert
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
-from moestream.layouts import Manifest, PackError
-from moestream.runtime import OptionError
+from moestream.layouts import Manifest
 from moestream.main import cli
-from moestream.runtime import evaluate, generate, load
+from moestream.runtime import OptionError, evaluate, generate, load
 from moestream.runtime.model.build import load_resident_model
 
-CONFIG = tiny_config(hidden_size=128, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                     num_hidden_layers=4, vocab_size=512, shared_expert_intermediate_size=64)
+CONFIG = tiny_config(
+    hidden_size=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    num_hidden_layers=4,
+    vocab_size=512,
+    shared_expert_intermediate_size=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +171,14 @@ def _damaged(pack: Path, tmp_path: Path, how: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("how,msg", [("missing", "layer-001.bin (layer 1): missing expert file"),
-                                     ("truncated", "layer-001.bin (layer 1): "),
-                                     ("corrupt", "layer-001.bin: layer 1 expert")])
+@pytest.mark.parametrize(
+    "how,msg",
+    [
+        ("missing", "layer-001.bin (layer 1): missing expert file"),
+        ("truncated", "layer-001.bin (layer 1): "),
+        ("corrupt", "layer-001.bin: layer 1 expert"),
+    ],
+)
 def test_damaged_pack_fails_with_one_line(pack, tmp_path, how, msg):
     p = _damaged(pack, tmp_path, how)
     r = CliRunner().invoke(cli, ["generate", str(p), "-p", "hi", "-m", "4", "--raw"])
@@ -187,8 +198,12 @@ def test_expert_files_are_never_mapped(pack):
 
 def test_ctrl_c_exits_cleanly(pack):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moestream", "generate", str(pack), "-p", "go", "--raw",
-                             "-m", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moestream", "generate", str(pack), "-p", "go", "--raw", "-m", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1.0)
@@ -219,8 +234,24 @@ def test_eval_sweep_k_table(pack, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     m = Manifest.load(pack)
-    r = CliRunner().invoke(cli, ["eval", str(pack), "--text", str(text), "--reference", str(pack), "--max-tokens",
-                                 "120", "--window", "60", "--sweep-k", f"1,{m.top_k}", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(pack),
+            "--text",
+            str(text),
+            "--reference",
+            str(pack),
+            "--max-tokens",
+            "120",
+            "--window",
+            "60",
+            "--sweep-k",
+            f"1,{m.top_k}",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
     assert [x["k"] for x in rows] == [1, m.top_k]
@@ -239,8 +270,9 @@ def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
         convert(str(trained_tiny), tmp_path / f"p{bits}", bits=bits)
         rt = load(tmp_path / f"p{bits}", cache="os")
         try:
-            res[bits] = evaluate(rt, text, reference=trained_tiny, max_tokens=2048, window=512,
-                                 reference_backend="transformers")
+            res[bits] = evaluate(
+                rt, text, reference=trained_tiny, max_tokens=2048, window=512, reference_backend="transformers"
+            )
         finally:
             rt.close()
     assert res[8]["kl_mean"] <= 0.005 and res[8]["top1_agreement"] >= 0.98, res
@@ -251,8 +283,11 @@ def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
 
 
 def test_chat_turns_clear_and_exit(pack):
-    r = CliRunner().invoke(cli, ["chat", str(pack), "-m", "6", "--temp", "0", "--no-think"],
-                           input="hello\nand again\n/clear\nnew topic\n/exit\n")
+    r = CliRunner().invoke(
+        cli,
+        ["chat", str(pack), "-m", "6", "--temp", "0", "--no-think"],
+        input="hello\nand again\n/clear\nnew topic\n/exit\n",
+    )
     assert r.exit_code == 0, r.output
     assert r.output.count(">>") == 5 and "(conversation cleared)" in r.output
 
@@ -276,18 +311,44 @@ def test_decode_rss_bound(pack):
     """Peak RSS of a streamed run stays within its libraries' footprint (measured in the same
     environment) + resident weights + reader buffers + a small margin: no expert file is read whole."""
     base = subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; import numpy as np; import moestream.main; "
-         "from moestream.runtime.model.tokenizer import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
-         "from moestream.runtime.cpu.kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
-         "qmm(o, np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
-         "qmm(o.repeat(2, 0), np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
-         "silu_mul(o.copy(), o); "
-         "from moestream.runtime.generate import peak_rss; print(peak_rss())", str(pack)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; import numpy as np; import moestream.main; "
+            "from moestream.runtime.model.tokenizer import load_tokenizer; load_tokenizer(Path(sys.argv[1])); "
+            "from moestream.runtime.cpu.kernels import qmm, silu_mul; o = np.ones((1, 64), np.float32); "
+            "qmm(o, np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
+            "qmm(o.repeat(2, 0), np.zeros((2, 8), np.uint32), o[:, :2].reshape(2, 1), o[:, :2].reshape(2, 1), 4, 64); "
+            "silu_mul(o.copy(), o); "
+            "from moestream.runtime.generate import peak_rss; print(peak_rss())",
+            str(pack),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert base.returncode == 0, base.stderr
     libraries = int(base.stdout.split()[-1])
-    r = subprocess.run([sys.executable, "-m", "moestream", "generate", str(pack), "-p", "hi", "--raw", "-m", "16",
-                        "--stats", "--cache", "none"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moestream",
+            "generate",
+            str(pack),
+            "-p",
+            "hi",
+            "--raw",
+            "-m",
+            "16",
+            "--stats",
+            "--cache",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     line = next(l for l in r.stderr.splitlines() if "peak RSS" in l)
     val, unit = line.split("peak RSS")[1].split()[:2]
@@ -332,10 +393,14 @@ def test_synth_pack_has_real_shapes_and_runs(tmp_path):
     from moestream.layouts import expert_block_layout, open_pack
 
     like = tmp_path / "like.json"
-    like.write_text(json.dumps(tiny_config(hidden_size=256, num_experts=16, moe_intermediate_size=128,
-                                           num_hidden_layers=8, vocab_size=512)))
-    r = CliRunner().invoke(cli, ["synth", "--like", str(like), "-o", str(tmp_path / "s"), "--layers", "3",
-                                 "--alignment", "4096"])
+    like.write_text(
+        json.dumps(
+            tiny_config(hidden_size=256, num_experts=16, moe_intermediate_size=128, num_hidden_layers=8, vocab_size=512)
+        )
+    )
+    r = CliRunner().invoke(
+        cli, ["synth", "--like", str(like), "-o", str(tmp_path / "s"), "--layers", "3", "--alignment", "4096"]
+    )
     assert r.exit_code == 0, r.output
     with open_pack(tmp_path / "s") as p:
         p.verify()
@@ -389,8 +454,11 @@ def test_synth_zipf_routing_makes_hot_experts(tmp_path):
     from moestream.convert.synth import synth
 
     like = tmp_path / "like.json"
-    like.write_text(json.dumps(tiny_config(hidden_size=256, num_experts=64, moe_intermediate_size=128,
-                                           num_hidden_layers=2, vocab_size=512)))
+    like.write_text(
+        json.dumps(
+            tiny_config(hidden_size=256, num_experts=64, moe_intermediate_size=128, num_hidden_layers=2, vocab_size=512)
+        )
+    )
     rates = {}
     for routing in ("uniform", "zipf:2.0"):
         synth(str(like), tmp_path / routing.replace(":", "-"), layers=2, routing=routing, alignment=4096)
@@ -450,14 +518,15 @@ def test_openmp_wait_policy_not_set_by_import(pack, user):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if user:
         env["OMP_WAIT_POLICY"] = user
-    code = ("import os, sys; import moestream, moestream.runtime, moestream.layouts; "
-            "from moestream.runtime.cpu.threads import _libgomp_loaded, prefer_passive_wait; "
-            "after_import = os.environ.get('OMP_WAIT_POLICY', '-'); before = _libgomp_loaded(); "
-            "took = prefer_passive_wait(); "
-            "rt = moestream.runtime.load(sys.argv[1], tokenizer=False); rt.close(); "
-            "print(after_import, os.environ['OMP_WAIT_POLICY'], before, took)")
-    out = subprocess.run([sys.executable, "-c", code, str(pack)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import os, sys; import moestream, moestream.runtime, moestream.layouts; "
+        "from moestream.runtime.cpu.threads import _libgomp_loaded, prefer_passive_wait; "
+        "after_import = os.environ.get('OMP_WAIT_POLICY', '-'); before = _libgomp_loaded(); "
+        "took = prefer_passive_wait(); "
+        "rt = moestream.runtime.load(sys.argv[1], tokenizer=False); rt.close(); "
+        "print(after_import, os.environ['OMP_WAIT_POLICY'], before, took)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(pack)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [user or "-", user or "PASSIVE", "False", str(user is None)]
 
@@ -465,9 +534,11 @@ def test_openmp_wait_policy_not_set_by_import(pack, user):
 def test_the_cli_sets_openmp_wait_policy_before_libgomp_loads():
     """The CLI module sets the policy before its commands' imports (mlx-lm, transformers) load libgomp."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = ("import os; import moestream.app; from moestream.runtime.cpu.threads import _libgomp_loaded; "
-            "set_before = (os.environ.get('OMP_WAIT_POLICY'), _libgomp_loaded()); import moestream.main; "
-            "import moestream.convert; print(*set_before, _libgomp_loaded())")
+    code = (
+        "import os; import moestream.app; from moestream.runtime.cpu.threads import _libgomp_loaded; "
+        "set_before = (os.environ.get('OMP_WAIT_POLICY'), _libgomp_loaded()); import moestream.main; "
+        "import moestream.convert; print(*set_before, _libgomp_loaded())"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["PASSIVE", "False", "True"]

@@ -30,9 +30,18 @@ from moestream.runtime import load  # noqa: E402
 from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks  # noqa: E402
 from moestream.runtime.serve.server import build_server  # noqa: E402
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                                     "opts": {"type": "object"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"}},
+            },
+        },
+    }
+]
 THINK_OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 NO_THINK = {"extra_body": THINK_OFF}
 
@@ -40,9 +49,17 @@ NO_THINK = {"extra_body": THINK_OFF}
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    src = write_tiny_checkpoint(d / "src", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
-                                                       num_hidden_layers=2, vocab_size=512,
-                                                       shared_expert_intermediate_size=64))
+    src = write_tiny_checkpoint(
+        d / "src",
+        tiny_config(
+            hidden_size=128,
+            num_experts=8,
+            moe_intermediate_size=64,
+            num_hidden_layers=2,
+            vocab_size=512,
+            shared_expert_intermediate_size=64,
+        ),
+    )
     convert(str(src), d / "tinypack", bits=4)
     return d / "tinypack"
 
@@ -119,8 +136,17 @@ def test_models_chat_stream_and_completions(client):
     r = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=6, temperature=0, **NO_THINK)
     assert r.choices[0].finish_reason in ("length", "stop") and 1 <= r.usage.completion_tokens <= 6
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    chunks = list(client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=6, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}, **NO_THINK))
+    chunks = list(
+        client.chat.completions.create(
+            model="tinypack",
+            messages=msgs,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            **NO_THINK,
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == (r.choices[0].message.content or "")  # greedy: streaming and not agree
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
@@ -139,7 +165,9 @@ def test_thinking_switch_and_reasoning_content(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "It is 4."
     scripted(server, "It is 4.")
     off = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=40, **NO_THINK)
-    assert off.choices[0].message.content == "It is 4." and not getattr(off.choices[0].message, "reasoning_content", None)
+    assert off.choices[0].message.content == "It is 4." and not getattr(
+        off.choices[0].message, "reasoning_content", None
+    )
     # The switch reaches the template: off closes an empty think block in the prompt.
     tok = server[0].generator.model_provider.tokenizer
     on_text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -150,10 +178,22 @@ def test_thinking_switch_and_reasoning_content(server, client):
 
 def test_tool_calls_plain_and_streamed(server, client):
     # Short names: the byte-level tiny tokenizer spends one token per character.
-    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
-        "c": {"type": "string"}, "d": {"type": "integer"}, "o": {"type": "object"}}}}}]
-    out = ("Ok.\n<tool_call>\n<function=w>\n<parameter=c>\nParis\n</parameter>\n<parameter=d>\n3\n</parameter>\n"
-           "<parameter=o>\n{\"u\": [1, {\"v\": true}]}\n</parameter>\n</function>\n</tool_call>")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "w",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"c": {"type": "string"}, "d": {"type": "integer"}, "o": {"type": "object"}},
+                },
+            },
+        }
+    ]
+    out = (
+        "Ok.\n<tool_call>\n<function=w>\n<parameter=c>\nParis\n</parameter>\n<parameter=d>\n3\n</parameter>\n"
+        '<parameter=o>\n{"u": [1, {"v": true}]}\n</parameter>\n</function>\n</tool_call>'
+    )
     want = {"c": "Paris", "d": 3, "o": {"u": [1, {"v": True}]}}
     msgs = [{"role": "user", "content": "Paris?"}]
     scripted(server, out)
@@ -161,27 +201,42 @@ def test_tool_calls_plain_and_streamed(server, client):
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content == "Ok.\n"
     assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [("w", want)]
-    chunks = list(client.chat.completions.create(model="tinypack", messages=msgs, tools=tools, max_tokens=200,
-                                                 stream=True, **NO_THINK))
+    chunks = list(
+        client.chat.completions.create(
+            model="tinypack", messages=msgs, tools=tools, max_tokens=200, stream=True, **NO_THINK
+        )
+    )
     calls = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls or [])]
     assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [(0, "w", want)]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # The call and its result go back in the next turn (arguments as the JSON string clients send).
-    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": calls[0].id, "type": "function", "function": {"name": "w", "arguments": json.dumps(want)}}]},
-        {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"}]
+    follow = msgs + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": calls[0].id, "type": "function", "function": {"name": "w", "arguments": json.dumps(want)}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "sun"},
+    ]
     scripted(server, "Sun.")
     r2 = client.chat.completions.create(model="tinypack", messages=follow, tools=tools, max_tokens=20, **NO_THINK)
     assert r2.choices[0].message.content == "Sun." and r2.choices[0].finish_reason == "stop"
 
 
 def test_malformed_tool_call_is_returned_as_text(server, client):
-    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
-        "d": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "w", "parameters": {"type": "object", "properties": {"d": {"type": "integer"}}}},
+        }
+    ]
     bad = "<tool_call>\n<function=w>\n<parameter=d>\nmany\n</parameter>\n</function>\n</tool_call>"
     scripted(server, bad)
-    r = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "hi"}], tools=tools,
-                                       max_tokens=200, **NO_THINK)
+    r = client.chat.completions.create(
+        model="tinypack", messages=[{"role": "user", "content": "hi"}], tools=tools, max_tokens=200, **NO_THINK
+    )
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == bad
     assert r.choices[0].finish_reason == "stop"
 
@@ -195,7 +250,9 @@ def test_stop_strings_and_seed(server, client):
     kw = dict(model="tinypack", messages=msgs, max_tokens=8, temperature=1.0, logprobs=True, **NO_THINK)
 
     def ids(seed):
-        return [x.model_extra["id"] for x in client.chat.completions.create(seed=seed, **kw).choices[0].logprobs.content]
+        return [
+            x.model_extra["id"] for x in client.chat.completions.create(seed=seed, **kw).choices[0].logprobs.content
+        ]
 
     assert ids(1) == ids(1) and ids(1) != ids(2)  # seeded sampling is reproducible, and the seed is used
 
@@ -216,10 +273,13 @@ def test_follow_up_turn_reuses_the_conversation_prefix(server, client, pack):
     tok = server[0].generator.model_provider.tokenizer
     turn1 = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
     r1 = client.chat.completions.create(model="tinypack", messages=turn1, max_tokens=5, temperature=0, **NO_THINK)
-    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content or ""},
-                     {"role": "user", "content": "Another one."}]
-    r2 = client.chat.completions.create(model="tinypack", messages=turn2, max_tokens=5, temperature=0,
-                                        logprobs=True, **NO_THINK)
+    turn2 = turn1 + [
+        {"role": "assistant", "content": r1.choices[0].message.content or ""},
+        {"role": "user", "content": "Another one."},
+    ]
+    r2 = client.chat.completions.create(
+        model="tinypack", messages=turn2, max_tokens=5, temperature=0, logprobs=True, **NO_THINK
+    )
     history = tok.apply_chat_template(turn2, add_generation_prompt=False, enable_thinking=False)
     prompt = tok.apply_chat_template(turn2, add_generation_prompt=True, enable_thinking=False)
     assert r2.usage.prompt_tokens == len(prompt)
@@ -235,25 +295,34 @@ def test_per_request_experts_per_token(server, client, pack):
     msgs = [{"role": "user", "content": "count"}]
     blocks = moe_blocks(server[0].generator.model_provider.model).values()
     k0 = [get_experts_per_token(b) for b in blocks]
-    r = client.chat.completions.create(model="tinypack", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
-                                       extra_body={"experts_per_token": 1, **THINK_OFF})
+    r = client.chat.completions.create(
+        model="tinypack",
+        messages=msgs,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        extra_body={"experts_per_token": 1, **THINK_OFF},
+    )
     got = [x.model_extra["id"] for x in r.choices[0].logprobs.content]
     assert got == _reference_tokens(pack, tok, msgs, len(got), experts_per_token=1)
     assert got != _reference_tokens(pack, tok, msgs, len(got))  # K matters for this prompt, so it was applied
     assert k0 and [get_experts_per_token(b) for b in blocks] == k0 and k0[0] != 1  # the pack's own K again afterwards
 
 
-@pytest.mark.parametrize("body,status,code,param", [
-    (b"{bad json", 400, None, None),
-    ({"model": "tinypack"}, 400, None, "messages"),
-    ({"messages": [{"content": "no role"}]}, 400, None, "messages[0]"),
-    ({"model": "not-this-one", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found", "model"),
-    ({"messages": [{"role": "user", "content": "x" * 600}]}, 400, "context_length_exceeded", "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, None, None),
-    ({"messages": [{"role": "user", "content": "hi"}], "experts_per_token": 99}, 400, None, "experts_per_token"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None, "tools"),
-])
+@pytest.mark.parametrize(
+    "body,status,code,param",
+    [
+        (b"{bad json", 400, None, None),
+        ({"model": "tinypack"}, 400, None, "messages"),
+        ({"messages": [{"content": "no role"}]}, 400, None, "messages[0]"),
+        ({"model": "not-this-one", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found", "model"),
+        ({"messages": [{"role": "user", "content": "x" * 600}]}, 400, "context_length_exceeded", "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, None, None),
+        ({"messages": [{"role": "user", "content": "hi"}], "experts_per_token": 99}, 400, None, "experts_per_token"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None, "tools"),
+    ],
+)
 def test_bad_requests_get_openai_error_objects(server, body, status, code, param):
     url = server[0].url
     got, err = post(url, body)
@@ -265,8 +334,13 @@ def test_bad_requests_get_openai_error_objects(server, body, status, code, param
 
 
 def test_prompt_too_long_for_max_tokens_is_clamped(client):
-    r = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "y" * 480}],
-                                       max_tokens=10_000, temperature=0, **NO_THINK)
+    r = client.chat.completions.create(
+        model="tinypack",
+        messages=[{"role": "user", "content": "y" * 480}],
+        max_tokens=10_000,
+        temperature=0,
+        **NO_THINK,
+    )
     assert r.usage.total_tokens <= 512
 
 
@@ -277,9 +351,14 @@ def _eos_suppressed(server) -> dict:
 def test_client_disconnect_stops_its_generation_only(server, client):
     url = server[0].url
     before = get(url, "/stats")
-    stream = client.chat.completions.create(model="tinypack", messages=[{"role": "user", "content": "go on"}],
-                                            max_tokens=5000, stream=True, temperature=0,
-                                            extra_body={**_eos_suppressed(server), **THINK_OFF})
+    stream = client.chat.completions.create(
+        model="tinypack",
+        messages=[{"role": "user", "content": "go on"}],
+        max_tokens=5000,
+        stream=True,
+        temperature=0,
+        extra_body={**_eos_suppressed(server), **THINK_OFF},
+    )
     for _, _chunk in zip(range(3), stream):
         pass
     stream.close()
@@ -322,8 +401,14 @@ def test_concurrent_clients_queue_and_all_complete(server):
 
         def polite(i):
             c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=30)
-            done.append(c.chat.completions.create(model="tinypack", messages=body["messages"], max_tokens=24,
-                                                  extra_body={k: body[k] for k in ("logit_bias", "chat_template_kwargs")}))
+            done.append(
+                c.chat.completions.create(
+                    model="tinypack",
+                    messages=body["messages"],
+                    max_tokens=24,
+                    extra_body={k: body[k] for k in ("logit_bias", "chat_template_kwargs")},
+                )
+            )
 
         threads = [threading.Thread(target=polite, args=(i,)) for i in range(6)]
         [t.start() for t in threads]
@@ -343,9 +428,23 @@ def _free_port() -> int:
 
 def test_cli_serve_with_api_key(pack):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moestream", "serve", str(pack), "--port", str(port),
-                             "--api-key", "sekrit", "--max-concurrency", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moestream",
+            "serve",
+            str(pack),
+            "--port",
+            str(port),
+            "--api-key",
+            "sekrit",
+            "--max-concurrency",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -373,6 +472,7 @@ def test_cli_serve_with_api_key(pack):
 
 # -- the trained fixture with the real Qwen3.5 chat template (skipped where ../shared is absent) -----
 
+
 @pytest.fixture(scope="module")
 def trained_server(trained_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "trained-4bit"
@@ -385,19 +485,37 @@ def test_real_template_renders_tools_calls_and_results(trained_server):
     """What the server sends the model for a tool round trip, as Qwen3.5 was trained to see it."""
     tok = trained_server[0].generator.model_provider.tokenizer
     assert (tok.tool_call_start, tok.tool_call_end, tok.has_thinking) == ("<tool_call>", "</tool_call>", True)
-    msgs = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
-                "name": "get_weather", "arguments": json.dumps({"city": "Paris", "opts": {"units": "C"}})}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": json.dumps({"city": "Paris", "opts": {"units": "C"}}),
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     mlx_server.process_message_content(msgs)  # the server's own step: JSON-string arguments -> dict
     text = tok.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=True, tokenize=False)
-    assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n"
-                           + json.dumps(TOOLS[0]))
-    assert ("<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n"
-            "<parameter=city>\nParis\n</parameter>\n<parameter=opts>\n{\"units\": \"C\"}\n</parameter>\n"
-            "</function>\n</tool_call><|im_end|>\n") in text
-    assert text.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
-                         "<|im_start|>assistant\n<think>\n")
+    assert text.startswith(
+        "<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n" + json.dumps(TOOLS[0])
+    )
+    assert (
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n"
+        '<parameter=city>\nParis\n</parameter>\n<parameter=opts>\n{"units": "C"}\n</parameter>\n'
+        "</function>\n</tool_call><|im_end|>\n"
+    ) in text
+    assert text.endswith(
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
 
 
 def test_trained_pack_plain_streaming_and_tools(trained_server):
@@ -408,15 +526,23 @@ def test_trained_pack_plain_streaming_and_tools(trained_server):
     msgs = [{"role": "user", "content": "def fib(n):"}]
     r = client.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0, **NO_THINK)
     assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
-    chunks = list(client.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0,
-                                                 stream=True, **NO_THINK))
+    chunks = list(
+        client.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0, stream=True, **NO_THINK)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == (r.choices[0].message.content or "")
-    with_tools = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=4, temperature=0,
-                                                **NO_THINK)
+    with_tools = client.chat.completions.create(
+        model=name, messages=msgs, tools=TOOLS, max_tokens=4, temperature=0, **NO_THINK
+    )
     assert with_tools.usage.prompt_tokens > r.usage.prompt_tokens + 100  # the tools block reached the model
-    scripted(trained_server, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-                             "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
+    scripted(
+        trained_server,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+    )
     t = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=100, **NO_THINK)
     call = t.choices[0].message.tool_calls[0].function
-    assert (call.name, json.loads(call.arguments), t.choices[0].finish_reason) == \
-        ("get_weather", {"city": "Paris", "days": 2}, "tool_calls")
+    assert (call.name, json.loads(call.arguments), t.choices[0].finish_reason) == (
+        "get_weather",
+        {"city": "Paris", "days": 2},
+        "tool_calls",
+    )

@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_packs import tiny_pack
 
 from moestream.runtime.cpu import kernels as cpu_kernels
 from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
-from tiny_packs import tiny_pack
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,19 @@ def runtime(tmp_path_factory):
     from moestream.runtime import load
 
     # 4 layers: gated-delta and attention layers both (full attention every 4th)
-    pack = tiny_pack(tmp_path_factory, "shared", tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64,
-                                                            num_hidden_layers=4, vocab_size=512,
-                                                            shared_expert_intermediate_size=64), seed=5)
+    pack = tiny_pack(
+        tmp_path_factory,
+        "shared",
+        tiny_config(
+            hidden_size=128,
+            num_experts=8,
+            moe_intermediate_size=64,
+            num_hidden_layers=4,
+            vocab_size=512,
+            shared_expert_intermediate_size=64,
+        ),
+        seed=5,
+    )
     rt = load(pack, kernels="numba")
     yield rt
     rt.close()
@@ -35,8 +45,17 @@ def test_groups_found_and_members_are_views(runtime):
     groups = _groups(runtime.model)
     names = {n.rsplit(".", 1)[-1] for g in groups for n, _ in g}
     # gated-delta in_proj_*, attention q/k/v, the shared expert's gate/up, router + shared gate
-    assert {"in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "q_proj", "k_proj", "v_proj", "gate_proj",
-            "up_proj"} <= names
+    assert {
+        "in_proj_qkv",
+        "in_proj_z",
+        "in_proj_a",
+        "in_proj_b",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "gate_proj",
+        "up_proj",
+    } <= names
     assert "down_proj" not in names and "o_proj" not in names and "out_proj" not in names
     for g in groups:
         fused = g[0][1].shared.module[0].fused._w.module

@@ -21,7 +21,7 @@ from moestream.runtime import load
 from moestream.runtime.model.build import load_resident_model
 
 WIDTHS = [Width.parse(w) for w in ("2g128", "2g64", "3g64", "4g64", "8g64")]
-ERR = {w: 4.0 ** -w.bits * (1 + w.group_size / 256) for w in WIDTHS}  # shaped like measured errors
+ERR = {w: 4.0**-w.bits * (1 + w.group_size / 256) for w in WIDTHS}  # shaped like measured errors
 
 
 def test_width_parsing_names_the_problem():
@@ -62,8 +62,11 @@ def test_allocation_matches_brute_force_on_small_cases():
         budget = 3.5 + trial * 0.5
         got = allocate_widths({0: f}, {0: ERR}, ws, budget)[0]
         g_cost = float(sum(f[e] * ERR[w] for e, w in enumerate(got)))
-        best = min(sum(f[e] * ERR[w] for e, w in enumerate(c)) for c in itertools.product(ws, repeat=5)
-                   if np.mean([w.bits_per_weight() for w in c]) <= budget + 1e-9)
+        best = min(
+            sum(f[e] * ERR[w] for e, w in enumerate(c))
+            for c in itertools.product(ws, repeat=5)
+            if np.mean([w.bits_per_weight() for w in c]) <= budget + 1e-9
+        )
         step = max(f) * (ERR[ws[0]] - ERR[ws[1]])
         assert best - 1e-12 <= g_cost <= best + step
 
@@ -76,18 +79,27 @@ def test_budget_below_the_narrowest_width_is_refused():
 @pytest.fixture(scope="module")
 def tiered(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiers")
-    cfg = tiny_config(hidden_size=128, num_experts=8, moe_intermediate_size=64, num_hidden_layers=2, vocab_size=512,
-                      shared_expert_intermediate_size=64)
+    cfg = tiny_config(
+        hidden_size=128,
+        num_experts=8,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        shared_expert_intermediate_size=64,
+    )
     src = write_tiny_checkpoint(d / "src", cfg)
     # Skewed routing counts, as `moestream calibrate` records them (the widths come only from these).
     counts = np.array([900, 500, 300, 120, 60, 20, 5, 0], float)
     cal = Calibration({f"experts.{layer}.count": np.roll(counts, layer) for layer in range(2)})
     cal.save(d / "cal.st")
     recipe = d / "r.toml"
-    recipe.write_text('[experts]\nmethod = "clip"\n[experts.tiers]\nwidths = ["2g64", "4g64", "8g64"]\n'
-                      'bits_per_weight = 4.5\nweighted = false\n[residents]\nbits = 16\n')
-    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(d / "t"), "--recipe", str(recipe),
-                                   "--calibration", str(d / "cal.st")])
+    recipe.write_text(
+        '[experts]\nmethod = "clip"\n[experts.tiers]\nwidths = ["2g64", "4g64", "8g64"]\n'
+        "bits_per_weight = 4.5\nweighted = false\n[residents]\nbits = 16\n"
+    )
+    res = CliRunner().invoke(
+        cli, ["convert", str(src), "-o", str(d / "t"), "--recipe", str(recipe), "--calibration", str(d / "cal.st")]
+    )
     assert res.exit_code == 0, res.output
     return d, src, counts
 
@@ -127,11 +139,22 @@ def test_tiered_weights_match_mlx_quantize(tiered):
             for e in x.ids():
                 a = p.expert_arrays(0, e)
                 w = gu[e, :64]
-                deq = np.array(mx.dequantize(mx.array(a["gate_proj.weight"]), mx.array(a["gate_proj.scales"]).view(mx.bfloat16),
-                                             mx.array(a["gate_proj.biases"]).view(mx.bfloat16), group_size=c.group_size,
-                                             bits=c.bits).astype(mx.float32))
-                ref = np.array(mx.dequantize(*mx.quantize(mx.array(w), group_size=c.group_size, bits=c.bits),
-                                             group_size=c.group_size, bits=c.bits))
+                deq = np.array(
+                    mx.dequantize(
+                        mx.array(a["gate_proj.weight"]),
+                        mx.array(a["gate_proj.scales"]).view(mx.bfloat16),
+                        mx.array(a["gate_proj.biases"]).view(mx.bfloat16),
+                        group_size=c.group_size,
+                        bits=c.bits,
+                    ).astype(mx.float32)
+                )
+                ref = np.array(
+                    mx.dequantize(
+                        *mx.quantize(mx.array(w), group_size=c.group_size, bits=c.bits),
+                        group_size=c.group_size,
+                        bits=c.bits,
+                    )
+                )
                 ours, theirs = np.abs(deq - w).mean(), np.abs(ref - w).mean()
                 assert ours <= 1.05 * theirs + 1e-3 * np.abs(w).mean(), (e, c.bits, ours, theirs)
 
@@ -158,7 +181,11 @@ def test_streamed_tiered_equals_resident_and_transformers(tiered, cache, kernels
         hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         with torch.no_grad():
             want = hf(torch.from_numpy(np.array(ids))).logits.numpy()
-        lw = want - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) - want.max(-1, keepdims=True)
+        lw = (
+            want
+            - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - want.max(-1, keepdims=True)
+        )
         lg = got - np.log(np.exp(got - got.max(-1, keepdims=True)).sum(-1, keepdims=True)) - got.max(-1, keepdims=True)
         kl = (np.exp(lw) * (lw - lg)).sum(-1).mean()
         assert kl < 0.05, kl
@@ -192,8 +219,9 @@ def test_recipes_presets_files_and_errors(tmp_path, tiered, float_kernels):
     res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--recipe", "q4-tiered"])
     assert res.exit_code == 1 and "pass --calibration" in res.output and not (tmp_path / "x").exists()
     # Flags given explicitly win over the recipe; down_proj at its own bits.
-    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "m"), "--recipe", "q2-down3",
-                                   "--resident-bits", "16"])
+    res = CliRunner().invoke(
+        cli, ["convert", str(src), "-o", str(tmp_path / "m"), "--recipe", "q2-down3", "--resident-bits", "16"]
+    )
     assert res.exit_code == 0, res.output
     with open_pack(tmp_path / "m") as p:
         x = p.manifest.expert_layer(0)
@@ -242,8 +270,16 @@ def test_tiered_conversion_resumes(tiered, tmp_path, monkeypatch):
     from moestream.convert import pipeline
 
     d, src, _ = tiered
-    args = ["convert", str(src), "-o", str(tmp_path / "p"), "--recipe", str(d / "r.toml"), "--calibration",
-            str(d / "cal.st")]
+    args = [
+        "convert",
+        str(src),
+        "-o",
+        str(tmp_path / "p"),
+        "--recipe",
+        str(d / "r.toml"),
+        "--calibration",
+        str(d / "cal.st"),
+    ]
     real = pipeline.expert_block
 
     def flaky(s, x, e, *a):
@@ -269,8 +305,7 @@ def test_tiered_conversion_resumes(tiered, tmp_path, monkeypatch):
 TRAINED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny-qwen3_5-moe"
 
 
-@pytest.mark.skipif(not (TRAINED / "model.safetensors.index.json").exists(),
-                    reason=f"shared fixture absent: {TRAINED}")
+@pytest.mark.skipif(not (TRAINED / "model.safetensors.index.json").exists(), reason=f"shared fixture absent: {TRAINED}")
 def test_tiered_presets_meet_the_quality_targets_on_the_trained_fixture(tmp_path):
     """Issue 6's classes on the trained fixture, whole pack quantized (residents 8-bit), as
     benchmarks/quality_per_byte.py measures them: 4-bit class <= 0.025, 2-bit class (<= 2.6 bits per
@@ -297,8 +332,20 @@ def test_tiered_presets_meet_the_quality_targets_on_the_trained_fixture(tmp_path
 
 def test_dry_run_shows_the_tiers(tiered, tmp_path):
     d, src, _ = tiered
-    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--recipe", str(d / "r.toml"),
-                                   "--calibration", str(d / "cal.st"), "--dry-run"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(src),
+            "-o",
+            str(tmp_path / "x"),
+            "--recipe",
+            str(d / "r.toml"),
+            "--calibration",
+            str(d / "cal.st"),
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "2 MoE layers x 8 experts, per-expert widths" in res.output and "experts per width: " in res.output
     assert not (tmp_path / "x").exists()

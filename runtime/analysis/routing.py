@@ -28,8 +28,7 @@ class RoutingTrace:
         return {layer: np.concatenate(p) for layer, p in sorted(self._parts.items())}
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, num_experts=self.num_experts,
-                            **{f"layer_{i}": a for i, a in self.layers.items()})
+        np.savez_compressed(path, num_experts=self.num_experts, **{f"layer_{i}": a for i, a in self.layers.items()})
 
     @staticmethod
     def load(path: str | Path) -> tuple[int, dict[int, np.ndarray]]:

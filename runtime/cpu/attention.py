@@ -8,8 +8,8 @@ and a decoded token's attention over 512 cached positions 10 ms (``benchmarks/at
 (grouped-query heads folded into the rows, so each KV head is one GEMM), in query blocks that bound
 the score matrix's memory. Quantized KV caches and attention sinks (gpt-oss) go to mlx-lm's own.
 
-:func:`use_cpu_attention` gives one model's attention layers a class whose ``__call__`` is
-mlx-lm's own code with :func:`sdpa` in place of mlx-lm's function (see :func:`moestream.runtime.model.patches.rebind`), so other
+:func:`use_cpu_attention` gives one model's attention layers a class whose ``__call__`` is mlx-lm's own code
+with :func:`sdpa` in place of mlx-lm's function (see :func:`moestream.runtime.model.patches.rebind`), so other
 models in the process (references, baselines) keep mlx-lm's.
 """
 
@@ -25,8 +25,9 @@ SCORE_BYTES = 64 << 20  # per query block: the [heads, rows, keys] float32 score
 def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache, scale: float, mask, sinks=None) -> mx.array:
     """mlx-lm's ``scaled_dot_product_attention`` (queries [B, Hq, Lq, D], keys/values [B, Hk, Lk, D])."""
     if hasattr(cache, "bits") or sinks is not None:
-        return base.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask,
-                                                 sinks=sinks)
+        return base.scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks
+        )
     B, Hq, Lq, D = queries.shape
     Hk, Lk, Dv = keys.shape[1], keys.shape[2], values.shape[-1]
     g = Hq // Hk
@@ -57,5 +58,3 @@ def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache, scale: floa
                 s /= s.sum(-1, keepdims=True)
                 out[b, h, :, r0:r1] = s @ v[b, h]
     return mx.array(out.reshape(B, Hq, Lq, Dv)).astype(queries.dtype)
-
-

@@ -58,8 +58,9 @@ def _recurrence(q, k, v, g, beta, state_in, state, mask, y):
                 y[b, t, h, i] = acc
 
 
-def recurrence(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array,
-               mask: mx.array | None = None) -> tuple[mx.array, mx.array]:
+def recurrence(
+    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array, mask: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
     """``gated_delta_ops``'s contract: q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g [B, T, Hv] or
     [B, T, Hv, Dk], beta [B, T, Hv], state [B, Hv, Dv, Dk] -> (y [B, T, Hv, Dv] in q's dtype, state)."""
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
@@ -73,13 +74,35 @@ def recurrence(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.arra
     mx.eval(state, new)
     m = np.ones((B, T), np.bool_) if mask is None else np.array(mask).astype(np.bool_).reshape(B, T)
     y = np.empty((B, T, v.shape[2], v.shape[3]), np.float32)
-    _recurrence(f32(q), f32(k), f32(v), np.ascontiguousarray(gn), f32(beta), np.asarray(memoryview(state)),
-                np.asarray(memoryview(new)), m, y)
+    _recurrence(
+        f32(q),
+        f32(k),
+        f32(v),
+        np.ascontiguousarray(gn),
+        f32(beta),
+        np.asarray(memoryview(state)),
+        np.asarray(memoryview(new)),
+        m,
+        y,
+    )
     return mx.array(y).astype(q.dtype), new
 
 
-def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel: bool = True,
-                       lower_bound: float | None = None, allow_neg_eigval: bool = False):
+def gated_delta_update(
+    q,
+    k,
+    v,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    state=None,
+    mask=None,
+    *,
+    use_kernel: bool = True,
+    lower_bound: float | None = None,
+    allow_neg_eigval: bool = False,
+):
     """mlx-lm's ``gated_delta_update`` with the recurrence on the CPU kernel."""
     from mlx_lm.models.gated_delta import compute_g, compute_lower_bound_g
 
@@ -105,5 +128,3 @@ def _depthwise(x, w, y):
         for j in range(1, K):
             for c in range(C):
                 y[b, t, c] += x[b, t + j, c] * wt[j, c]
-
-

@@ -1,17 +1,17 @@
 """Decode kernels with int8 activations: integer dot products over 2-, 3-, 4- and 8-bit MLX-affine codes.
 
-The float kernels in :mod:`moestream.runtime.cpu.kernels` spend ~5 vector instructions per 4-bit
-code (shift, mask, int->float, load of the activation, FMA) and reach about a tenth of this
-machine's memory bandwidth for one token (4 of 31-38 GB/s, ``benchmarks/kernel_throughput.py``). Here, as in llama.cpp's q4 x q8 dot products, each activation group
-is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes are multiplied as bytes:
-``pmaddubsw`` multiplies 32 unsigned codes by 32 signed activations and adds pairs into int16,
-``pmaddwd`` adds pairs again into int32: two instructions per 32 codes, plus one mask or shift to
-take a field out of each byte. 8-bit codes would saturate ``pmaddubsw``'s int16 (two products of
-255 * 127), so they go through ``vpdpbusd`` where the CPU has VNNI (u8 times s8 summed into int32),
-and otherwise as ``r = q - 128`` in int8: ``pmaddubsw(|r|, sign(r) * xq)`` is ``r * xq`` with
-|pairs| <= 2 * 128 * 127, and the quantizer's centring term adds ``128 * dx * sum(xq)`` back. Each
-block of groups asks for the codes ``PREFETCH`` bytes ahead (the hardware prefetchers stop at
-page ends; 8-bit rows ran at half speed without). Per row and group,
+The float kernels in :mod:`moestream.runtime.cpu.kernels` spend ~5 vector instructions per 4-bit code (shift,
+mask, int->float, load of the activation, FMA) and reach about a tenth of this machine's memory bandwidth for
+one token (4 of 31-38 GB/s, ``benchmarks/kernel_throughput.py``). Here, as in llama.cpp's q4 x q8 dot
+products, each activation group is quantized to int8 (scale ``max|x| / 127`` per weight group) and the codes
+are multiplied as bytes: ``pmaddubsw`` multiplies 32 unsigned codes by 32 signed activations and adds pairs
+into int16, ``pmaddwd`` adds pairs again into int32: two instructions per 32 codes, plus one mask or shift to
+take a field out of each byte. 8-bit codes would saturate ``pmaddubsw``'s int16 (two products of 255 * 127),
+so they go through ``vpdpbusd`` where the CPU has VNNI (u8 times s8 summed into int32), and otherwise as ``r =
+q - 128`` in int8: ``pmaddubsw(|r|, sign(r) * xq)`` is ``r * xq`` with |pairs| <= 2 * 128 * 127, and the
+quantizer's centring term adds ``128 * dx * sum(xq)`` back. Each block of groups asks for the codes
+``PREFETCH`` bytes ahead (the hardware prefetchers stop at page ends; 8-bit rows ran at half speed without).
+Per row and group,
 
     y += s_g * dx_g * sum(q * xq) + s_g * e_g + b_g * sum(x),   e_g = c * (sum(x) - dx_g * sum(xq))
 
@@ -38,7 +38,8 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from moestream.runtime.cpu.int8_dot import BLOCK, code_fields as _fields, make_dot
+from moestream.runtime.cpu.int8_dot import BLOCK, make_dot
+from moestream.runtime.cpu.int8_dot import code_fields as _fields
 
 
 @functools.cache
@@ -145,8 +146,18 @@ def quantize_activations(x: np.ndarray, bits: int, group: int, vnni: bool | None
     J, K = x.shape
     xq = np.empty((J, K), np.int8)
     dx, xg, eg = (np.empty((J, K // group), np.float32) for _ in range(3))
-    _quantize_rows(x, group, unit_bytes(bits, group, K), _fields(bits), ((1 << bits) - 1) / 2,
-                   code_offset(bits, vnni), xq, dx, xg, eg)
+    _quantize_rows(
+        x,
+        group,
+        unit_bytes(bits, group, K),
+        _fields(bits),
+        ((1 << bits) - 1) / 2,
+        code_offset(bits, vnni),
+        xq,
+        dx,
+        xg,
+        eg,
+    )
     return xq, dx, xg, eg
 
 
@@ -223,8 +234,13 @@ def _kernels(bits: int, vbytes: int, gpu: int, upg: int, vnni: bool):
 
 def _plan(bits: int, group: int, k: int):
     """The kernel family for rows of ``k`` inputs."""
-    return _kernels(bits, unit_bytes(bits, group, k), groups_per_unit(bits, group, k), units_per_group(bits, group, k),
-                    bits == 8 and vnni8())
+    return _kernels(
+        bits,
+        unit_bytes(bits, group, k),
+        groups_per_unit(bits, group, k),
+        units_per_group(bits, group, k),
+        bits == 8 and vnni8(),
+    )
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -235,8 +251,15 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
-def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
-             out: np.ndarray | None = None) -> np.ndarray:
+def qmv_int8(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    bits: int,
+    group_size: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """``x [T, in] @ dequantize(w).T`` with int8 activations (small T; see :func:`supported`).
 
     ``w``: uint32 codes [out, in * bits / 32]; ``scales``/``biases``: [out, in / group] as bf16 bits
@@ -252,20 +275,39 @@ def qmv_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     return dst
 
 
-def qmm_experts_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray,
-                     bits: int, group_size: int) -> np.ndarray:
+def qmm_experts_int8(
+    x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray, bits: int, group_size: int
+) -> np.ndarray:
     """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack ``w [S, out, in * bits / 32]`` (a slab,
     or a memory-mapped layer file's experts with its block stride)."""
     kern = _plan(bits, group_size, x.shape[1])
     xq, dx, xg, eg = quantize_activations(x, bits, group_size)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kern[1](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-            np.ascontiguousarray(slots, dtype=np.int64), out)
+    kern[1](
+        _rows(w),
+        xq,
+        dx,
+        xg,
+        eg,
+        _rows(scales),
+        _rows(biases),
+        scales.shape[-1],
+        np.ascontiguousarray(slots, dtype=np.int64),
+        out,
+    )
     return out
 
 
-def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, seg_slot: np.ndarray,
-                     seg_count: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+def qmm_grouped_int8(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    seg_slot: np.ndarray,
+    seg_count: np.ndarray,
+    bits: int,
+    group_size: int,
+) -> np.ndarray:
     """Rows of ``x`` sorted by expert: the first ``seg_count[0]`` rows times ``dequantize(w[seg_slot[0]]).T``,
     the next ``seg_count[1]`` times ``w[seg_slot[1]]``, and so on (a prefill group's experts in one
     launch; each row's result is what :func:`qmv_int8` gives for it)."""
@@ -274,6 +316,18 @@ def qmm_grouped_int8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: n
     count = np.ascontiguousarray(seg_count, dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kern[2](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1],
-            np.ascontiguousarray(seg_slot, dtype=np.int64), start, count, out)
+    kern[2](
+        _rows(w),
+        xq,
+        dx,
+        xg,
+        eg,
+        _rows(scales),
+        _rows(biases),
+        scales.shape[-1],
+        np.ascontiguousarray(seg_slot, dtype=np.int64),
+        start,
+        count,
+        out,
+    )
     return out

@@ -32,7 +32,9 @@ _SHIFT3 = [3 * (i % 8) for i in range(32)]
 
 def _splat(builder, vty, value):
     v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count))
+    return builder.shuffle_vector(
+        v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count)
+    )
 
 
 def _load_float(builder, ptr, index, dtype):
@@ -59,8 +61,9 @@ def _hsum(builder, vec, lanes: int, total):
     return total
 
 
-def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, prefetch: int = PREFETCH,
-             vnni: bool = False):
+def make_dot(
+    bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, prefetch: int = PREFETCH, vnni: bool = False
+):
     """``dot(w, w_off, xq, dx, xg, eg, s, b, s_off, b_off, groups, t0, out, out_off, out_step)``:
     one weight row against tokens ``t0 .. t0 + nt - 1``, results to ``out[out_off + t * out_step]``.
 
@@ -105,8 +108,7 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
 
         def codegen(context, builder, signature, args):
             aw, _, axq, adx, axg, aeg, a_s, a_b = signature.args[:8]
-            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, t0_, out_, out_off_,
-             out_step_) = args
+            (w_, w_off_, xq_, dx_, xg_, eg_, s_, b_, s_off_, b_off_, groups_, t0_, out_, out_off_, out_step_) = args
             upg_ = ir.Constant(groups_.type, units)
             data = lambda ty, v: context.make_array(ty)(context, builder, v)
             K = builder.extract_value(data(axq, xq_).shape, 1)
@@ -116,28 +118,36 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
             # token t's rows of the activation arrays
             rows = [builder.add(t0_, ir.Constant(t0_.type, t)) for t in range(nt)]
             xps = [builder.gep(data(axq, xq_).data, [builder.mul(r, K)]) for r in rows]
-            per_group = [[builder.gep(data(a, v).data, [builder.mul(r, groups_)]) for r in rows]
-                         for a, v in ((adx, dx_), (axg, xg_), (aeg, eg_))]
+            per_group = [
+                [builder.gep(data(a, v).data, [builder.mul(r, groups_)]) for r in rows]
+                for a, v in ((adx, dx_), (axg, xg_), (aeg, eg_))
+            ]
             mod = builder.module
             f_maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(vi16, [vi8, vi8]), maddubs)
             f_madd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi32, [vi16, vi16]), madd)
             ones = ir.Constant(vi16, [1] * (vbytes // 2))
             if bits == 8 and vnni:
-                f_dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                                          f"llvm.x86.avx512.vpdpbusd.{vbytes * 8}")
+                f_dpbusd = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vi32, [vi32, vi32, vi32]), f"llvm.x86.avx512.vpdpbusd.{vbytes * 8}"
+                )
             elif bits == 8:
-                f_abs = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, ir.IntType(1)]),
-                                                       f"llvm.abs.v{vbytes}i8")
+                f_abs = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vi8, [vi8, ir.IntType(1)]), f"llvm.abs.v{vbytes}i8"
+                )
                 f_sign = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]), psign)
-            f_pf = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-                                                  "llvm.prefetch.p0i8")
+            f_pf = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8"
+            )
             mask = ir.Constant(vi8, [(1 << bits) - 1] * vbytes)
             if bits == 3:
-                f_shift = cgutils.get_or_insert_function(mod, ir.FunctionType(vi8, [vi8, vi8]),
-                                                         "llvm.x86.avx512.pmultishift.qb.256")
+                f_shift = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vi8, [vi8, vi8]), "llvm.x86.avx512.pmultishift.qb.256"
+                )
                 f_mload = cgutils.get_or_insert_function(
-                    mod, ir.FunctionType(vi8, [vi8.as_pointer(), I32, ir.VectorType(ir.IntType(1), 32), vi8]),
-                    "llvm.masked.load.v32i8.p0v32i8")
+                    mod,
+                    ir.FunctionType(vi8, [vi8.as_pointer(), I32, ir.VectorType(ir.IntType(1), 32), vi8]),
+                    "llvm.masked.load.v32i8.p0v32i8",
+                )
             accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in range(nt)]
             sides = [cgutils.alloca_once_value(builder, ir.Constant(vblk, [0.0] * BLOCK)) for _ in range(nt)]
             ysbs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(nt)]
@@ -159,11 +169,18 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
                     u = builder.add(first, ul.index)
                     at = builder.gep(wp, [builder.mul(u, ir.Constant(u.type, wbytes))])
                     if bits == 3:  # a masked load of exactly 12 bytes: one instruction, no read past a buffer's end
-                        v12 = builder.call(f_mload, [builder.bitcast(at, vi8.as_pointer()), ir.Constant(I32, 1),
-                                                     ir.Constant(ir.VectorType(ir.IntType(1), 32), [1] * 12 + [0] * 20),
-                                                     ir.Constant(vi8, [0] * 32)])
-                        spread = builder.shuffle_vector(v12, ir.Constant(vi8, ir.Undefined),
-                                                        ir.Constant(ir.VectorType(I32, 32), _SPREAD3))
+                        v12 = builder.call(
+                            f_mload,
+                            [
+                                builder.bitcast(at, vi8.as_pointer()),
+                                ir.Constant(I32, 1),
+                                ir.Constant(ir.VectorType(ir.IntType(1), 32), [1] * 12 + [0] * 20),
+                                ir.Constant(vi8, [0] * 32),
+                            ],
+                        )
+                        spread = builder.shuffle_vector(
+                            v12, ir.Constant(vi8, ir.Undefined), ir.Constant(ir.VectorType(I32, 32), _SPREAD3)
+                        )
                         codes = [builder.and_(builder.call(f_shift, [ir.Constant(vi8, _SHIFT3), spread]), mask)]
                     elif bits == 8 and vnni:
                         wv = builder.load(builder.bitcast(at, vi32.as_pointer()), align=1)
@@ -191,9 +208,13 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
                             continue
                         p = None
                         for f in range(fields):
-                            xv = builder.load(builder.bitcast(builder.gep(
-                                xps[t], [builder.add(xbase, ir.Constant(u.type, f * vbytes))]), vi8.as_pointer()),
-                                align=1)
+                            xv = builder.load(
+                                builder.bitcast(
+                                    builder.gep(xps[t], [builder.add(xbase, ir.Constant(u.type, f * vbytes))]),
+                                    vi8.as_pointer(),
+                                ),
+                                align=1,
+                            )
                             prod = builder.call(f_maddubs, [codes[f], xv])  # |.| <= 2 * 15 * 127 per int16 lane
                             p = prod if p is None else builder.add(p, prod)
                         if short:
@@ -216,14 +237,22 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
                     blk_bytes = BLOCK * units * wbytes // gpu
                     base = builder.gep(wp, [builder.mul(bl.index, ir.Constant(g0.type, blk_bytes))])
                     for line in range(0, blk_bytes, 64):
-                        builder.call(f_pf, [builder.gep(base, [ir.Constant(I32, prefetch + line)]),
-                                            ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+                        builder.call(
+                            f_pf,
+                            [
+                                builder.gep(base, [ir.Constant(I32, prefetch + line)]),
+                                ir.Constant(I32, 0),
+                                ir.Constant(I32, 3),
+                                ir.Constant(I32, 1),
+                            ],
+                        )
                 sv, bv = _load_floats(builder, sp, g0, a_s.dtype), _load_floats(builder, bp, g0, a_b.dtype)
                 sdx = []
                 for t in range(nt):
                     dxv, xgv, egv = (_load_floats(builder, a[t], g0, types.float32) for a in per_group)
-                    side = builder.fadd(builder.fmul(bv, xgv, flags=("fast",)), builder.fmul(sv, egv, flags=("fast",)),
-                                        flags=("fast",))
+                    side = builder.fadd(
+                        builder.fmul(bv, xgv, flags=("fast",)), builder.fmul(sv, egv, flags=("fast",)), flags=("fast",)
+                    )
                     builder.store(builder.fadd(builder.load(sides[t]), side, flags=("fast",)), sides[t])
                     sdx.append(builder.fmul(sv, dxv, flags=("fast",)))
                 for j in range(BLOCK // gpu):
@@ -234,11 +263,13 @@ def make_dot(bits: int, vbytes: int, nt: int, gpu: int = 1, units: int = 1, pref
                         fvs = integer_sums(u, ir.Constant(g0.type, 1))
                     which = [j * gpu + l * gpu // lanes for l in range(lanes)]
                     for t in range(nt):
-                        lane = builder.shuffle_vector(sdx[t], ir.Constant(vblk, ir.Undefined),
-                                                      ir.Constant(ir.VectorType(I32, lanes), which))
+                        lane = builder.shuffle_vector(
+                            sdx[t], ir.Constant(vblk, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes), which)
+                        )
                         fma_acc(t, fvs[t], lane)
-            with cgutils.for_range_slice(builder, builder.mul(nblk, ir.Constant(groups_.type, BLOCK)), groups_,
-                                         ir.Constant(groups_.type, 1)) as (g, _):
+            with cgutils.for_range_slice(
+                builder, builder.mul(nblk, ir.Constant(groups_.type, BLOCK)), groups_, ir.Constant(groups_.type, 1)
+            ) as (g, _):
                 fvs = integer_sums(builder.mul(g, upg_), upg_)
                 sg = _load_float(builder, sp, g, a_s.dtype)
                 bg = _load_float(builder, bp, g, a_b.dtype)

@@ -30,8 +30,8 @@ INT8_ACTIVATIONS = os.environ.get("MOESTREAM_INT8", "1") != "0"
 
 
 def _use_int8(int8: bool | None, T: int, bits: int, group_size: int) -> bool:
-    return (INT8_ACTIVATIONS if int8 is None else int8) and T < BLAS_MIN_TOKENS \
-        and cpu_int8.supported(bits, group_size)
+    return (INT8_ACTIVATIONS if int8 is None else int8) and T < BLAS_MIN_TOKENS and cpu_int8.supported(bits, group_size)
+
 
 _BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)  # bf16 bits -> float32
 
@@ -65,10 +65,16 @@ def _row4(wr, xk, acc):
     x0, x1, x2, x3, x4, x5, x6, x7 = xk[0], xk[1], xk[2], xk[3], xk[4], xk[5], xk[6], xk[7]
     for i in range(wr.shape[0]):
         v = wr[i]
-        acc[i] = (np.float32(v & 15) * x0[i] + np.float32((v >> 4) & 15) * x1[i]
-                  + np.float32((v >> 8) & 15) * x2[i] + np.float32((v >> 12) & 15) * x3[i]
-                  + np.float32((v >> 16) & 15) * x4[i] + np.float32((v >> 20) & 15) * x5[i]
-                  + np.float32((v >> 24) & 15) * x6[i] + np.float32((v >> 28) & 15) * x7[i])
+        acc[i] = (
+            np.float32(v & 15) * x0[i]
+            + np.float32((v >> 4) & 15) * x1[i]
+            + np.float32((v >> 8) & 15) * x2[i]
+            + np.float32((v >> 12) & 15) * x3[i]
+            + np.float32((v >> 16) & 15) * x4[i]
+            + np.float32((v >> 20) & 15) * x5[i]
+            + np.float32((v >> 24) & 15) * x6[i]
+            + np.float32((v >> 28) & 15) * x7[i]
+        )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -76,8 +82,12 @@ def _row8(wr, xk, acc):
     x0, x1, x2, x3 = xk[0], xk[1], xk[2], xk[3]
     for i in range(wr.shape[0]):
         v = wr[i]
-        acc[i] = (np.float32(v & 255) * x0[i] + np.float32((v >> 8) & 255) * x1[i]
-                  + np.float32((v >> 16) & 255) * x2[i] + np.float32((v >> 24) & 255) * x3[i])
+        acc[i] = (
+            np.float32(v & 255) * x0[i]
+            + np.float32((v >> 8) & 255) * x1[i]
+            + np.float32((v >> 16) & 255) * x2[i]
+            + np.float32((v >> 24) & 255) * x3[i]
+        )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -135,7 +145,11 @@ def _qmm_3(x, xg, w8, s, b, group, out, lut):
                 part = np.float32(0.0)
                 for i in range(group // 8):
                     j = (g * group) // 8 + i
-                    v = np.uint32(w8[n, 3 * j]) | (np.uint32(w8[n, 3 * j + 1]) << 8) | (np.uint32(w8[n, 3 * j + 2]) << 16)
+                    v = (
+                        np.uint32(w8[n, 3 * j])
+                        | (np.uint32(w8[n, 3 * j + 1]) << 8)
+                        | (np.uint32(w8[n, 3 * j + 2]) << 16)
+                    )
                     xo = g * group + i * 8
                     for k in range(8):
                         part += np.float32((v >> (3 * k)) & 7) * x[t, xo + k]
@@ -205,8 +219,16 @@ def _group_sums(x, group):
     return out
 
 
-def qmm(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
-        out: np.ndarray | None = None, int8: bool | None = None) -> np.ndarray:
+def qmm(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    bits: int,
+    group_size: int,
+    out: np.ndarray | None = None,
+    int8: bool | None = None,
+) -> np.ndarray:
     """``x [T, in] @ dequantize(w).T -> [T, out]`` in float32.
 
     Args:
@@ -259,8 +281,16 @@ def _experts_pow2(xk, xg, w, s, b, slots, bits, group, out, lut):
             out[j, n] = _finish(acc, s[e, n], b[e, n], xg[j], wpg, lut)
 
 
-def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray, bits: int,
-                group_size: int, int8: bool | None = None) -> np.ndarray:
+def qmm_experts(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    slots: np.ndarray,
+    bits: int,
+    group_size: int,
+    int8: bool | None = None,
+) -> np.ndarray:
     """``out[j] = x[j] @ dequantize(w[slots[j]]).T`` for a stack of experts' weights (a slab).
 
     Args:
@@ -278,18 +308,45 @@ def qmm_experts(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
     out = np.empty((J, w.shape[1]), np.float32)
     if bits == 3 or scales.dtype == np.float16:
         for j in range(J):
-            qmm(x[j:j + 1], w[slots[j]], scales[slots[j]], biases[slots[j]], bits, group_size, out[j:j + 1],
-                int8=False)
+            qmm(
+                x[j : j + 1],
+                w[slots[j]],
+                scales[slots[j]],
+                biases[slots[j]],
+                bits,
+                group_size,
+                out[j : j + 1],
+                int8=False,
+            )
         return out
     per = 32 // bits
     xk = np.ascontiguousarray(x.reshape(J, K // per, per).transpose(0, 2, 1))
-    _experts_pow2(xk, _group_sums(x, group_size), w.view(np.int32), scales, biases,
-                  np.ascontiguousarray(slots, dtype=np.int64), bits, group_size, out, _BF16)
+    _experts_pow2(
+        xk,
+        _group_sums(x, group_size),
+        w.view(np.int32),
+        scales,
+        biases,
+        np.ascontiguousarray(slots, dtype=np.int64),
+        bits,
+        group_size,
+        out,
+        _BF16,
+    )
     return out
 
 
-def qmm_grouped(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, slots: np.ndarray,
-                counts: np.ndarray, bits: int, group_size: int, int8: bool | None = None) -> np.ndarray:
+def qmm_grouped(
+    x: np.ndarray,
+    w: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    slots: np.ndarray,
+    counts: np.ndarray,
+    bits: int,
+    group_size: int,
+    int8: bool | None = None,
+) -> np.ndarray:
     """Rows of ``x`` sorted by expert: ``counts[i]`` consecutive rows times ``dequantize(w[slots[i]]).T``.
 
     A prefill group's routed experts see a few tokens each (about T * k / E); with int8 activations
@@ -303,7 +360,7 @@ def qmm_grouped(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nda
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
     r = 0
     for slot, c in zip(np.asarray(slots).tolist(), counts.tolist()):
-        qmm(x[r:r + c], w[slot], scales[slot], biases[slot], bits, group_size, out[r:r + c], int8=int8)
+        qmm(x[r : r + c], w[slot], scales[slot], biases[slot], bits, group_size, out[r : r + c], int8=int8)
         r += c
     return out
 

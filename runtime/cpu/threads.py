@@ -34,8 +34,10 @@ def prefer_passive_wait() -> bool:
     if _libgomp_loaded():
         global _WARNED
         if not _WARNED:
-            log.warning("libgomp was loaded before moestream's kernels: OMP_WAIT_POLICY=PASSIVE comes too late for "
-                        "it (set the variable, or call moestream.runtime.cpu.threads.prefer_passive_wait() first)")
+            log.warning(
+                "libgomp was loaded before moestream's kernels: OMP_WAIT_POLICY=PASSIVE comes too late for "
+                "it (set the variable, or call moestream.runtime.cpu.threads.prefer_passive_wait() first)"
+            )
         _WARNED = True
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -19,13 +19,17 @@ import mlx.nn as nn
 import numpy as np
 
 from moestream.layouts import Pack, open_pack
-
 from moestream.runtime.model.rope import untruncate_yarn
 
 log = logging.getLogger(__name__)
 
-MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32, "uint32": mx.uint32,
-            "uint8": mx.uint8}
+MX_DTYPE = {
+    "bfloat16": mx.bfloat16,
+    "float16": mx.float16,
+    "float32": mx.float32,
+    "uint32": mx.uint32,
+    "uint8": mx.uint8,
+}
 
 
 def build_model(pack: Pack, experts: bool = True) -> nn.Module:
@@ -50,7 +54,7 @@ def build_model(pack: Pack, experts: bool = True) -> nn.Module:
             if q["bits"] >= 16 or not experts:
                 return False
             # Per projection: a layer whose size is not divisible by the group size fell back to 32.
-            c = m.expert_layer(layers[sw]).component(f"{path[len(sw):]}.weight")
+            c = m.expert_layer(layers[sw]).component(f"{path[len(sw) :]}.weight")
             return {"bits": c.bits, "group_size": c.group_size, "mode": c.mode}
         t = m.resident_tensors.get(f"{path}.weight")
         if t is None or t.bits >= 16:
@@ -102,8 +106,13 @@ def expert_weights(pack: Pack, layer: int) -> dict[str, mx.array]:
 
 
 def _np(dtype: str):
-    return {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
-            "float32": np.float32}[dtype]
+    return {
+        "uint32": np.uint32,
+        "uint8": np.uint8,
+        "bfloat16": np.uint16,
+        "float16": np.float16,
+        "float32": np.float32,
+    }[dtype]
 
 
 def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
@@ -162,4 +171,5 @@ def cast_floats(params: dict, dtype: mx.Dtype, keep: frozenset[str] = frozenset(
     from mlx.utils import tree_map_with_path
 
     return tree_map_with_path(
-        lambda path, a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) and path not in keep else a, params)
+        lambda path, a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) and path not in keep else a, params
+    )

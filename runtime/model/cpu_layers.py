@@ -12,7 +12,6 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
 from mlx_lm.models import base
 
 from moestream.runtime.cpu.attention import sdpa
@@ -116,8 +115,11 @@ def use_cpu_kernels(model: nn.Module) -> int:
         if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
             lin.int8 = False
         setattr(m, key, lin)
-    log.info("CPU linears: %.2f GB moved onto huge pages in %.2f s", (hugepages.ADVISED["bytes"] - before["bytes"]) / 1e9,
-             hugepages.ADVISED["seconds"] - before["seconds"])
+    log.info(
+        "CPU linears: %.2f GB moved onto huge pages in %.2f s",
+        (hugepages.ADVISED["bytes"] - before["bytes"]) / 1e9,
+        hugepages.ADVISED["seconds"] - before["seconds"],
+    )
     return len(found)
 
 
@@ -138,9 +140,15 @@ class CpuDepthwiseConv1d(nn.Module):
 
 
 def _is_depthwise(m) -> bool:
-    return (isinstance(m, nn.Conv1d) and "bias" not in m and m.weight.shape[-1] == 1
-            and getattr(m, "groups", 1) == m.weight.shape[0] and getattr(m, "padding", 0) == 0
-            and getattr(m, "stride", 1) == 1 and getattr(m, "dilation", 1) == 1)
+    return (
+        isinstance(m, nn.Conv1d)
+        and "bias" not in m
+        and m.weight.shape[-1] == 1
+        and getattr(m, "groups", 1) == m.weight.shape[0]
+        and getattr(m, "padding", 0) == 0
+        and getattr(m, "stride", 1) == 1
+        and getattr(m, "dilation", 1) == 1
+    )
 
 
 def use_cpu_delta(model) -> int:
@@ -165,8 +173,12 @@ def use_cpu_attention(model) -> int:
     for _, m in model.named_modules():
         call = getattr(type(m), "__call__", None)
         code = getattr(call, "__code__", None)
-        if patched(m) or code is None or "scaled_dot_product_attention" not in code.co_names \
-                or call.__globals__.get("scaled_dot_product_attention") is not base.scaled_dot_product_attention:
+        if (
+            patched(m)
+            or code is None
+            or "scaled_dot_product_attention" not in code.co_names
+            or call.__globals__.get("scaled_dot_product_attention") is not base.scaled_dot_product_attention
+        ):
             continue
         m.__class__ = rebind(type(m), "scaled_dot_product_attention", sdpa)
         n += 1

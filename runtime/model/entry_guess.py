@@ -26,7 +26,6 @@ class EntryGuess:
         MoE layer's input, when that layer makes the guess for this one)."""
         import mlx.core as mx
 
-
         tokens = h.size // h.shape[-1]
         k = get_experts_per_token(self._block)
         if tokens * k < self._n:

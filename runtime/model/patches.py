@@ -55,5 +55,3 @@ def hook_call(instance, attr: str, hook: Callable, prefix: str = "Hooked") -> No
 def patched(m) -> bool:
     """``m``'s class is one of the subclasses made here."""
     return type(m) in _CLASSES.values()
-
-

@@ -19,9 +19,11 @@ import mlx.nn as nn
 log = logging.getLogger(__name__)
 
 
-def yarn_freqs(dims: int, base: float, factor: float, original_max: int, beta_fast: float,
-               beta_slow: float) -> mx.array:
+def yarn_freqs(
+    dims: int, base: float, factor: float, original_max: int, beta_fast: float, beta_slow: float
+) -> mx.array:
     """Rope frequencies (as mlx-lm's ``YarnRoPE._freqs``) with the correction range left unrounded."""
+
     def corr(rot: float) -> float:
         return dims * math.log(original_max / (rot * 2 * math.pi)) / (2 * math.log(base))
 
@@ -48,9 +50,14 @@ def untruncate_yarn(model: nn.Module, config: dict) -> int:
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, YarnRoPE):
-            m._freqs = yarn_freqs(m.dims, float(base), float(rs["factor"]),
-                                  int(rs.get("original_max_position_embeddings", 4096)),
-                                  float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1)))
+            m._freqs = yarn_freqs(
+                m.dims,
+                float(base),
+                float(rs["factor"]),
+                int(rs.get("original_max_position_embeddings", 4096)),
+                float(rs.get("beta_fast", 32)),
+                float(rs.get("beta_slow", 1)),
+            )
             n += 1
     if n:
         log.info("yarn rope: correction range not truncated (config truncate=false), %d modules", n)

@@ -20,17 +20,22 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moestream.layouts import Pack, PackError, open_pack
-
 from moestream.runtime.cpu.threads import prefer_passive_wait
-from moestream.runtime.options import KERNELS, OptionError, RuntimeOptions
-from moestream.runtime.model.blocks import (SHARED_EXPERT_ATTRS, get_switch, moe_blocks, output_head,
-                                            set_experts_per_token, set_switch)
+from moestream.runtime.model.blocks import (
+    SHARED_EXPERT_ATTRS,
+    get_switch,
+    moe_blocks,
+    output_head,
+    set_experts_per_token,
+    set_switch,
+)
 from moestream.runtime.model.build import build_model, cast_floats
 from moestream.runtime.model.cpu_layers import cpu_linear_paths, use_cpu_attention, use_cpu_delta, use_cpu_kernels
 from moestream.runtime.model.entry_guess import EntryGuess, guess_at_entry
 from moestream.runtime.model.shared_input import share_inputs
 from moestream.runtime.model.streamed import EarlySharedExpert, StreamedSwitchGLU
 from moestream.runtime.model.tokenizer import load_tokenizer
+from moestream.runtime.options import KERNELS, OptionError, RuntimeOptions
 from moestream.runtime.store.expert_store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -93,8 +98,9 @@ def check_kernels(kernels: str) -> bool:
     return kernels == "metal" or (kernels == "auto" and metal.available())
 
 
-def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: bool = True, trace: bool = False,
-         **changes) -> Runtime:
+def load(
+    path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: bool = True, trace: bool = False, **changes
+) -> Runtime:
     """Open a pack for streamed execution.
 
     Args:
@@ -117,8 +123,9 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: 
     store = None
     try:
         if experts_per_token and not 1 <= experts_per_token <= pack.manifest.num_experts:
-            raise OptionError("experts_per_token", experts_per_token,
-                              f"{pack.root} has {pack.manifest.num_experts} experts per layer")
+            raise OptionError(
+                "experts_per_token", experts_per_token, f"{pack.root} has {pack.manifest.num_experts} experts per layer"
+            )
         model = build_model(pack, experts=False)
         on_cpu = mx.default_device() == mx.cpu
         if dtype is None and on_cpu:
@@ -127,8 +134,16 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: 
         cpu_kernels = cpu_kernels and pack.manifest.quantization["experts"]["bits"] < 16 and not use_metal
         if cpu_kernels:
             prefer_passive_wait()
-        store = ExpertStore(pack, cache=cache, threads=opts.threads, trace=trace, verify=opts.verify,
-                            max_slots=opts.max_slots, cpu_only=cpu_kernels, prefill_buffer=opts.prefill_buffer)
+        store = ExpertStore(
+            pack,
+            cache=cache,
+            threads=opts.threads,
+            trace=trace,
+            verify=opts.verify,
+            max_slots=opts.max_slots,
+            cpu_only=cpu_kernels,
+            prefill_buffer=opts.prefill_buffer,
+        )
         if store.policy.startswith("mmap") and not cpu_kernels:
             raise OptionError("cache", cache, "the naive page-fault baseline computes with the numba kernels only")
         if store.policy == "os-map":
@@ -142,8 +157,17 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: 
             raise PackError(f"{pack.root}: no expert file for MoE layers {sorted(missing)}")
         for i, mlp in blocks.items():
             # The family's activation (gpt-oss: clamped SwiGLU) comes from mlx-lm's own SwitchGLU.
-            set_switch(mlp, StreamedSwitchGLU(store, i, cdt, cpu_kernels=cpu_kernels, metal_kernels=use_metal,
-                                              activation=get_switch(mlp).activation))
+            set_switch(
+                mlp,
+                StreamedSwitchGLU(
+                    store,
+                    i,
+                    cdt,
+                    cpu_kernels=cpu_kernels,
+                    metal_kernels=use_metal,
+                    activation=get_switch(mlp).activation,
+                ),
+            )
             if experts_per_token:
                 set_experts_per_token(mlp, experts_per_token)
         weights = []
@@ -154,8 +178,11 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: 
         if cdt is not None:
             # The CPU kernels read bf16 scales and biases as stored: float32 copies would add 11% to
             # the bytes a 4-bit g64 product reads (and to resident RAM).
-            keep = frozenset(f"{p}.{a}" for p in cpu_linear_paths(model) for a in ("scales", "biases")) \
-                if cpu_kernels else frozenset()
+            keep = (
+                frozenset(f"{p}.{a}" for p in cpu_linear_paths(model) for a in ("scales", "biases"))
+                if cpu_kernels
+                else frozenset()
+            )
             model.update(cast_floats(model.parameters(), cdt, keep))
         mx.eval(model.parameters())
         for mlp in blocks.values():  # after loading: the wrapper renames the shared expert's parameters
@@ -177,8 +204,13 @@ def load(path: str | Path, options: RuntimeOptions | None = None, *, tokenizer: 
             guesses = {}
             for i, mlp in blocks.items():
                 layer = model.layers[i]
-                guesses[i] = EntryGuess(store.prefill_guess, i, mlp, getattr(layer, "post_attention_layernorm", None),
-                                        pack.manifest.num_experts)
+                guesses[i] = EntryGuess(
+                    store.prefill_guess,
+                    i,
+                    mlp,
+                    getattr(layer, "post_attention_layernorm", None),
+                    pack.manifest.num_experts,
+                )
                 guess_at_entry(layer, guesses[i])
             for a, b in zip(layers, layers[1:]):
                 get_switch(blocks[a]).prefill_guess_next(guesses[b])

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 
 # Sibling attributes that mlx-lm's model files call on the same input (only these: fusing by shape
 # alone would also catch e.g. an o_proj whose input width equals the hidden size).
-GROUPS = (("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"), ("in_proj_qkvz", "in_proj_ba"),
-          ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("gate", "shared_expert_gate"))
+GROUPS = (
+    ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    ("in_proj_qkvz", "in_proj_ba"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("gate", "shared_expert_gate"),
+)
 
 
 def _key(lin: CpuQuantizedLinear) -> tuple:

@@ -18,7 +18,6 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwiGLU
 
 from moestream.layouts import ExpertLayer
-
 from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 from moestream.runtime.model.hidden import Hidden
 from moestream.runtime.model.switch_glu import PROJS, has_bias, switch_glu
@@ -59,9 +58,16 @@ class StreamedSwitchGLU(nn.Module):
     the Metal expert kernels; larger batches, and shapes the kernels do not take, run mlx-lm's layer.
     """
 
-    def __init__(self, store: ExpertStore, layer: int, compute_dtype: mx.Dtype | None = None,
-                 shared: EarlySharedExpert | None = None, cpu_kernels: bool = False, metal_kernels: bool = False,
-                 activation: nn.Module | None = None):
+    def __init__(
+        self,
+        store: ExpertStore,
+        layer: int,
+        compute_dtype: mx.Dtype | None = None,
+        shared: EarlySharedExpert | None = None,
+        cpu_kernels: bool = False,
+        metal_kernels: bool = False,
+        activation: nn.Module | None = None,
+    ):
         super().__init__()
         self._store, self._layer = store, layer
         self._shared = Hidden(shared)
@@ -185,8 +191,9 @@ class StreamedSwitchGLU(nn.Module):
             dn = (glu.down_proj.bits, glu.down_proj.group_size)
             slot_of = dict(zip(part.tolist(), slots.tolist()))
             pos = [j for j, e in enumerate(flat.tolist()) if e in slot_of]
-            y = routed_experts(xs, slab.arrays, mx.array(np.array([slot_of[int(flat[j])] for j in pos], np.uint32)),
-                               gu, dn)
+            y = routed_experts(
+                xs, slab.arrays, mx.array(np.array([slot_of[int(flat[j])] for j in pos], np.uint32)), gu, dn
+            )
             slab.pending.append(y)
             pieces.append(y)
             order += pos
@@ -220,8 +227,9 @@ class StreamedSwitchGLU(nn.Module):
                 out[t, j] = self._cpu_linear(glu, a, "down_proj", slot, mid)
         return mx.array(out.reshape(*inds.shape, h))
 
-    def _cpu_decode(self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
-                    out: np.ndarray) -> None:
+    def _cpu_decode(
+        self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu, out: np.ndarray
+    ) -> None:
         """One token: every expert of the group through :func:`qmm_experts`, gate, up and down each one
         parallel launch (per-expert launches cost ~30% of a decode layer's expert time here)."""
         from moestream.runtime.cpu.kernels import qmm_experts
@@ -229,13 +237,23 @@ class StreamedSwitchGLU(nn.Module):
         pos = {e: j for j, e in enumerate(flat[0].tolist())}
         cols = np.array([pos[e] for e in part.tolist()])
         x = np.repeat(xs, len(part), axis=0)
-        args = {p: (a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"], slots, getattr(glu, p).bits,
-                    getattr(glu, p).group_size) for p in PROJS}
+        args = {
+            p: (
+                a[f"{p}.weight"],
+                a[f"{p}.scales"],
+                a[f"{p}.biases"],
+                slots,
+                getattr(glu, p).bits,
+                getattr(glu, p).group_size,
+            )
+            for p in PROJS
+        }
         mid = self._cpu_activation(qmm_experts(x, *args["gate_proj"]), qmm_experts(x, *args["up_proj"]))
         out[0, cols] = qmm_experts(mid, *args["down_proj"])
 
-    def _cpu_prefill(self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu,
-                     out: np.ndarray) -> None:
+    def _cpu_prefill(
+        self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu, out: np.ndarray
+    ) -> None:
         """Several tokens: the (token, expert) pairs of the group sorted by expert, gate, up and down
         each one call of :func:`qmm_grouped` over all the group's experts."""
         from moestream.runtime.cpu.kernels import qmm_grouped
@@ -244,8 +262,18 @@ class StreamedSwitchGLU(nn.Module):
         t = np.concatenate([w[0] for w in where])
         j = np.concatenate([w[1] for w in where])
         counts = np.array([len(w[0]) for w in where])
-        args = {p: (a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"], slots, counts, getattr(glu, p).bits,
-                    getattr(glu, p).group_size) for p in PROJS}
+        args = {
+            p: (
+                a[f"{p}.weight"],
+                a[f"{p}.scales"],
+                a[f"{p}.biases"],
+                slots,
+                counts,
+                getattr(glu, p).bits,
+                getattr(glu, p).group_size,
+            )
+            for p in PROJS
+        }
         xe = xs[t]
         mid = self._cpu_activation(qmm_grouped(xe, *args["gate_proj"]), qmm_grouped(xe, *args["up_proj"]))
         out[t, j] = qmm_grouped(mid, *args["down_proj"])
@@ -257,8 +285,9 @@ class StreamedSwitchGLU(nn.Module):
         if self._mode == "mxfp4":
             y = qmm_mxfp4(xe, a[f"{p}.weight"][slot], a[f"{p}.scales"][slot])
         else:  # bf16 scales as stored: the kernel widens them itself
-            y = qmm(xe, a[f"{p}.weight"][slot], a[f"{p}.scales"][slot], a[f"{p}.biases"][slot], lin.bits,
-                    lin.group_size)
+            y = qmm(
+                xe, a[f"{p}.weight"][slot], a[f"{p}.scales"][slot], a[f"{p}.biases"][slot], lin.bits, lin.group_size
+            )
         if self._bias:
             y += as_f32(a[f"{p}.bias"][slot])
         return y
@@ -285,5 +314,3 @@ def router_of(block: nn.Module) -> nn.Module | None:
         if isinstance(g, (nn.Linear, nn.QuantizedLinear, CpuQuantizedLinear)):
             return g
     return None
-
-

@@ -7,7 +7,6 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, Switch
 
 from moestream.layouts import ExpertLayer
 
-
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -20,8 +19,13 @@ def switch_glu(x: ExpertLayer, num_experts: int = 1, activation: nn.Module | Non
         c = x.component(f"{p}.weight")
         if c.bits < 16:
             din = c.shape[1] * 32 // c.bits
-            setattr(glu, p, QuantizedSwitchLinear(din, c.shape[0], num_experts, bias=bias,
-                                                  group_size=c.group_size, bits=c.bits, mode=c.mode))
+            setattr(
+                glu,
+                p,
+                QuantizedSwitchLinear(
+                    din, c.shape[0], num_experts, bias=bias, group_size=c.group_size, bits=c.bits, mode=c.mode
+                ),
+            )
         else:
             setattr(glu, p, SwitchLinear(c.shape[1], c.shape[0], num_experts, bias=bias))
     return glu

@@ -13,7 +13,6 @@ import mlx.nn as nn
 import numpy as np
 
 from moestream.layouts import ExpertLayer
-
 from moestream.runtime.model.hidden import Hidden
 from moestream.runtime.model.switch_glu import switch_glu
 

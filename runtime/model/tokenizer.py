@@ -25,8 +25,12 @@ def load_tokenizer(root: Path):
     cfg = root / "tokenizer_config.json"
     declared = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.exists() else None
     inner = wrapper._tokenizer
-    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and type(inner).__name__ != declared \
-            and (root / "tokenizer.json").exists() and hasattr(inner, "_tokenizer"):
+    if (
+        declared in ("PreTrainedTokenizerFast", "TokenizersBackend")
+        and type(inner).__name__ != declared
+        and (root / "tokenizer.json").exists()
+        and hasattr(inner, "_tokenizer")
+    ):
         from tokenizers import Tokenizer
 
         inner._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mlx_lm import server as mlx_server
 
-from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
 from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
+from moestream.runtime.serve.openai_response import Delta, ResponseAssembler, error_body, message_fields
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         key = self.config.api_key
         if not key or self.path == "/health" or self.headers.get("Authorization", "") == f"Bearer {key}":
             return True
-        self._error(_RequestError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                  "invalid_api_key"))
+        self._error(
+            _RequestError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "invalid_api_key")
+        )
         return False
 
     # -- GET -------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         elif path == "/v1/models":
             self._json(200, {"object": "list", "data": [self._model_object(name)]})
         elif path.startswith("/v1/models/"):
-            wanted = path[len("/v1/models/"):]
+            wanted = path[len("/v1/models/") :]
             if wanted in served_names(self.config.pack):
                 self._json(200, self._model_object(name))
             else:
@@ -138,8 +139,12 @@ class StreamingAPIHandler(mlx_server.APIHandler):
             self._error(e)
             return
         if not self.stats.admit():
-            self._error(_RequestError(429, f"server busy: {self.stats.max_concurrency} requests in flight; retry",
-                                      "rate_limit_exceeded"), {"Retry-After": "1"})
+            self._error(
+                _RequestError(
+                    429, f"server busy: {self.stats.max_concurrency} requests in flight; retry", "rate_limit_exceeded"
+                ),
+                {"Retry-After": "1"},
+            )
             return
         raw_wfile = self.wfile
         try:
@@ -179,29 +184,43 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         """Reject what mlx-lm would fail on (or silently accept); clamp max_tokens to the context."""
         model = body.get("model")
         if model is not None and model not in served_names(self.config.pack):
-            raise _RequestError(404, f"model {model!r} does not exist; this server serves {self._model_id()!r}",
-                                "model_not_found", "model")
+            raise _RequestError(
+                404,
+                f"model {model!r} does not exist; this server serves {self._model_id()!r}",
+                "model_not_found",
+                "model",
+            )
         if body.get("n", 1) != 1:
             raise _RequestError(400, "only n=1 is supported", param="n")
         k = body.get("experts_per_token")
-        if k is not None and not (isinstance(k, int) and not isinstance(k, bool)
-                                  and 1 <= k <= self.config.num_experts):
-            raise _RequestError(400, f"experts_per_token must be an integer in [1, {self.config.num_experts}]",
-                                param="experts_per_token")
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.config.num_experts):
+            raise _RequestError(
+                400,
+                f"experts_per_token must be an integer in [1, {self.config.num_experts}]",
+                param="experts_per_token",
+            )
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
                 raise _RequestError(400, "'messages' must be a non-empty list", param="messages")
             for i, m in enumerate(msgs):
                 if not isinstance(m, dict) or m.get("role") not in ROLES:
-                    raise _RequestError(400, f"messages[{i}] needs a 'role' among {sorted(ROLES)}",
-                                        param=f"messages[{i}]")
+                    raise _RequestError(
+                        400, f"messages[{i}] needs a 'role' among {sorted(ROLES)}", param=f"messages[{i}]"
+                    )
             tools = body.get("tools")
-            if tools is not None and not (isinstance(tools, list) and all(
-                    isinstance(t, dict) and isinstance(t.get("function"), dict)
-                    and isinstance(t["function"].get("name"), str) for t in tools)):
-                raise _RequestError(400, "'tools' must be a list of {type: function, function: {name, ...}}",
-                                    param="tools")
+            if tools is not None and not (
+                isinstance(tools, list)
+                and all(
+                    isinstance(t, dict)
+                    and isinstance(t.get("function"), dict)
+                    and isinstance(t["function"].get("name"), str)
+                    for t in tools
+                )
+            ):
+                raise _RequestError(
+                    400, "'tools' must be a list of {type: function, function: {name, ...}}", param="tools"
+                )
             if body.get("tool_choice") == "none":
                 body.pop("tools", None)  # the model is not shown the tools at all
         else:
@@ -213,8 +232,12 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         n = self._prompt_tokens(body, chat)
         limit = self.config.max_context
         if n >= limit:
-            raise _RequestError(400, f"this model's maximum context length is {limit} tokens; the prompt has {n}",
-                                "context_length_exceeded", "messages" if chat else "prompt")
+            raise _RequestError(
+                400,
+                f"this model's maximum context length is {limit} tokens; the prompt has {n}",
+                "context_length_exceeded",
+                "messages" if chat else "prompt",
+            )
         mt = body.pop("max_completion_tokens", None) or body.get("max_tokens")
         if isinstance(mt, int) and not isinstance(mt, bool) and mt > limit - n:
             mt = limit - n
@@ -230,11 +253,15 @@ class StreamingAPIHandler(mlx_server.APIHandler):
         kwargs.update(body.get("chat_template_kwargs") or {})
         try:
             mlx_server.process_message_content(msgs)
-            return len(tok.apply_chat_template(msgs, tools=body.get("tools"), add_generation_prompt=True,
-                                               tokenize=True, **kwargs))
+            return len(
+                tok.apply_chat_template(
+                    msgs, tools=body.get("tools"), add_generation_prompt=True, tokenize=True, **kwargs
+                )
+            )
         except Exception as e:  # the template's own checks (roles, content types, arguments)
-            raise _RequestError(400, f"the messages do not render with this model's chat template: {e}",
-                                param="messages") from None
+            raise _RequestError(
+                400, f"the messages do not render with this model's chat template: {e}", param="messages"
+            ) from None
 
     # -- the response ----------------------------------------------------------------------------
     def handle_completion(self, request: mlx_server.CompletionRequest, stop_words: list[str]):
@@ -254,9 +281,14 @@ class StreamingAPIHandler(mlx_server.APIHandler):
             return
         chat = request.request_type == "chat"
         tok = self.response_generator.model_provider.tokenizer
-        asm = ResponseAssembler(ctx.text_sm, ctx.initial_state, ctx.tool_parser, request.tools,
-                                (tok.tool_call_start or "<tool_call>", tok.tool_call_end or "</tool_call>"),
-                                streaming=self.stream)
+        asm = ResponseAssembler(
+            ctx.text_sm,
+            ctx.initial_state,
+            ctx.tool_parser,
+            request.tools,
+            (tok.tool_call_start or "<tool_call>", tok.tool_call_end or "</tool_call>"),
+            streaming=self.stream,
+        )
         total, finish, ntok, logprobs = Delta(), "stop", 0, []
         try:
             if self.stream:
@@ -268,17 +300,26 @@ class StreamingAPIHandler(mlx_server.APIHandler):
                 finish = gen.finish_reason or finish
                 if args.logprobs or args.top_logprobs > 0:
                     # "id" is an extension: byte-level tokens do not round-trip through text.
-                    logprobs.append({"token": tok.decode([gen.token]), "id": gen.token, "logprob": gen.logprob,
-                                     "top_logprobs": list(gen.top_tokens)})
+                    logprobs.append(
+                        {
+                            "token": tok.decode([gen.token]),
+                            "id": gen.token,
+                            "logprob": gen.logprob,
+                            "top_logprobs": list(gen.top_tokens),
+                        }
+                    )
                 if self.stream and d:
                     self._sse(self._body(d, None))
                 else:
                     total.merge(d)
             if finish == "stop" and asm.num_calls:
                 finish = "tool_calls"
-            usage = {"prompt_tokens": len(ctx.prompt), "completion_tokens": ntok,
-                     "total_tokens": len(ctx.prompt) + ntok,
-                     "prompt_tokens_details": {"cached_tokens": max(ctx.prompt_cache_count, 0)}}
+            usage = {
+                "prompt_tokens": len(ctx.prompt),
+                "completion_tokens": ntok,
+                "total_tokens": len(ctx.prompt) + ntok,
+                "prompt_tokens_details": {"cached_tokens": max(ctx.prompt_cache_count, 0)},
+            }
             if self.stream:
                 self._sse(self._body(total, finish))
                 if (self.stream_options or {}).get("include_usage"):
@@ -306,19 +347,34 @@ class StreamingAPIHandler(mlx_server.APIHandler):
     def _generation_args(self, stop_words: list[str]) -> mlx_server.GenerationArguments:
         """mlx-lm's arguments from the fields its ``do_POST`` parsed onto the handler."""
         return mlx_server.GenerationArguments(
-            model=mlx_server.ModelDescription(model=self.requested_model, draft=self.requested_draft_model,
-                                              adapter=self.adapter),
+            model=mlx_server.ModelDescription(
+                model=self.requested_model, draft=self.requested_draft_model, adapter=self.adapter
+            ),
             sampling=mlx_server.SamplingArguments(
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                xtc_probability=self.xtc_probability, xtc_threshold=self.xtc_threshold),
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                xtc_probability=self.xtc_probability,
+                xtc_threshold=self.xtc_threshold,
+            ),
             logits=mlx_server.LogitsProcessorArguments(
-                logit_bias=self.logit_bias, repetition_penalty=self.repetition_penalty,
-                repetition_context_size=self.repetition_context_size, presence_penalty=self.presence_penalty,
-                presence_context_size=self.presence_context_size, frequency_penalty=self.frequency_penalty,
-                frequency_context_size=self.frequency_context_size),
-            stop_words=stop_words, max_tokens=self.max_tokens, num_draft_tokens=self.num_draft_tokens,
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs, seed=self.seed,
-            chat_template_kwargs=self.chat_template_kwargs)
+                logit_bias=self.logit_bias,
+                repetition_penalty=self.repetition_penalty,
+                repetition_context_size=self.repetition_context_size,
+                presence_penalty=self.presence_penalty,
+                presence_context_size=self.presence_context_size,
+                frequency_penalty=self.frequency_penalty,
+                frequency_context_size=self.frequency_context_size,
+            ),
+            stop_words=stop_words,
+            max_tokens=self.max_tokens,
+            num_draft_tokens=self.num_draft_tokens,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            seed=self.seed,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
 
     def _body(self, d: Delta, finish: str | None) -> dict:
         choice = {"index": 0, "finish_reason": finish}
@@ -326,9 +382,14 @@ class StreamingAPIHandler(mlx_server.APIHandler):
             choice["delta" if self.stream else "message"] = message_fields(d, self.stream)
         else:
             choice.update(text=d.content, logprobs=None)
-        return {"id": self.request_id, "object": self.object_type, "created": self.created,
-                "model": self._model_id(), "system_fingerprint": self.system_fingerprint,
-                "choices": [choice]}
+        return {
+            "id": self.request_id,
+            "object": self.object_type,
+            "created": self.created,
+            "model": self._model_id(),
+            "system_fingerprint": self.system_fingerprint,
+            "choices": [choice],
+        }
 
     def _sse(self, obj: dict) -> None:
         self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())

@@ -58,9 +58,15 @@ class ResponseAssembler:
         streaming: number the calls with ``index`` as streamed deltas require.
     """
 
-    def __init__(self, text_sm: TextStateMachine, initial_state: str, tool_parser: Callable | None,
-                 tools: list | None, markers: tuple[str, str] = ("<tool_call>", "</tool_call>"),
-                 streaming: bool = False):
+    def __init__(
+        self,
+        text_sm: TextStateMachine,
+        initial_state: str,
+        tool_parser: Callable | None,
+        tools: list | None,
+        markers: tuple[str, str] = ("<tool_call>", "</tool_call>"),
+        streaming: bool = False,
+    ):
         self._sm = text_sm.make_state(initial_state)
         self._state = initial_state
         self._parser, self._tools, self._markers = tool_parser, tools, markers
@@ -116,14 +122,21 @@ class ResponseAssembler:
             log.warning("tool call did not parse (%s: %s); returned as text", type(e).__name__, e)
             return None
         calls = parsed if isinstance(parsed, list) else [parsed]
-        ok = all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
-                 and isinstance(c.get("arguments", {}), dict) for c in calls)
+        ok = all(
+            isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and c["name"]
+            and isinstance(c.get("arguments", {}), dict)
+            for c in calls
+        )
         return calls if ok and calls else None
 
     def _format(self, call: dict) -> dict:
-        out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-               "function": {"name": call["name"],
-                            "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}}
+        out = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)},
+        }
         if self._streaming:
             out["index"] = self.num_calls
         self.num_calls += 1
@@ -145,13 +158,20 @@ def message_fields(delta: Delta, streaming: bool) -> dict[str, Any]:
     return msg
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-               404: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
     """An OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    err = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
-           "code": code}
+    err = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
     return json.dumps({"error": err}).encode()

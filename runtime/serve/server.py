@@ -28,10 +28,10 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
 from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks, output_head, set_experts_per_token
 from moestream.runtime.model.runtime import Runtime, load
 from moestream.runtime.options import RuntimeOptions
+from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,21 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         finally:
             ctx = counting.ctx
             cancelled = ctx is not None and ctx._should_stop
-            last = {"generated_tokens": running["generated_tokens"], "cancelled": cancelled,
-                    "prompt_tokens": len(ctx.prompt) if ctx else 0,
-                    "cached_tokens": ctx.prompt_cache_count if ctx else 0,
-                    "seconds": round(time.time() - running["started"], 3)}
-            self.stats.record(completed=int(ctx is not None and not cancelled), cancelled=int(cancelled),
-                              failed=int(ctx is None), prompt_tokens=last["prompt_tokens"],
-                              cached_tokens=max(last["cached_tokens"], 0),
-                              generated_tokens=last["generated_tokens"])
+            last = {
+                "generated_tokens": running["generated_tokens"],
+                "cancelled": cancelled,
+                "prompt_tokens": len(ctx.prompt) if ctx else 0,
+                "cached_tokens": ctx.prompt_cache_count if ctx else 0,
+                "seconds": round(time.time() - running["started"], 3),
+            }
+            self.stats.record(
+                completed=int(ctx is not None and not cancelled),
+                cancelled=int(cancelled),
+                failed=int(ctx is None),
+                prompt_tokens=last["prompt_tokens"],
+                cached_tokens=max(last["cached_tokens"], 0),
+                generated_tokens=last["generated_tokens"],
+            )
             self.stats.last, self.stats.running = last, None
 
     def _tokenize(self, tokenizer, request, args):
@@ -155,8 +162,9 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         prompt = self._tokenize(tok, req, args)[0]
         kwargs = dict(provider.cli_args.chat_template_args or {})
         kwargs.update(args.chat_template_kwargs or {})
-        history = tok.apply_chat_template(req.messages, tools=req.tools, tokenize=True,
-                                          add_generation_prompt=False, **kwargs)
+        history = tok.apply_chat_template(
+            req.messages, tools=req.tools, tokenize=True, add_generation_prompt=False, **kwargs
+        )
         p = next((i for i, (a, b) in enumerate(zip(prompt, history)) if a != b), min(len(prompt), len(history)))
         p = min(p, len(prompt) - 1)  # generation needs at least one token to run
         cache, rest = self.prompt_cache.fetch_nearest_cache(provider.model_key, prompt[:p])
@@ -167,7 +175,7 @@ class StreamingResponseGenerator(mlx_server.ResponseGenerator):
         step = provider.cli_args.prefill_step_size
         with mx.stream(stream):
             for i in range(0, len(rest), step):
-                model(mx.array(rest[i:i + step])[None], cache=cache)
+                model(mx.array(rest[i : i + step])[None], cache=cache)
                 mx.eval([c.state for c in cache])
         self.prompt_cache.insert_cache(provider.model_key, prompt[:p], cache, cache_type="user")
         log.info("stored the history checkpoint: %d tokens (%d computed)", p, len(rest))
@@ -211,9 +219,11 @@ class Server:
 def _mlx_cli_args(argv: list[str]):
     """mlx-lm's server options, parsed by mlx-lm's own parser (without starting its server)."""
     got = {}
-    with mock.patch.object(sys, "argv", ["mlx_lm.server", *argv]), \
-            mock.patch.object(mlx_server, "ModelProvider", lambda a: a), \
-            mock.patch.object(mlx_server, "run", lambda host, port, args, **kw: got.setdefault("args", args)):
+    with (
+        mock.patch.object(sys, "argv", ["mlx_lm.server", *argv]),
+        mock.patch.object(mlx_server, "ModelProvider", lambda a: a),
+        mock.patch.object(mlx_server, "run", lambda host, port, args, **kw: got.setdefault("args", args)),
+    ):
         mlx_server.main()
     return got["args"]
 
@@ -224,9 +234,19 @@ def _max_context(pack: str) -> int:
     return int(text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 32768)
 
 
-def build_server(pack: str, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
-                 max_concurrency: int = 8, max_context: int | None = None, mlx_args: list[str] | None = None,
-                 load_timeout: float = 600.0, options: RuntimeOptions | None = None, **changes) -> Server:
+def build_server(
+    pack: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    api_key: str | None = None,
+    max_concurrency: int = 8,
+    max_context: int | None = None,
+    mlx_args: list[str] | None = None,
+    load_timeout: float = 600.0,
+    options: RuntimeOptions | None = None,
+    **changes,
+) -> Server:
     """Load ``pack`` and bind the HTTP server (not yet serving).
 
     Args:

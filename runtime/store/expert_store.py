@@ -35,12 +35,11 @@ import numpy as np
 import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
-
+from moestream.runtime.options import cache_policy
+from moestream.runtime.store.lru import LruExperts
+from moestream.runtime.store.policy import StoreStats, run_overlap
 from moestream.runtime.store.prefill_ring import PrefillStream, default_budget
 from moestream.runtime.store.slabs import MappedLayer, Slab, block_key
-from moestream.runtime.store.lru import LruExperts
-from moestream.runtime.options import cache_policy
-from moestream.runtime.store.policy import StoreStats, run_overlap
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,17 @@ class ExpertStore:
             slabs): faulting them in again for each prompt would halve its first reads' speed.
     """
 
-    def __init__(self, pack: Pack, cache: str = "os", threads: int | None = None, max_slots: int | None = None,
-                 trace: bool = False, verify: bool = True, cpu_only: bool = False, prefill_buffer: int | None = None):
+    def __init__(
+        self,
+        pack: Pack,
+        cache: str = "os",
+        threads: int | None = None,
+        max_slots: int | None = None,
+        trace: bool = False,
+        verify: bool = True,
+        cpu_only: bool = False,
+        prefill_buffer: int | None = None,
+    ):
         self.pack = pack
         self.policy, self.cache_bytes = cache_policy(cache)
         self.verify = verify
@@ -127,8 +135,9 @@ class ExpertStore:
         if cpu_only and self.policy in ("os", "none") and prefill_buffer != 0:
             x = m.experts[0]
             budget = default_budget() if prefill_buffer is None else prefill_buffer
-            self._ring_layers = {lay for lay, xs in self._tiers.items()
-                                 if len(xs) == 1 and block_key(xs[0]) == block_key(x)}
+            self._ring_layers = {
+                lay for lay, xs in self._tiers.items() if len(xs) == 1 and block_key(xs[0]) == block_key(x)
+            }
             slots = min(budget // x.stride, n)
             if self._ring_layers and slots >= 1:
                 self.prefill_stream = PrefillStream(x, slots, self._ring_read, self.stats)
@@ -226,8 +235,9 @@ class ExpertStore:
         return [(k, experts[t == k], local[experts[t == k]]) for k in np.unique(t).tolist()]
 
     # -- the interface the streamed MoE layer uses -------------------------------------------------
-    def fetch(self, layer: int, experts: np.ndarray, overlap: list | None = None, many: bool = False
-              ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
+    def fetch(
+        self, layer: int, experts: np.ndarray, overlap: list | None = None, many: bool = False
+    ) -> Iterator[tuple[Slab, np.ndarray, np.ndarray]]:
         """Make ``experts`` (sorted, unique) available, in groups of (slab, experts, slots).
 
         ``overlap``: callables to call while the first reads are in flight.
@@ -239,8 +249,9 @@ class ExpertStore:
         appends the lazy outputs that read the slab to ``slab.pending``.
         """
         if self.policy == "lru":
-            yield from self._lru.fetch(layer, self._by_tier(layer, experts), overlap if overlap is not None else [],
-                                       self._read_all)
+            yield from self._lru.fetch(
+                layer, self._by_tier(layer, experts), overlap if overlap is not None else [], self._read_all
+            )
             return
         if self.policy.startswith("mmap"):
             run_overlap(overlap or [])
@@ -273,7 +284,7 @@ class ExpertStore:
             x = self._tiers[layer][t]
             key = block_key(x)
             cap = self._shared[key][0].capacity
-            groups += [(x, key, part[g0:g0 + cap], local[g0:g0 + cap]) for g0 in range(0, len(part), cap)]
+            groups += [(x, key, part[g0 : g0 + cap], local[g0 : g0 + cap]) for g0 in range(0, len(part), cap)]
 
         def issue(group):
             x, key, part, local = group
@@ -291,8 +302,12 @@ class ExpertStore:
 
         if ahead is not None:
             x, key, part, local = groups[0]
-            if (ahead.layer == layer and len(groups) == 1 and ahead.slab is self._shared[key][self._turn[key]]
-                    and len(part) + len(ahead.reads) <= ahead.slab.capacity):
+            if (
+                ahead.layer == layer
+                and len(groups) == 1
+                and ahead.slab is self._shared[key][self._turn[key]]
+                and len(part) + len(ahead.reads) <= ahead.slab.capacity
+            ):
                 nxt = self._issue_after_ahead(ahead, groups[0])
             else:  # a wrong layer or no room: its reads finish before the slab is written again
                 ahead.slab.inflight += [f for _, f in ahead.reads.values()]
@@ -327,7 +342,11 @@ class ExpertStore:
         the next :meth:`fetch` only; a guess that was wrong costs disk time, not correctness (its slots
         are neither used nor rewritten before the read is done).
         """
-        if self.policy not in ("os", "os-map", "none") or len(self._tiers.get(layer, ())) != 1 or self._ahead is not None:
+        if (
+            self.policy not in ("os", "os-map", "none")
+            or len(self._tiers.get(layer, ())) != 1
+            or self._ahead is not None
+        ):
             return
         x = self._tiers[layer][0]
         key = block_key(x)

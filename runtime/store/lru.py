@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from moestream.runtime.store.slabs import Slab
 from moestream.runtime.store.policy import StoreStats, run_overlap
+from moestream.runtime.store.slabs import Slab
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ class LruExperts:
             for t, x in enumerate(xs):
                 slots = per_layer * x.num_experts // total
                 self._lru[layer, t] = _LayerCache(Slab(x, max(1, min(x.num_experts, slots))))
-        if any(sum(c.slab.capacity for (lay, _), c in self._lru.items() if lay == layer) < top_k
-               for layer in tiers):
+        if any(sum(c.slab.capacity for (lay, _), c in self._lru.items() if lay == layer) < top_k for layer in tiers):
             log.warning("lru cache of %d bytes holds fewer than top-k experts per layer", cache_bytes)
 
     def fetch(self, layer: int, by_tier: list, overlap: list, read_all: Callable) -> Iterator[tuple]:
@@ -51,8 +50,8 @@ class LruExperts:
             x = self._tiers[layer][t]
             cap = lc.slab.capacity
             for g0 in range(0, len(tier_part), cap):
-                part = tier_part[g0:g0 + cap].tolist()
-                pos = dict(zip(part, tier_local[g0:g0 + cap].tolist()))
+                part = tier_part[g0 : g0 + cap].tolist()
+                pos = dict(zip(part, tier_local[g0 : g0 + cap].tolist()))
                 want = set(part)
                 todo, slots = [], []
                 used = set(lc.slots.values())  # once: inside the comprehension it was rebuilt per slot
@@ -82,8 +81,10 @@ class LruExperts:
         for (layer, t), lc in self._lru.items():
             n = self._tiers[layer][t].num_experts
             if lc.slab.capacity < n:
-                raise ValueError(f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts "
-                                 f"(file {self._tiers[layer][t].file})")
+                raise ValueError(
+                    f"lru cache holds {lc.slab.capacity} of layer {layer}'s {n} experts "
+                    f"(file {self._tiers[layer][t].file})"
+                )
         for layer in self._tiers:
             for _ in self.fetch(layer, by_tier_of(layer), [], read_all):
                 pass

@@ -26,7 +26,9 @@ class StoreStats:
         return self.hits / n if n else 0.0
 
     def reset(self) -> None:
-        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = self.wasted = 0
+        self.reads = self.bytes_read = self.hits = self.misses = self.ahead = self.ahead_hits = self.page_hits = (
+            self.wasted
+        ) = 0
         if self.log is not None:
             self.log.clear()
 

@@ -168,5 +168,3 @@ def default_budget() -> int:
     except (ValueError, OSError):
         ram = 16 << 30
     return min(4 << 30, ram // 8)
-
-

@@ -13,11 +13,15 @@ import mlx.core as mx
 import numpy as np
 
 from moestream.layouts import ExpertLayer
-
 from moestream.runtime.store.hugepages import back_with_huge_pages
 
-NP_STORAGE = {"uint32": np.uint32, "uint8": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
-              "float32": np.float32}
+NP_STORAGE = {
+    "uint32": np.uint32,
+    "uint8": np.uint8,
+    "bfloat16": np.uint16,
+    "float16": np.float16,
+    "float32": np.float32,
+}
 
 
 class Slab:
@@ -66,12 +70,12 @@ class Slab:
             vecs, pos, sink, used = [], 0, memoryview(self.sinks[s]), 0
             for c in sorted(x.components, key=lambda c: c.offset):
                 if c.offset > pos:
-                    vecs.append(sink[used:used + c.offset - pos])
+                    vecs.append(sink[used : used + c.offset - pos])
                     used += c.offset - pos
-                vecs.append(views[c.name][s * c.nbytes:(s + 1) * c.nbytes])
+                vecs.append(views[c.name][s * c.nbytes : (s + 1) * c.nbytes])
                 pos = c.offset + c.nbytes
             if x.stride > pos:
-                vecs.append(sink[used:used + x.stride - pos])
+                vecs.append(sink[used : used + x.stride - pos])
             self.iovecs.append(vecs)
         self.direct_ok = numpy_only and all(_aligned(v) for vecs in self.iovecs for v in vecs)
         self.pending: list[mx.array] = []  # lazy outputs that still read this slab
@@ -130,8 +134,13 @@ class MappedLayer:
         for c in x.components:
             dt = np.dtype(NP_STORAGE[c.dtype])
             inner = np.empty(c.shape, dt).strides
-            self.numpy[c.name] = np.ndarray((x.num_experts, *c.shape), dt, buffer=self._mm,
-                                            offset=x.expert_offset(0) + c.offset, strides=(x.stride, *inner))
+            self.numpy[c.name] = np.ndarray(
+                (x.num_experts, *c.shape),
+                dt,
+                buffer=self._mm,
+                offset=x.expert_offset(0) + c.offset,
+                strides=(x.stride, *inner),
+            )
         self.pending: list = []
 
     def settle(self) -> None:
@@ -140,7 +149,7 @@ class MappedLayer:
     def block(self, local: int) -> memoryview:
         """Expert ``local``'s whole block (its checksum covers padding too)."""
         off = self.layout.expert_offset(local)
-        return memoryview(self._mm)[off:off + self.layout.stride]
+        return memoryview(self._mm)[off : off + self.layout.stride]
 
     def resident(self, local: np.ndarray) -> np.ndarray:
         """Which of the experts ``local`` have every page of their block in the page cache now."""
