@@ -379,7 +379,7 @@ def _expert_widths(
     from moestream.quant.calibration import Calibration
     from moestream.quant.tiers import Width
 
-    from .tiers import plan_widths
+    from .tier_plan import plan_widths
 
     try:
         fixed = {int(k): Width.parse(v) for k, v in (o.layer_widths or {}).items()}

@@ -3,8 +3,11 @@
 Users run it to learn what their machine would do with a model before downloading it: the expert
 blocks have exactly the real layout and size (random codes, scales and biases of a realistic
 magnitude), resident tensors have the real names, shapes and bits, and only ``layers`` of the
-model's layers are written (keeping at least one full-attention layer, which mlx-lm needs). The
-manifest is marked ``synthetic``. Expert blocks stream to disk as fast as they are generated.
+model's layers are written (keeping at least one full-attention layer, which mlx-lm needs). With
+``experts``, each MoE layer holds that many experts instead of the model's own count (same shapes per
+expert; the router has that many rows): a model's full depth at a size a small disk and RAM can hold.
+The manifest is marked ``synthetic``; its ``source`` records the layers and experts written and the
+model's own expert count. Expert blocks stream to disk as fast as they are generated.
 """
 
 from __future__ import annotations
@@ -63,13 +66,40 @@ def load_like(like: str) -> dict:
     return json.loads(f.read_text())
 
 
-def reduced_config(config: dict, layers: int) -> dict:
-    """The config with only ``layers`` layers (at least one of them full attention)."""
+# Where families' configs keep the routed expert count (Qwen, DeepSeek, Mixtral and gpt-oss).
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token")
+
+
+def model_experts(config: dict) -> int | None:
+    """The routed experts per MoE layer that ``config`` declares (None if it names none)."""
+    tc = config.get("text_config", config)
+    return next((int(tc[k]) for k in EXPERT_COUNT_KEYS if tc.get(k)), None)
+
+
+def reduced_config(config: dict, layers: int, experts: int | None = None) -> dict:
+    """The config with only ``layers`` layers (at least one of them full attention) and, with
+    ``experts``, that many routed experts per MoE layer (at least the model's top-k)."""
     config = json.loads(json.dumps(config))
     tc = config.get("text_config", config)
     n = tc["num_hidden_layers"]
     if not 1 <= layers <= n:
         raise ConvertError(f"--layers {layers}: the model has {n} layers")
+    if experts is not None:
+        own = model_experts(config)
+        k = next((int(tc[key]) for key in TOP_K_KEYS if tc.get(key)), 1)
+        if own is None:
+            raise ConvertError(
+                f"--experts {experts}: the config names no expert count ({', '.join(EXPERT_COUNT_KEYS)})"
+            )
+        if not k <= experts <= own:
+            raise ConvertError(f"--experts {experts}: expected from the model's top-k ({k}) to its own count ({own})")
+        groups = int(tc.get("n_group") or 1)  # DeepSeek's grouped routing splits the experts evenly
+        if experts % groups:
+            raise ConvertError(f"--experts {experts}: the router splits experts into {groups} groups")
+        for key in EXPERT_COUNT_KEYS:
+            if tc.get(key):
+                tc[key] = experts
     if layers < 2 and tc.get("full_attention_interval", 4) > 1:
         raise ConvertError(
             f"--layers {layers}: this model mixes linear and full attention, and mlx-lm's "
@@ -111,8 +141,12 @@ def synth(
     force: bool = False,
     progress: bool = False,
     routing: str = "uniform",
+    experts: int | None = None,
 ) -> Manifest:
     """Write a synthetic pack shaped like ``like``. Returns its manifest.
+
+    ``experts``: routed experts per MoE layer (None: the model's own count); each keeps the model's
+    shapes, so a token's bytes and compute are the real model's at the same top-k.
 
     ``routing``: ``uniform``, or ``zipf:S`` for hot experts: router row ``e`` is scaled by
     ``(rank(e) + 1) ** -S`` (a random rank per layer), so its logits spread wider and it lands in the
@@ -121,7 +155,8 @@ def synth(
     skew = _parse_routing(routing)
     if bits not in (2, 3, 4, 8):
         raise ConvertError(f"--bits {bits}: synth supports 2, 3, 4 and 8")
-    config = reduced_config(load_like(like), layers)
+    full = load_like(like)
+    config = reduced_config(full, layers, experts)
     fam = family_for(config, str(like))
     out = Path(output)
     if out.exists():
@@ -183,7 +218,15 @@ def synth(
         resident_files=rfiles,
         resident_tensors=rtensors,
         alignment=alignment,
-        source={"kind": "synthetic", "like": str(like), "layers": layers, "seed": seed, "routing": routing},
+        source={
+            "kind": "synthetic",
+            "like": str(like),
+            "layers": layers,
+            "experts": fam.num_experts,
+            "model_experts": model_experts(full) or fam.num_experts,
+            "seed": seed,
+            "routing": routing,
+        },
         extra_files=[
             "config.json",
             "tokenizer.json",
@@ -264,4 +307,4 @@ def _write_values(w, rng, target, base, shape, bits, group, dtype, skew: float =
     w.write(f"{base}.biases", f32_to_bf16(-3 * WEIGHT_STD * rng.uniform(0.7, 1.3, n) * per_group))
 
 
-__all__ = ["synth", "known_configs", "load_like", "reduced_config"]
+__all__ = ["synth", "known_configs", "load_like", "model_experts", "reduced_config"]

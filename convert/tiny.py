@@ -1,11 +1,12 @@
 """A tiny random Qwen3.5-MoE checkpoint in the hub's own BF16 layout, made without torch.
 
-Used by ``moestream demo`` (a fresh machine has no model to convert) and by the benchmark that
-needs a checkpoint bigger than a real test fixture. Tensor names and shapes are derived from
-mlx-lm's model definition and mapped back to the hub's layout: ``model.language_model.*``, fused
-``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj`` [E, H, I], RMSNorm weights stored
-offset from 1, conv1d as [C, 1, K], plus a ``model.visual`` and an ``mtp`` tensor that a converter
-must drop. Tensors are written one at a time, so a checkpoint far larger than RAM can be made.
+Used by the tests (packs of any shape without ``../shared``) and by the benchmark that needs a
+checkpoint bigger than a real test fixture (``moestream demo`` ships a trained model instead).
+Tensor names and shapes are derived from mlx-lm's model definition and mapped back to the hub's
+layout: ``model.language_model.*``, fused ``experts.gate_up_proj`` [E, 2I, H] /
+``experts.down_proj`` [E, H, I], RMSNorm weights stored offset from 1, conv1d as [C, 1, K], plus a
+``model.visual`` and an ``mtp`` tensor that a converter must drop. Tensors are written one at a
+time, so a checkpoint far larger than RAM can be made.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from moestream.quant.calibration import Calibration
 from moestream.quant.dtypes import decode_to_f32
 from moestream.quant.gptq import gptq_quantize
 
+from .expert_reader import read_expert
 from .family import MlxLmFamily
 from .plan import ExpertLayerPlan, ResidentFilePlan, ResidentPlan
 from .source import ConvertError, SourceCheckpoint
@@ -43,23 +44,6 @@ def passthrough_stats(w: np.ndarray, stored: np.ndarray, dtype: str) -> ErrorSta
         sum_err2=float((err * err).sum()),
         max_abs_err=float(np.abs(err).max(initial=0.0)),
     )
-
-
-def read_expert(src: SourceCheckpoint, x: ExpertLayerPlan, e: int) -> dict[str, np.ndarray]:
-    """Expert ``e``'s float32 gate [I, H], up [I, H] and down [H, I], read as one slice each."""
-    s = x.source
-    if s.reader is not None:  # a family's own layout (gpt-oss)
-        return s.reader.floats(src, e)
-    if s.layout == "fused":
-        gu = src.read_rows_f32(s.names["gate_up"], e, e + 1)[0]
-        return {
-            "gate_proj": gu[: x.intermediate],
-            "up_proj": gu[x.intermediate :],
-            "down_proj": src.read_rows_f32(s.names["down"], e, e + 1)[0],
-        }
-    if s.layout == "stacked":
-        return {p: src.read_rows_f32(n, e, e + 1)[0] for p, n in s.names.items()}
-    return {p: src.read_f32(n.format(e=e)) for p, n in s.names.items()}
 
 
 def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -8,13 +8,16 @@ mlx-lm's layer code stays as it is; only the instance's class changes, so other 
 - :func:`hook_call`: ``__call__`` first calls the instance's hook with the layer's input, then the
   class's own code (prefill's guess of the experts at a layer's entry).
 
-Each subclass is made once per (class, change) and reused.
+Each subclass is made once per (class, change) and reused. The one other change, :func:`swapped`,
+replaces module attributes for the length of a ``with`` block (the server parses its options with
+mlx-lm's own command-line parser, which lives inside ``mlx_lm.server.main``).
 """
 
 from __future__ import annotations
 
 import types
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 _CLASSES: dict[tuple, type] = {}
 
@@ -55,3 +58,16 @@ def hook_call(instance, attr: str, hook: Callable, prefix: str = "Hooked") -> No
 def patched(m) -> bool:
     """``m``'s class is one of the subclasses made here."""
     return type(m) in _CLASSES.values()
+
+
+@contextmanager
+def swapped(owner: object, **attrs) -> Iterator[None]:
+    """Set ``owner``'s attributes to ``attrs`` inside the block, and back afterwards."""
+    old = {k: getattr(owner, k) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(owner, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(owner, k, v)

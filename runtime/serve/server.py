@@ -22,13 +22,13 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from unittest import mock
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks, output_head, set_experts_per_token
+from moestream.runtime.model.patches import swapped
 from moestream.runtime.model.runtime import Runtime, load
 from moestream.runtime.options import RuntimeOptions
 from moestream.runtime.serve.config import ServerConfig, ServerStats, served_names
@@ -220,9 +220,8 @@ def _mlx_cli_args(argv: list[str]):
     """mlx-lm's server options, parsed by mlx-lm's own parser (without starting its server)."""
     got = {}
     with (
-        mock.patch.object(sys, "argv", ["mlx_lm.server", *argv]),
-        mock.patch.object(mlx_server, "ModelProvider", lambda a: a),
-        mock.patch.object(mlx_server, "run", lambda host, port, args, **kw: got.setdefault("args", args)),
+        swapped(sys, argv=["mlx_lm.server", *argv]),
+        swapped(mlx_server, ModelProvider=lambda a: a, run=lambda host, port, args, **kw: got.setdefault("args", args)),
     ):
         mlx_server.main()
     return got["args"]

@@ -17,6 +17,7 @@ from moestream.quant import quantize_with_error
 from moestream.quant.calibration import Calibration
 from moestream.quant.tiers import Width, allocate_widths
 
+from .expert_reader import read_expert
 from .family import ExpertSource
 from .source import ConvertError, SourceCheckpoint
 
@@ -42,7 +43,6 @@ def width_errors(
     src: SourceCheckpoint, es: ExpertSource, intermediate: int, widths: list[Width], method: str, dtype: str
 ) -> dict[Width, float]:
     """Mean relative squared error of each width over a few experts of one layer (all three projections)."""
-    from .writers import read_expert
 
     picks = np.unique(np.linspace(0, es.num_experts - 1, min(SAMPLE_EXPERTS, es.num_experts)).round().astype(int))
     x = SimpleNamespace(source=es, intermediate=intermediate)
