@@ -1,0 +1,55 @@
+"""Every error the CLI meets ends in one line on stderr (``error: ...``), never a raw traceback;
+``-v`` adds the traceback for a defect; runtime option errors name the flag."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from moestream.main import cli
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_an_unexpected_exception_is_one_line(tmp_path, monkeypatch):
+    import moestream.layouts
+
+    def boom(path):
+        raise ValueError("something inside went wrong\nsecond line")
+
+    monkeypatch.setattr(moestream.layouts, "open_pack", boom)
+    r = _run("inspect", tmp_path)
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert lines == ["error: ValueError: something inside went wrong (run with -v for the traceback)"]
+
+
+def test_verbose_adds_the_traceback(tmp_path, monkeypatch):
+    import moestream.layouts
+
+    monkeypatch.setattr(moestream.layouts, "open_pack", lambda path: 1 / 0)
+    r = _run("-v", "inspect", tmp_path)
+    assert r.exit_code == 1
+    assert "Traceback" in r.output and r.output.strip().splitlines()[-1] == "error: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--cache", "lru:lots"], "--cache lru:lots"),
+        (["--cache", "fast"], "--cache fast"),
+        (["-k", "0"], "--experts-per-token 0"),
+    ],
+)
+def test_runtime_option_errors_name_the_flag(tmp_path, args, flag):
+    r = _run("generate", tmp_path, "-p", "hi", *args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"error: {flag}: ")
+
+
+def test_a_bad_size_is_a_usage_error(tmp_path):
+    r = _run("generate", tmp_path, "-p", "hi", "--prefill-buffer", "big")
+    assert r.exit_code == 2 and "--prefill-buffer" in r.output and "Traceback" not in r.output
