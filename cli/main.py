@@ -212,34 +212,45 @@ def synth(like, output, layers, bits, group_size, resident_bits, seed, alignment
 
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
-              help="Where the tiny checkpoint and its packs go.")
+              help="Where the 4- and 2-bit packs go.")
 @one_line_errors
 def demo(workdir):
-    """Build a tiny Qwen3.5-MoE checkpoint, convert it at 4 and 2 bits, verify, compare with the source."""
-    from moestream.demo import demo_generate, run_demo
+    """Convert the shipped small Qwen3.5-MoE at 4 and 2 bits, verify, score against the source, generate."""
+    from moestream.demo import DEMO_MODEL, DEMO_PROMPT, demo_generate, run_demo
     from moestream.quant.report import format_comparison, load_report
 
-    click.echo(f"demo: building a tiny random Qwen3.5-MoE checkpoint in {workdir}/checkpoint ...")
+    from .runtime_commands import _print_stats
+
+    size = sum(f.stat().st_size for f in DEMO_MODEL.glob("*.safetensors"))
+    click.echo(f"demo: a small Qwen3.5-MoE trained on Python's standard library ({_human(size)} of BF16 weights, "
+               f"{DEMO_MODEL}); converting it at 4 and 2 bits into {workdir} ...")
     res = run_demo(workdir)
     for p in res["packs"]:
         click.echo(f"  {p['bits']}-bit ({p['method']}) {p['pack']}: verified; stride {p['stride']} B, "
-                   f"{_human(p['bytes_per_token'])} of experts per token; vs unquantized source in float32: "
-                   f"mean KL {p['kl_mean']:.4f}, p99 KL {p['kl_p99']:.3f}, top-1 agreement {p['top1']:.1%}")
+                   f"{_human(p['bytes_per_token'])} of experts per token")
     reps = [(f"{Path(p['pack']).name}", load_report(p["pack"])) for p in res["packs"]]
     click.echo("")
     click.echo(format_comparison(reps))
-    click.echo("  (a random model's logits are nearly flat, so its top-1 flips easily; KL is the figure to read)")
     click.echo("")
+    p0 = res["packs"][0]
+    click.echo(f"held-out Python ({p0['tokens']} tokens of demo_model/eval.txt, not trained on), each pack against "
+               f"the BF16 source run by mlx-lm in float32 (perplexity {p0['ref_ppl']:.2f}):")
+    click.echo(f"  {'pack':<10} {'perplexity':>10} {'mean KL':>8} {'p99 KL':>7} {'top-1 agreement':>16}")
+    for p in res["packs"]:
+        click.echo(f"  {str(p['bits']) + '-bit':<10} {p['ppl']:>10.2f} {p['kl_mean']:>8.4f} {p['kl_p99']:>7.3f} "
+                   f"{p['top1_agreement']:>16.1%}")
+    click.echo("")
+    for p in res["packs"]:
+        click.echo(f"streamed generation from {p['pack']} (every routed expert read from disk, --cache none), "
+                   f"greedy, raw prompt {DEMO_PROMPT!r}:")
+        click.echo(DEMO_PROMPT, nl=False)
+        text, st = demo_generate(p["pack"], on_text=lambda t: click.echo(t, nl=False))
+        click.echo("" if text.endswith("\n") else "\n", nl=False)
+        _print_stats(st)
+        click.echo("")
     pack4 = res["packs"][0]["pack"]
-    click.echo(f"streamed generation from {pack4} (every routed expert read from disk, --cache none):")
-    text, st = demo_generate(pack4)
-    click.echo(f"  output (random weights, so random text): {text[:120]!r}")
-    from .runtime_commands import _print_stats
-
-    _print_stats(st)
-    click.echo("")
-    click.echo(f"next: moestream inspect {pack4}   |   moestream generate {pack4} -p 'Hi' --stats   |   moestream report "
-               + " ".join(p["pack"] for p in res["packs"]) + " --plot error.png")
+    click.echo(f"next: moestream inspect {pack4}   |   moestream generate {pack4} --raw -p 'import os' --stats   |   "
+               "moestream report " + " ".join(p["pack"] for p in res["packs"]) + " --plot error.png")
 
 
 # The commands that run packs (generate, chat, calibrate, eval, bench, serve) live in

@@ -83,7 +83,20 @@ def test_clip_beats_rtn_on_real_experts(trained_tiny, tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    """README's first command: the demo builds, converts, verifies, compares and streams end to end."""
+    """README's first command: the demo converts the shipped model, verifies, scores and streams end to end,
+    and its 2-bit vs 4-bit comparison is a trained model's (perplexity far below the vocabulary's 3072)."""
+    import re
+
+    from moestream.demo import DEMO_PROMPT
+
     r = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "streamed generation" in r.output and "decode:" in r.output and "mean KL" in r.output
+    ref = float(re.search(r"float32 \(perplexity ([\d.]+)\)", r.output).group(1))
+    rows = {int(b): tuple(map(float, v)) for b, *v in
+            re.findall(r"^  ([24])-bit +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)%$", r.output, re.M)}
+    assert set(rows) == {2, 4}, r.output
+    assert ref < 30, ref
+    (ppl4, kl4, _, top4), (ppl2, kl2, _, top2) = rows[4], rows[2]
+    assert ppl4 < min(1.5 * ref, ppl2) and kl4 < kl2 and top4 > top2, rows
+    assert r.output.count(DEMO_PROMPT) >= 2
