@@ -37,9 +37,9 @@ import xxhash
 from moestream.layouts import ExpertLayer, Pack, PackError
 from moestream.runtime.options import cache_policy
 from moestream.runtime.store.lru import LruExperts
-from moestream.runtime.store.policy import StoreStats, run_overlap
 from moestream.runtime.store.prefill_ring import PrefillStream, default_budget
 from moestream.runtime.store.slabs import MappedLayer, Slab, block_key
+from moestream.runtime.store.stats import StoreStats, run_overlap
 
 log = logging.getLogger(__name__)
 

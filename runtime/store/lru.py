@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from moestream.runtime.store.policy import StoreStats, run_overlap
 from moestream.runtime.store.slabs import Slab
+from moestream.runtime.store.stats import StoreStats, run_overlap
 
 log = logging.getLogger(__name__)
 

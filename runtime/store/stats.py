@@ -1,4 +1,4 @@
-"""The expert store's I/O counters and overlap work (cache policies are parsed by :mod:`moestream.runtime.options`)."""
+"""The expert store's I/O counters, and the overlap work it runs while reads are in flight."""
 
 from __future__ import annotations
 
