@@ -30,8 +30,11 @@ def test_report_side_by_side(packs, tmp_path):
     code, out = run("report", packs / "p2", packs / "p4", "--plot", tmp_path / "err.png")
     assert code == 0, out
     assert "p2 (2-bit clip)" in out and "p4 (4-bit rtn)" in out
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 ", "2 ", "3 "))
-            and " experts " in f" {line} "]
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.strip().startswith(("0 ", "1 ", "2 ", "3 ")) and " experts " in f" {line} "
+    ]
     assert len(rows) == 4  # one aggregate row per layer
     for r in rows:
         two, four = float(r[-2]), float(r[-1])
@@ -40,7 +43,8 @@ def test_report_side_by_side(packs, tmp_path):
     code, out = run("report", packs / "p4", "--json")
     rep = json.loads(out)
     assert {"experts.gate_proj", "experts.up_proj", "experts.down_proj", "router", "attention"} <= set(
-        next(iter(rep.values()))["per_kind"])
+        next(iter(rep.values()))["per_kind"]
+    )
 
 
 def test_verify_passes_then_fails_after_a_flipped_byte(packs, tmp_path):
@@ -57,7 +61,10 @@ def test_verify_passes_then_fails_after_a_flipped_byte(packs, tmp_path):
         f.seek(x.expert_offset(17) + 4321)
         f.write(bytes([b[0] ^ 0x80]))
     code, out = run("verify", p)
-    assert code == 1 and out.strip() == "error: experts/layer-002.bin: layer 2 expert 17: checksum mismatch (corrupt block)"
+    assert (
+        code == 1
+        and out.strip() == "error: experts/layer-002.bin: layer 2 expert 17: checksum mismatch (corrupt block)"
+    )
 
 
 def test_inspect_json(packs):
@@ -93,8 +100,10 @@ def test_demo_runs(tmp_path):
     assert r.exit_code == 0, r.output
     assert "streamed generation" in r.output and "decode:" in r.output and "mean KL" in r.output
     ref = float(re.search(r"float32 \(perplexity ([\d.]+)\)", r.output).group(1))
-    rows = {int(b): tuple(map(float, v)) for b, *v in
-            re.findall(r"^  ([24])-bit +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)%$", r.output, re.M)}
+    rows = {
+        int(b): tuple(map(float, v))
+        for b, *v in re.findall(r"^  ([24])-bit +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)%$", r.output, re.M)
+    }
     assert set(rows) == {2, 4}, r.output
     assert ref < 30, ref
     (ppl4, kl4, _, top4), (ppl2, kl2, _, top2) = rows[4], rows[2]

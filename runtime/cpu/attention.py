@@ -1,9 +1,9 @@
 """Scaled dot-product attention for MLX on the CPU, through numpy's BLAS.
 
-MLX's CPU ``mx.fast.scaled_dot_product_attention`` (and its CPU matmul) is slow: one 512-token
-prefill of a Qwen3.5-397B full-attention layer (32 query heads of 256, 2 KV heads) took 5.2 s here,
-and a decoded token's attention over 512 cached positions 10 ms (``benchmarks/attention_cpu.py``:
-0.15 s and 1.2 ms through BLAS). :func:`sdpa` has mlx-lm's
+MLX's CPU ``mx.fast.scaled_dot_product_attention`` (and its CPU matmul) is slow: for a 512-token
+prefill of a Qwen3.5-397B full-attention layer (32 query heads of 256, 2 KV heads), and for a decoded
+token's attention over 512 cached positions, BLAS was over 8x faster (``benchmarks/attention_cpu.py``;
+figures in docs/benchmarks.md). :func:`sdpa` has mlx-lm's
 ``scaled_dot_product_attention`` signature and does the same float32 math with ``np.matmul``
 (grouped-query heads folded into the rows, so each KV head is one GEMM), in query blocks that bound
 the score matrix's memory. Quantized KV caches and attention sinks (gpt-oss) go to mlx-lm's own.

@@ -2,8 +2,8 @@
 
 mlx-lm runs the recurrence with a Metal kernel on the GPU; elsewhere it falls back to a Python loop
 of MLX ops, one step per token, each step reading and writing the whole [heads, Dv, Dk] state a few
-times. For a 512-token prompt on a Qwen3.5-397B layer that loop took ~4 s here, more than the
-layer's routed experts. Here each (batch, head) runs its whole sequence in one thread with its
+times. For a 512-token prompt on a Qwen3.5-397B layer that loop took longer than the layer's routed
+experts. Here each (batch, head) runs its whole sequence in one thread with its
 [Dv, Dk] state (64 KB) in cache, in two fused passes per token.
 
 :func:`gated_delta_update` has mlx-lm's signature and math (``mlx_lm.models.gated_delta``): it

@@ -1,7 +1,7 @@
 """CPU kernels for MLX-affine quantized weights (numba): the compute path when MLX runs on the CPU.
 
-MLX's CPU quantized matmul is slow (measured ~0.6 GB/s of 4-bit weights with float32 activations
-here), so on the CPU the runtime multiplies with these kernels instead, straight from the weight
+MLX's CPU quantized matmul runs far below memory bandwidth (``benchmarks/kernel_throughput.py``
+compares them), so on the CPU the runtime multiplies with these kernels instead, straight from the weight
 bytes where they lie (expert slabs or resident arrays, viewed through numpy without copying).
 
 ``qmm(x, w, scales, biases, bits, group_size)`` computes ``x @ dequant(w).T`` for x [T, in]: per
@@ -24,7 +24,7 @@ from numba.extending import overload
 from moestream.runtime.cpu import int8 as cpu_int8
 
 # Small batches (decode) of 2-, 3-, 4- and 8-bit weights multiply int8-quantized activations with
-# integer dot products (:mod:`moestream.runtime.cpu.int8`, 2.4-7x the float kernels here; routers
+# integer dot products (:mod:`moestream.runtime.cpu.int8`, several times the float kernels' speed; routers
 # excepted); MOESTREAM_INT8=0 keeps every product in float32.
 INT8_ACTIVATIONS = os.environ.get("MOESTREAM_INT8", "1") != "0"
 

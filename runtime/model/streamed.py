@@ -231,7 +231,8 @@ class StreamedSwitchGLU(nn.Module):
         self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu, out: np.ndarray
     ) -> None:
         """One token: every expert of the group through :func:`qmm_experts`, gate, up and down each one
-        parallel launch (per-expert launches cost ~30% of a decode layer's expert time here)."""
+        parallel launch (per-expert launches cost about a third of a decode layer's expert time where
+        measured)."""
         from moestream.runtime.cpu.kernels import qmm_experts
 
         pos = {e: j for j, e in enumerate(flat[0].tolist())}

@@ -61,8 +61,9 @@ class ExpertStore:
         max_slots: experts held at once per slab in ``os``/``none`` mode (a larger union is processed
             in groups); default max(2 x top-k, 32), at most the expert count.
         trace: record (layer, offset, length) of every read in ``stats.log``.
-        verify: check every read block against its manifest checksum (xxh3 runs at ~17 GB/s here,
-            an order of magnitude above the disk), so a corrupt pack fails instead of computing garbage.
+        verify: check every read block against its manifest checksum (xxh3 runs an order of
+            magnitude above a disk's speed, ``benchmarks/checksum_speed.py``), so a corrupt pack fails
+            instead of computing garbage.
         cpu_only: the caller computes with the CPU kernels only (numpy views): with ``none``, slabs
             are page-aligned numpy buffers read with ``O_DIRECT`` where the filesystem allows (no
             copy through the page cache), else read buffered and dropped.
@@ -151,7 +152,7 @@ class ExpertStore:
     def compute_hits_in_place(self) -> None:
         """``os-map`` cache, for callers that compute with the CPU kernels (they read numpy views): an
         expert whose block is wholly in the page cache is served from a read-only mapping of its
-        file instead of being copied into a slab (the copy cost ~20% of a warm decode here); the rest
+        file instead of being copied into a slab (the copy was a fifth of a warm decode where measured); the rest
         are read as before. A mapped block is checked against its checksum the first time it is
         used, unless this store read (and checked) it before."""
         if self.policy == "os-map" and not self._in_place:

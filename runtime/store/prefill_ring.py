@@ -3,7 +3,7 @@
 A prompt chunk of T tokens routes to most of a layer's experts (T x k pairs over E experts: for
 512 tokens at k = 4 over 512 experts, 98% of them), so prefill reads nearly every expert of every
 layer. With the decode slabs those reads wait for the router, and the disk idles while the layer's
-attention and projections run (about a third of a cold 512-token prefill here). The ring changes
+attention and projections run (about a third of a cold 512-token prefill where measured). The ring changes
 two things:
 
 - at each MoE layer's entry, before its attention, the layer's router applied to the layer's input
@@ -148,7 +148,7 @@ class PrefillStream:
 
     def prefault(self) -> None:
         """Touch every page of the ring now. A read into a page not yet faulted in ran at about half
-        speed here (the kernel allocates and zeroes it inside the read; with a full page cache it
+        speed (the kernel allocates and zeroes it inside the read; with a full page cache it
         reclaims first), so a first prefill pays that unless this ran before (bench's warm-up)."""
         self.slab.prefault()
 
@@ -162,7 +162,7 @@ class PrefillStream:
 
 def default_budget() -> int:
     """Bytes of ring by default: 4 GiB, at most an eighth of the machine's RAM (the ring should hold
-    what the disk reads during one layer's resident compute: ~1.5 s of a 512-token chunk here)."""
+    what the disk reads during one layer's resident compute on a 512-token chunk)."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
