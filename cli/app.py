@@ -32,7 +32,7 @@ def one_line_errors(fn):
     """Turn errors into ``error: ...`` on stderr and exit status 1 (130 on Ctrl-C): user-facing ones
     as they are worded, OS errors with their file, anything unexpected with its type and a pointer to
     ``-v`` (which prints the traceback too)."""
-    from moestream.runtime.options import OptionError
+    from moestream.layouts.errors import OptionError
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):

@@ -31,7 +31,7 @@ from typing import Any
 import tomllib
 
 from .plan import RESIDENT_KINDS
-from .source import ConvertError
+from .source import ConvertError, ConvertOptionError
 
 TIER_WIDTHS = ["2g128", "2g64", "3g64", "4g64", "8g64"]
 
@@ -66,7 +66,7 @@ def load_recipe(spec: str) -> dict[str, Any]:
         return {**recipe_options(PRESETS[spec], spec), "recipe": spec}
     path = Path(spec)
     if not path.is_file():
-        raise ConvertError(f"--recipe {spec}: neither a preset ({', '.join(PRESETS)}) nor a file")
+        raise ConvertOptionError("recipe", spec, f"neither a preset ({', '.join(PRESETS)}) nor a file")
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 from moestream.layouts import SafetensorsReader, TensorInfo
-from moestream.layouts.errors import MoestreamError
+from moestream.layouts.errors import MoestreamError, OptionError
 from moestream.quant.dtypes import decode_to_f32, dequantize_fp8_blocks
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class ConvertError(MoestreamError):
     """The source checkpoint or the conversion options are unusable."""
+
+
+class ConvertOptionError(ConvertError, OptionError):
+    """A conversion option with a value that cannot be used (``option`` names the argument)."""
 
 
 def resolve_source(source: str, revision: str | None = None) -> tuple[Path, dict]:

@@ -37,7 +37,7 @@ from moestream.quant import f32_to_bf16
 
 from .family import family_for
 from .plan import _resident_bits, resident_file_for
-from .source import ConvertError
+from .source import ConvertError, ConvertOptionError
 from .tiny import write_byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ def load_like(like: str) -> dict:
             raise ConvertError(f"{p}: not valid JSON ({e})") from None
     f = resources.files("moestream.convert").joinpath("known_configs", f"{like.lower()}.json")
     if not f.is_file():
-        raise ConvertError(f"--like {like}: no such config file or known model (known: {', '.join(known_configs())})")
+        raise ConvertOptionError(
+            "like", like, f"no such config file or known model (known: {', '.join(known_configs())})"
+        )
     return json.loads(f.read_text())
 
 
@@ -84,26 +86,30 @@ def reduced_config(config: dict, layers: int, experts: int | None = None) -> dic
     tc = config.get("text_config", config)
     n = tc["num_hidden_layers"]
     if not 1 <= layers <= n:
-        raise ConvertError(f"--layers {layers}: the model has {n} layers")
+        raise ConvertOptionError("layers", layers, f"the model has {n} layers")
     if experts is not None:
         own = model_experts(config)
         k = next((int(tc[key]) for key in TOP_K_KEYS if tc.get(key)), 1)
         if own is None:
-            raise ConvertError(
-                f"--experts {experts}: the config names no expert count ({', '.join(EXPERT_COUNT_KEYS)})"
+            raise ConvertOptionError(
+                "experts", experts, f"the config names no expert count ({', '.join(EXPERT_COUNT_KEYS)})"
             )
         if not k <= experts <= own:
-            raise ConvertError(f"--experts {experts}: expected from the model's top-k ({k}) to its own count ({own})")
+            raise ConvertOptionError(
+                "experts", experts, f"expected from the model's top-k ({k}) to its own count ({own})"
+            )
         groups = int(tc.get("n_group") or 1)  # DeepSeek's grouped routing splits the experts evenly
         if experts % groups:
-            raise ConvertError(f"--experts {experts}: the router splits experts into {groups} groups")
+            raise ConvertOptionError("experts", experts, f"the router splits experts into {groups} groups")
         for key in EXPERT_COUNT_KEYS:
             if tc.get(key):
                 tc[key] = experts
     if layers < 2 and tc.get("full_attention_interval", 4) > 1:
-        raise ConvertError(
-            f"--layers {layers}: this model mixes linear and full attention, and mlx-lm's "
-            f"model needs one layer of each: use --layers 2 or more"
+        raise ConvertOptionError(
+            "layers",
+            layers,
+            "this model mixes linear and full attention, and mlx-lm's "
+            "model needs one layer of each: use --layers 2 or more",
         )
     k = min(tc.get("full_attention_interval", 4), layers)
     tc.update(
@@ -154,7 +160,7 @@ def synth(
     """
     skew = _parse_routing(routing)
     if bits not in (2, 3, 4, 8):
-        raise ConvertError(f"--bits {bits}: synth supports 2, 3, 4 and 8")
+        raise ConvertOptionError("bits", bits, "synth supports 2, 3, 4 and 8")
     full = load_like(like)
     config = reduced_config(full, layers, experts)
     fam = family_for(config, str(like))
@@ -250,7 +256,7 @@ def _parse_routing(routing: str) -> float:
             return float(routing[5:])
         except ValueError:
             pass
-    raise ConvertError(f"--routing {routing}: expected uniform or zipf:S (e.g. zipf:1.0)")
+    raise ConvertOptionError("routing", routing, "expected uniform or zipf:S (e.g. zipf:1.0)")
 
 
 def _write_residents(fam, out: Path, rbits: int, g: int, rng: np.random.Generator, skew: float = 0.0):

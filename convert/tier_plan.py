@@ -82,4 +82,4 @@ def plan_widths(
     try:
         return allocate_widths(freq, err, widths, budget, scale_bytes=4 if dtype == "float32" else 2)
     except ValueError as e:
-        raise ConvertError(f"--bits-per-weight: {e}") from None
+        raise ConvertError(f"per-expert tiers: {e}") from None

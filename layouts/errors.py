@@ -15,3 +15,12 @@ class PackError(MoestreamError):
 
 class SafetensorsError(MoestreamError):
     """A safetensors file is truncated, malformed, or does not hold what its index says."""
+
+
+class OptionError(MoestreamError):
+    """An option with a value that cannot be used. ``option`` is the library's name for it (a field or
+    argument name); the CLI turns it into its flag (``experts_per_token`` -> ``--experts-per-token``)."""
+
+    def __init__(self, option: str, value: object, reason: str):
+        super().__init__(f"{option}={value!r}: {reason}")
+        self.option, self.value, self.reason = option, value, reason

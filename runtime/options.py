@@ -11,18 +11,10 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from moestream.layouts.errors import MoestreamError
+from moestream.layouts.errors import OptionError  # noqa: F401  (re-exported: moestream.runtime.OptionError)
 
 KERNELS = ("auto", "metal", "numba", "mlx")
 CACHE_POLICIES = ("os", "os-map", "none", "mmap", "mmap-none")
-
-
-class OptionError(MoestreamError):
-    """A runtime option with a value that cannot be used: ``option`` is the field's name."""
-
-    def __init__(self, option: str, value: object, reason: str):
-        super().__init__(f"{option}={value!r}: {reason}")
-        self.option, self.value, self.reason = option, value, reason
 
 
 @dataclass(frozen=True)
