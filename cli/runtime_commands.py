@@ -177,13 +177,14 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
     """
     import shutil
 
+    from moestream.layouts.errors import OptionError
     from moestream.runtime.collect_calibration import calibrate as run
     from moestream.runtime.options import parse_size
 
     try:
         budget = parse_size(matrix_bytes)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--matrix-bytes") from None
+    except ValueError:
+        raise OptionError("matrix_bytes", matrix_bytes, "expected a size such as 512M or 8G") from None
     text = text_file.read()[skip_chars:]
     if (Path(pack) / "manifest.json").is_file():
         cal = run(Path(pack), text, max_tokens=max_tokens, window=window, matrix_bytes=budget)
@@ -304,10 +305,15 @@ def eval_cmd(
     show_default=True,
     help="Experts of the next layer to guess and read while a layer computes (0: off).",
 )
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Then one more run that times each kind of work in a decoded token (products, attention, ...).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @runtime_options
 @one_line_errors
-def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_json, options):
+def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, profile, as_json, options):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
     from moestream.runtime.bench import bench as run
     from moestream.runtime.bench import format_bench
@@ -319,6 +325,7 @@ def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, as_
         gen_tokens=gen_tokens,
         repeat=repeat,
         baselines=not no_baselines,
+        profile=profile,
     )
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))
 

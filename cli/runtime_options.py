@@ -51,20 +51,22 @@ _FLAGS = [
 ]
 
 
-def _size(value: str | None, flag: str) -> int | None:
+def _size(value: str | None, option: str) -> int | None:
+    from moestream.layouts.errors import OptionError
     from moestream.runtime.options import parse_size
 
     if value is None:
         return None
     try:
         return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint=flag) from None
+    except ValueError:
+        raise OptionError(option, value, "expected a size such as 512M or 8G") from None
 
 
 def _call(fn, a, kw, fields):
     from moestream.runtime.options import RuntimeOptions
 
+    fields["prefill_buffer"] = _size(fields["prefill_buffer"], "prefill_buffer")
     return fn(*a, options=RuntimeOptions(**fields), **kw)
 
 
@@ -76,7 +78,6 @@ def runtime_options(fn):
     def wrapper(*a, **kw):
         fields = {field: kw.pop(field) for _, field, _ in _FLAGS}
         fields["verify"] = not fields["verify"]  # the flag is --no-verify
-        fields["prefill_buffer"] = _size(fields["prefill_buffer"], "--prefill-buffer")
         return one_line_errors(_call)(fn, a, kw, fields)  # a bad value is one line too
 
     for decls, field, kwargs in reversed(_FLAGS):
