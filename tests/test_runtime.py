@@ -197,6 +197,10 @@ def test_expert_files_are_never_mapped(pack):
 
 
 def test_ctrl_c_exits_cleanly(pack):
+    """Ctrl-C while generating: "interrupted", exit 130, no traceback. The signal is sent once text has
+    come out (a fixed delay would, on a loaded machine, land while Python itself is still starting)."""
+    import select
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moestream", "generate", str(pack), "-p", "go", "--raw", "-m", "100000"],
@@ -204,12 +208,13 @@ def test_ctrl_c_exits_cleanly(pack):
         stderr=subprocess.PIPE,
         env=env,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(1.0)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            break
+    first = b""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not first:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            first = os.read(proc.stdout.fileno(), 1)
+    assert first, "no text came out"
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     # 130 from sys.exit, or death by SIGINT (-2; seen once in a full run on a loaded machine, after
     # "interrupted" was printed): a shell reports both as $? = 130 and stops a script on either.
