@@ -28,6 +28,18 @@ def _verbose() -> int:
     return (ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C that surfaced as another exception: a compiled function (numba) interrupted mid-call
+    returns with the KeyboardInterrupt set, which Python reports as a SystemError caused by it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def one_line_errors(fn):
     """Turn errors into ``error: ...`` on stderr and exit status 1 (130 on Ctrl-C): user-facing ones
     as they are worded, OS errors with their file, anything unexpected with its type and a pointer to
@@ -54,6 +66,9 @@ def one_line_errors(fn):
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:  # a defect: still one line, the traceback on request
+            if _interrupted(e):
+                click.echo("interrupted", err=True)
+                sys.exit(130)
             if _verbose():
                 traceback.print_exc()
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -17,6 +17,7 @@ import xxhash
 
 from .errors import PackError
 from .expert_file import HEADER, check_header, checksum
+from .fileio import preadv
 from .manifest import ExpertLayer, Manifest
 
 NUMPY_STORAGE = {
@@ -63,7 +64,7 @@ class Pack:
             )
         x, j = self.manifest.locate(layer, expert)
         buf = np.empty(x.block_bytes, np.uint8) if out is None or out.nbytes < x.block_bytes else out
-        got = os.preadv(self._fd(x), [memoryview(buf)[: x.block_bytes]], x.expert_offset(j))
+        got = preadv(self._fd(x), [memoryview(buf)[: x.block_bytes]], x.expert_offset(j))
         if got != x.block_bytes:
             raise PackError(f"{x.file}: layer {layer} expert {expert}: short read ({got} of {x.block_bytes} bytes)")
         return buf
@@ -107,7 +108,7 @@ class Pack:
 def _verify_blocks(fd: int, x: ExpertLayer, progress: Callable[[int], None] | None = None) -> None:
     buf = np.empty(x.stride, np.uint8)
     for e in range(x.num_experts):
-        got = os.preadv(fd, [memoryview(buf)], x.expert_offset(e))
+        got = preadv(fd, [memoryview(buf)], x.expert_offset(e))
         if got != x.stride:
             raise PackError(f"{x.file}: layer {x.layer} expert {e}: short read ({got} of {x.stride} bytes)")
         if checksum(buf) != x.checksums[e]:

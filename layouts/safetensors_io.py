@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import SafetensorsError
+from .fileio import preadv
 
 DTYPE_SIZES = {
     "F64": 8,
@@ -143,7 +144,7 @@ class SafetensorsReader:
         view = memoryview(buf)
         done = 0
         while done < nbytes:
-            got = os.preadv(self._fd, [view[done:]], info.begin + start + done)
+            got = preadv(self._fd, [view[done:]], info.begin + start + done)
             if got <= 0:
                 raise SafetensorsError(f"{self.path}: tensor {info.name}: short read at byte {start + done}")
             done += got

@@ -30,6 +30,7 @@ import numpy as np
 from moestream.layouts import Manifest
 from moestream.runtime.generate import peak_rss
 from moestream.runtime.options import RuntimeOptions
+from moestream.runtime.store import system
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +70,27 @@ def read_bandwidth(pack: Path, m: Manifest, reads: int, threads: int, seed: int 
         x = m.experts[rng.integers(len(m.experts))]
         picks.append((x, int(rng.integers(x.num_experts))))
     fds = {x.file: os.open(pack / x.file, os.O_RDONLY) for x in m.experts}
-    dfds = {x.file: os.open(pack / x.file, os.O_RDONLY | os.O_DIRECT) for x in m.experts} if direct else fds
+    # as the store reads cold: O_DIRECT (Linux), else buffered reads dropped from the cache before
+    # and after, or (macOS) reads that bypass the cache (F_NOCACHE)
+    dfds = {x.file: system.open_direct(pack / x.file) for x in m.experts} if direct else {}
+    dfds = dfds if dfds and None not in dfds.values() else {x.file: fds[x.file] for x in m.experts}
+    for fd in fds.values():
+        system.bypass_cache(fd)
     try:
         for x, e in picks:
-            os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+            system.drop_cached(fds[x.file], x.expert_offset(e), x.stride)
         bufs = [mmap.mmap(-1, max(x.stride for x in m.experts)) for _ in range(threads)]  # page-aligned
 
         def one(i: int) -> int:
             x, e = picks[i]
-            return os.preadv(dfds[x.file], [memoryview(bufs[i % threads])[: x.stride]], x.expert_offset(e))
+            return system.preadv(dfds[x.file], [memoryview(bufs[i % threads])[: x.stride]], x.expert_offset(e))
 
         with ThreadPoolExecutor(threads) as pool:
             t = time.perf_counter()
             total = sum(pool.map(one, range(reads), chunksize=1))
             dt = time.perf_counter() - t
         for x, e in picks:
-            os.posix_fadvise(fds[x.file], x.expert_offset(e), x.stride, os.POSIX_FADV_DONTNEED)
+            system.drop_cached(fds[x.file], x.expert_offset(e), x.stride)
     finally:
         for fd in {*fds.values(), *dfds.values()}:
             os.close(fd)
@@ -268,7 +274,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
             pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, policy
         )
     all_experts = sum(x.file_size for x in m.experts)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = system.ram_bytes()
     if all_experts > ram // 3:
         log.warning("experts (%d bytes) do not fit comfortably in RAM: resident baselines skipped", all_experts)
         return base

@@ -65,12 +65,13 @@ def peak_rss() -> int:
     Linux: ``VmHWM`` (ru_maxrss would include the parent's peak, which survives fork + exec);
     macOS: ``ru_maxrss`` (in bytes there).
     """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

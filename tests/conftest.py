@@ -9,6 +9,10 @@ from moestream.runtime.cpu.threads import prefer_passive_wait
 prefer_passive_wait()
 
 import pytest  # noqa: E402 (after the wait policy is set)
+from macos_lane import EMULATE_DARWIN, emulate_darwin  # noqa: E402
+
+if EMULATE_DARWIN:
+    emulate_darwin()
 
 TRAINED_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny-qwen3_5-moe"
 

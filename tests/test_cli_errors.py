@@ -54,3 +54,19 @@ def test_a_bad_size_is_one_line(tmp_path):
     r = _run("generate", tmp_path, "-p", "hi", "--prefill-buffer", "big")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines() == ["error: --prefill-buffer big: expected a size such as 512M or 8G"]
+
+
+def test_ctrl_c_inside_a_compiled_function_is_an_interrupt(tmp_path, monkeypatch):
+    """numba returns from an interrupted call with KeyboardInterrupt set; Python raises a SystemError
+    caused by it. The CLI reports that as Ctrl-C: "interrupted", exit 130."""
+    import moestream.layouts
+
+    def interrupted(path):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as k:
+            raise SystemError("CPUDispatcher(<function rms_norm>) returned a result with an exception set") from k
+
+    monkeypatch.setattr(moestream.layouts, "open_pack", interrupted)
+    r = _run("inspect", tmp_path)
+    assert r.exit_code == 130 and r.output.strip() == "interrupted"

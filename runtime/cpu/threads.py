@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 _WARNED = False
 
 
 def _libgomp_loaded() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False  # no /proc (macOS): numba uses its own threading layer there unless told otherwise
     try:
         with open("/proc/self/maps") as f:
             return any("libgomp" in line for line in f)

@@ -36,6 +36,7 @@ import xxhash
 
 from moestream.layouts import ExpertLayer, Pack, PackError
 from moestream.runtime.options import cache_policy
+from moestream.runtime.store import system
 from moestream.runtime.store.lru import LruExperts
 from moestream.runtime.store.prefill_ring import PrefillStream, default_budget
 from moestream.runtime.store.slabs import MappedLayer, Slab, block_key
@@ -88,19 +89,25 @@ class ExpertStore:
         self.policy, self.cache_bytes = cache_policy(cache)
         self.verify = verify
         self.stats = StoreStats(log=[] if trace else None)
-        self._pool = ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="reader")
+        self._pool = ThreadPoolExecutor(threads or min(16, 2 * system.cpu_count()), thread_name_prefix="reader")
         m = pack.manifest
         self._fds = {x.file: self._open(x) for x in m.experts}
         self._direct: dict[str, int] = {}  # O_DIRECT descriptors in use (none cache, CPU kernels)
-        if self.policy == "none" and cpu_only and hasattr(os, "O_DIRECT"):
-            try:
-                for x in m.experts:
-                    self._direct[x.file] = os.open(self.pack.root / x.file, os.O_RDONLY | os.O_DIRECT)
-            except OSError as e:  # e.g. tmpfs: buffered reads dropped after use instead
-                log.info("O_DIRECT unavailable for %s (%s): buffered reads", pack.root, e.strerror)
-                for fd in self._direct.values():
-                    os.close(fd)
-                self._direct = {}
+        if self.policy == "none":
+            # cold reads: on macOS the buffered descriptors bypass the cache (F_NOCACHE); on Linux
+            # they are dropped after each read, or replaced by O_DIRECT ones below
+            self._nocache = all([system.bypass_cache(fd) for fd in self._fds.values()])
+        else:
+            self._nocache = False
+        if self.policy == "none" and cpu_only:
+            for x in m.experts:
+                fd = system.open_direct(self.pack.root / x.file)
+                if fd is None:  # e.g. tmpfs, or macOS: buffered reads (dropped after use, or uncached)
+                    for d in self._direct.values():
+                        os.close(d)
+                    self._direct = {}
+                    break
+                self._direct[x.file] = fd
         self._direct_fds = list(self._direct.values())  # all to close, also those dropped after EINVAL
         self._tiers = {layer: m.expert_tiers(layer) for layer in m.moe_layers()}
         # expert id -> (tier, position in its file), per layer
@@ -201,7 +208,7 @@ class ExpertStore:
         direct = slab.direct_ok and x.file in self._direct
         fd = self._direct[x.file] if direct else self._fds[x.file]
         try:
-            got = os.preadv(fd, slab.iovecs[slot], off)
+            got = system.preadv(fd, slab.iovecs[slot], off)
         except OSError as e:
             if not direct or e.errno != errno.EINVAL:
                 raise
@@ -209,14 +216,14 @@ class ExpertStore:
             log.info("%s: O_DIRECT read refused (%s): buffered reads", x.file, e.strerror)
             self._direct.pop(x.file, None)
             direct, fd = False, self._fds[x.file]
-            got = os.preadv(fd, slab.iovecs[slot], off)
+            got = system.preadv(fd, slab.iovecs[slot], off)
         if got != x.stride:
             raise PackError(f"{self._what(x, local)}: short read ({got} of {x.stride} bytes)")
         self._check(x, local, slab.iovecs[slot])
         if self._in_place:  # the page cache now holds what was just checked: its mapped hits need no check
             self._verified.add((x.file, local))
-        if self.policy == "none" and not direct:
-            os.posix_fadvise(fd, off, x.stride, os.POSIX_FADV_DONTNEED)
+        if self.policy == "none" and not direct and not self._nocache:
+            system.drop_cached(fd, off, x.stride)
         with self._lock:
             self.stats.reads += 1
             self.stats.bytes_read += x.stride
@@ -394,7 +401,7 @@ class ExpertStore:
         for x in xs:
             if x.file in self._mapped:
                 self._mapped[x.file].unmap_pages()
-            os.posix_fadvise(self._fds[x.file], 0, 0, os.POSIX_FADV_DONTNEED)
+            system.drop_cached(self._fds[x.file])
 
     def close(self) -> None:
         if self.prefill_stream is not None:

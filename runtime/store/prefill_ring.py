@@ -20,13 +20,13 @@ returns) and untiered layers of one block layout.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
 
+from moestream.runtime.store import system
 from moestream.runtime.store.slabs import Slab
 
 MIN_GROUP = 8  # experts handed over at once while reads lag (fewer, larger kernel launches)
@@ -163,8 +163,4 @@ class PrefillStream:
 def default_budget() -> int:
     """Bytes of ring by default: 4 GiB, at most an eighth of the machine's RAM (the ring should hold
     what the disk reads during one layer's resident compute on a 512-token chunk)."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        ram = 16 << 30
-    return min(4 << 30, ram // 8)
+    return min(4 << 30, system.ram_bytes() // 8)
