@@ -143,3 +143,82 @@ def test_metal_path_emulated_matches_mlx(packs, tmp_path, monkeypatch, bits, cac
         assert len(calls) > n  # decode steps took the Metal path too (the prompt itself goes through MLX)
     finally:
         rt.close()
+
+
+emulator = pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("g++") is None, reason="the Metal emulator needs Linux and g++"
+)
+
+
+def _broken(emu, how: str):
+    def launch(spec, inputs):
+        if how == "build":
+            raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
+        out = emu.launch(spec, inputs)
+        return [o * 1.25 for o in out] if spec.kernel == "down" else out
+
+    return launch
+
+
+@emulator
+@pytest.mark.parametrize("how, reason", [("build", "failed to build"), ("wrong", "differs from MLX")])
+def test_a_failing_metal_kernel_falls_back_or_stops(packs, tmp_path, monkeypatch, caplog, how, reason):
+    """A kernel that does not build, or computes wrong values: ``auto`` warns once naming the kernel and
+    the reason and computes with MLX's ops (same logits as kernels=mlx); ``metal`` stops in one line."""
+    from metal_emu import Emulator
+
+    from moestream.metal import selfcheck
+
+    x = mx.array([[5]])
+    with load(packs[4], kernels="mlx") as ref:
+        want = np.array(ref.model(x))
+    monkeypatch.setattr(metal, "available", lambda: True)
+    monkeypatch.setattr(K, "launch", _broken(Emulator(tmp_path), how))
+    selfcheck.check.cache_clear()
+    try:
+        with caplog.at_level("WARNING"), load(packs[4], kernels="auto") as rt:
+            assert not any(s._metal for s in _streamed(rt))
+            np.testing.assert_allclose(np.array(rt.model(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "Metal expert kernels at 4-bit" in warnings[0] and reason in warnings[0]
+        with pytest.raises(MoestreamError, match=f"kernels='metal': Metal expert kernels at 4-bit.*{reason}"):
+            load(packs[4], kernels="metal")
+        res = CliRunner().invoke(cli, ["generate", str(packs[4]), "-p", "hi", "--kernels", "metal"])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert res.output.strip().splitlines()[-1].startswith("error: --kernels metal: Metal expert kernels")
+    finally:
+        selfcheck.check.cache_clear()
+
+
+@emulator
+def test_a_slab_slot_is_rewritten_only_after_the_kernels_reading_it_ran(packs, tmp_path, monkeypatch):
+    """On Metal the kernels' outputs are lazy: a slab slot may be rewritten only once every queued
+    computation reading the slab has been evaluated (``Slab.settle``: ``mx.eval`` returns when the GPU
+    is done). lru:40K holds one expert per layer, so each token rewrites slots several times."""
+    from metal_emu import Emulator
+
+    from moestream.runtime.store.expert_store import ExpertStore
+    from moestream.runtime.store.slabs import Slab
+
+    emu = Emulator(tmp_path)
+    monkeypatch.setattr(metal, "available", lambda: True)
+    monkeypatch.setattr(K, "launch", emu.launch)
+    read, checked = ExpertStore._read, []
+
+    def guarded(self, x, local, slab, slot):
+        checked.append(not slab.pending)
+        return read(self, x, local, slab, slot)
+
+    settle, waited = Slab.settle, []
+
+    def counted(self):
+        waited.append(len(self.pending))  # lazy kernel outputs still reading the slab
+        return settle(self)
+
+    monkeypatch.setattr(ExpertStore, "_read", guarded)
+    monkeypatch.setattr(Slab, "settle", counted)
+    with load(packs[4], cache="lru:40K", kernels="metal") as rt:
+        for t in (3, 9, 1, 7):
+            mx.eval(rt.model(mx.array([[t]])))
+    assert len(checked) > 8 and all(checked)
+    assert any(waited)  # there was queued work to wait for: the check above is not vacuous

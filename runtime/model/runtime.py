@@ -32,6 +32,7 @@ from moestream.runtime.model.blocks import (
 from moestream.runtime.model.build import build_model, cast_floats
 from moestream.runtime.model.cpu_layers import cpu_linear_paths, use_cpu_attention, use_cpu_delta, use_cpu_kernels
 from moestream.runtime.model.entry_guess import EntryGuess, guess_at_entry
+from moestream.runtime.model.metal_check import check_metal_layers
 from moestream.runtime.model.shared_input import share_inputs
 from moestream.runtime.model.streamed import EarlySharedExpert, StreamedSwitchGLU
 from moestream.runtime.model.tokenizer import load_tokenizer
@@ -214,6 +215,8 @@ def load(
                 guess_at_entry(layer, guesses[i])
             for a, b in zip(layers, layers[1:]):
                 get_switch(blocks[a]).prefill_guess_next(guesses[b])
+        if use_metal:
+            check_metal_layers([get_switch(b) for b in blocks.values()], cdt, strict=kernels == "metal")
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
         tok = load_tokenizer(pack.root) if tokenizer else None
