@@ -1,4 +1,5 @@
-"""DeepSeek-V3 (``deepseek_v3``) and Kimi K2 (``kimi_k2``, the same architecture).
+"""DeepSeek-V3 (``deepseek_v3``), Kimi K2 (``kimi_k2``, the same architecture) and Kimi K2.5 (``kimi_k25``: the same
+text model in a multimodal wrapper).
 
 Checkpoints name tensors as mlx-lm does (``model.layers.N.*``) with three exceptions its sanitize
 handles: the first ``first_k_dense_replace`` layers are dense (``mlp.{gate,up,down}_proj``, kept
@@ -9,7 +10,12 @@ plus ``mlp.shared_experts.*`` and a router with ``gate.e_score_correction_bias``
 kv_lora_rank] is split per head into ``embed_q`` [H, kv_lora_rank, nope] (transposed) and
 ``unembed_out`` [H, v, kv_lora_rank]. The hub's multi-token-prediction layer
 (``model.layers.{num_hidden_layers}``) is dropped. Releases are FP8 e4m3 with 128x128
-``weight_scale_inv`` blocks, dequantized on read.
+``weight_scale_inv`` blocks, dequantized on read; Kimi K2 Thinking and Kimi K2.5 store the routed experts in
+compressed-tensors INT4 (see :mod:`.compressed`), passed through.
+
+Kimi K2.5's checkpoint holds the text model under ``language_model.`` (``language_model.model.layers.N.*``,
+``language_model.lm_head``) with its config in ``text_config``, as mlx-lm's ``kimi_k25`` names it, plus a vision
+tower (``vision_tower.*``) and its projector (``mm_projector.*``), which are dropped (logged).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 from .family import MlxLmFamily, register
 
 KV_B = re.compile(r"^(.*\.self_attn)\.(embed_q|unembed_out)\.weight$")
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+LAYER = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")
 
 
 @register
@@ -60,3 +66,18 @@ class KimiK2(DeepseekV3):
 
     model_type = "kimi_k2"
     mlx_module = "deepseek_v3"
+
+
+@register
+class KimiK25(DeepseekV3):
+    """Kimi K2.5 (Moonshot): the text model is DeepSeek-V3's (mlx-lm's ``kimi_k25`` wraps its ``deepseek_v3``);
+    the vision tower and the projector are not part of it."""
+
+    model_type = "kimi_k25"
+    mlx_module = "kimi_k25"
+    drop_patterns = (
+        *DeepseekV3.drop_patterns,
+        r"^vision_model\.",
+        r"^mm_projector\.",
+        r"^multi_modal_projector\.",
+    )

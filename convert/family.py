@@ -170,15 +170,28 @@ class MlxLmFamily:
         q = config.pop("quantization", None)
         if q is not None and config.get("quantization_config") == q:
             config.pop("quantization_config")
+        # A compressed-tensors config describes the source's INT4 packing (the manifest describes the pack's).
+        for c in (config, config.get("text_config")):
+            if isinstance(c, dict) and (c.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+                if c is not config:
+                    c = config["text_config"] = dict(c)
+                c.pop("quantization_config")
         return config
 
     # -- names -----------------------------------------------------------------------------------
     def dropped(self, src: str, keep_mtp: bool) -> bool:
-        if any(re.search(p, src) for p in self.drop_patterns):
+        if self._drop_re().search(src):
             return True
         if not keep_mtp and re.search(self.mtp_pattern, src):
             return True
         return src == "lm_head.weight" and bool(self.cfg("tie_word_embeddings", False))
+
+    @classmethod
+    def _drop_re(cls) -> re.Pattern:
+        """drop_patterns as one regex (a checkpoint of 1T parameters names 200,000 tensors)."""
+        if cls.__dict__.get("_drop_compiled") is None:
+            cls._drop_compiled = re.compile("|".join(f"(?:{p})" for p in cls.drop_patterns))
+        return cls._drop_compiled
 
     def target_name(self, src: str) -> str:
         """Source name -> mlx-lm name (the prefix rules of mlx-lm's sanitize)."""

@@ -194,7 +194,7 @@ def _run(
                         f"experts.{proj}",
                         x.down_bits if proj == "down_proj" else x.bits,
                         g,
-                        "passthrough" if x.mode == "mxfp4" else method,
+                        "passthrough" if x.passthrough else method,
                         ErrorStats.from_dict(s),
                     )
                 )
@@ -221,21 +221,23 @@ def _run(
         method = f"{method}+calibration"  # as recorded in the report and manifest
         for r in rows:
             r["method"] = method if r["method"] in ("clip", "gptq") else r["method"]
+    summary = plan.summary()
     write_report(
         out,
         rows,
         {
-            "bits": o.bits,
-            "group_size": o.group_size,
+            "bits": summary["bits"],
+            "group_size": summary["group_size"],
             "method": method,
             "model_type": fam.model_type,
             "source": provenance.get("repo_id") or provenance["path"],
         },
     )
     provenance = {**provenance, "files": src.fingerprint()}
+    pack_config = fam.pack_config()
     m = Manifest(
         model_type=fam.model_type,
-        config=fam.text_config,
+        config=pack_config.get("text_config", pack_config),
         num_experts=fam.num_experts,
         top_k=fam.top_k,
         quantization=_quant_summary(plan, method),
@@ -372,6 +374,19 @@ def _quant_summary(plan: ConversionPlan, method: str) -> dict:
     }
     if plan.experts and plan.experts[0].mode == "mxfp4":  # the source's MXFP4 experts, copied
         experts = {"bits": 4, "group_size": 32, "mode": "mxfp4", "method": "passthrough", "scale_dtype": "uint8"}
+    if plan.packed_experts:  # the source's compressed-tensors INT4 experts, as MLX's affine 4-bit layout
+        x = plan.experts[0]
+        experts = {
+            "bits": 4,
+            "group_size": x.group_gate_up,
+            "mode": "affine",
+            "method": "passthrough",
+            "scale_dtype": plan.float_dtype,
+            "down_bits": 4,
+            "source_format": "compressed-tensors pack-quantized int4",
+        }
+        if x.group_down != x.group_gate_up:
+            experts["down_group_size"] = x.group_down
     if plan.experts and plan.experts[0].linear_bias:
         experts["linear_bias"] = True
     return {

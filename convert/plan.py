@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FALLBACK_GROUP = 32
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 @dataclass
@@ -79,6 +80,12 @@ class ExpertLayerPlan:
     expert_ids: list[int] | None = None  # a tier's experts (the model's ids, in block order); None: all
     mode: str = "affine"  # "mxfp4": the source's MXFP4 experts, copied (gpt-oss hub releases)
     linear_bias: bool = False  # the experts' projections have bias vectors (gpt-oss)
+    packed: bool = False  # compressed-tensors INT4 experts passed through as MLX affine 4-bit (repack is set too)
+
+    @property
+    def passthrough(self) -> bool:
+        """The source's quantized experts are stored as they are (MXFP4 or compressed-tensors INT4)."""
+        return self.mode == "mxfp4" or self.packed
 
     @property
     def num_blocks(self) -> int:
@@ -133,18 +140,24 @@ class ConversionPlan:
         k = self.family.top_k if top_k is None else top_k
         return round(sum(k * x.stride * x.num_blocks / x.source.num_experts for x in self.experts))
 
+    @property
+    def packed_experts(self) -> bool:
+        """Every expert is the source's compressed-tensors INT4, passed through (4 bits, the source's groups)."""
+        return bool(self.experts) and all(x.packed for x in self.experts)
+
     def summary(self) -> dict:
         """What ``--dry-run`` prints."""
         o = self.options
+        packed = self.packed_experts
         return {
             "model_type": self.family.model_type,
-            "bits": o.bits,
-            "group_size": o.group_size,
+            "bits": 4 if packed else o.bits,
+            "group_size": self.experts[0].group_gate_up if packed else o.group_size,
             "expert_mode": self.experts[0].mode if self.experts else "affine",
-            "method": o.resolved_method(),
+            "method": "passthrough" if packed else o.resolved_method(),
             "resident_bits": o.resident_bits or o.bits,
             "recipe": o.recipe,
-            "down_bits": o.down_bits or o.bits,
+            "down_bits": 4 if packed else o.down_bits or o.bits,
             "tiers": _tier_counts(self.experts),
             "float_dtype": self.float_dtype,
             "alignment": o.alignment,
@@ -213,20 +226,19 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
     rbits = o.resident_bits or o.bits
     if rbits not in (2, 3, 4, 8, 16):
         raise ConvertOptionError("resident_bits", rbits, "supported are 2, 3, 4, 8 and 16")
-    float_dtype = o.dtype or src.float_dtype()
+    float_dtype = o.dtype or _packed_float_dtype(src) or src.float_dtype()
     if float_dtype not in BYTES:
         raise ConvertOptionError("dtype", float_dtype, "supported are bfloat16, float16 and float32")
+    _check_packed_dtype(src, float_dtype)
 
     dropped, by_target = [], {}
     for name in sorted(src.names):
         if family.dropped(name, o.keep_mtp):
             dropped.append(name)
-        elif name.endswith("weight_scale_inv"):
-            continue  # consumed with its fp8 weight
-        elif name.endswith((".scales", ".biases")) and _quantized_weight(src, name):
-            continue  # consumed with its mlx-quantized weight
-        else:
-            by_target[family.target_name(name)] = name
+        elif (logical := src.logical_name(name)) is not None:  # None: read with another tensor
+            by_target[family.target_name(logical)] = name
+    if dropped:
+        log.info("dropped %d source tensors not in the language model: %s", len(dropped), _groups(dropped))
     consumed: set[str] = set()
 
     def consume(name: str, raw: bool = False) -> None:
@@ -238,9 +250,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 f"{src.file_of(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
             )
         consumed.add(name)
-        for side in (name + "_scale_inv", name[: -len("weight")] + "scales", name[: -len("weight")] + "biases"):
-            if side in src.where and (side.endswith("_scale_inv") or dtype == "U32"):
-                consumed.add(side)
+        consumed.update(src.side_tensors(name))
 
     widths = _expert_widths(src, family, o, float_dtype)
     experts = []
@@ -255,9 +265,9 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
         for n in es.consumed():
             consume(n, raw=mxfp4)  # MXFP4 blocks and scales are uint8 (the reader checked them)
         bias = es.reader is not None
-        src_bytes = sum(src.info(n).nbytes for n in es.consumed())
+        src_bytes = sum(src.stored_nbytes(n) for n in es.consumed())
         if es.layout != "per_expert":
-            src_bytes = sum(src.info(n).nbytes for n in es.names.values())
+            src_bytes = sum(src.stored_nbytes(n) for n in es.names.values())
         if mxfp4:
             log.info("layer %d: MXFP4 experts passed through (no requantization; --bits applies to residents)", layer)
             comps, block = expert_block_layout(h, i, 4, 32, 32, float_dtype, mode="mxfp4", linear_bias=bias)
@@ -283,6 +293,37 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             )
             continue
         tiers = widths.get(layer)  # None: the layer-wide --bits/--group-size
+        packed = _packed_groups(src, es)  # compressed-tensors INT4 experts: (gate/up group, down group)
+        if packed is not None and tiers is None and not ({o.bits, o.down_bits or o.bits} & {2, 3}):
+            # The source's INT4 codes and scales as MLX's affine 4-bit layout: no requantization (only --bits 2
+            # and 3 requantize, from the dequantized values); --bits sets the residents.
+            gu, gd = packed
+            log.info(
+                "layer %d: compressed-tensors INT4 experts (g%d) passed through (--bits applies to residents)",
+                layer,
+                gu,
+            )
+            comps, block = expert_block_layout(h, i, 4, gu, gd, float_dtype)
+            experts.append(
+                ExpertLayerPlan(
+                    layer,
+                    es,
+                    i,
+                    h,
+                    gu,
+                    gd,
+                    comps,
+                    block,
+                    round_up(block, o.alignment),
+                    src_bytes,
+                    f"experts/layer-{layer:03d}.bin",
+                    True,
+                    4,
+                    4,
+                    packed=True,
+                )
+            )
+            continue
         groups = (
             [(None, o.bits, o.down_bits or o.bits, o.group_size)]
             if tiers is None
@@ -302,7 +343,12 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 and bits == dbits
                 and all(src.quantized(es.names[p]) == (bits, gd if p == "down_proj" else gu) for p in es.names)
             )
-            if repack:
+            # a recipe's width that is the compressed-tensors source's own: its codes, as above
+            keep = packed is not None and bits == dbits == 4 and (gu, gd) == packed
+            repack = repack or keep
+            if keep:
+                log.info("layer %d: compressed-tensors INT4 experts at %dg%d passed through", layer, bits, gu)
+            elif repack:
                 log.info("layer %d: experts already %d-bit, group %s: repacked without requantizing", layer, bits, gu)
             name = f"experts/layer-{layer:03d}.bin" if ids is None else f"experts/layer-{layer:03d}-{bits}g{group}.bin"
             share = src_bytes if ids is None else src_bytes * len(ids) // es.num_experts
@@ -325,6 +371,7 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                     t,
                     ids,
                     linear_bias=bias,
+                    packed=keep,
                 )
             )
 
@@ -404,8 +451,11 @@ def _expert_widths(
                 f"recipe: width {bad[0]}: group size {bad[0].group_size} does not divide the experts' "
                 f"hidden {h} and intermediate {i} (layer {layer})"
             )
-    names = {n for n in src.names}
-    by_target = {family.target_name(n): n for n in names if not family.dropped(n, o.keep_mtp)}
+    by_target = {
+        family.target_name(logical): n
+        for n in src.names
+        if not family.dropped(n, o.keep_mtp) and (logical := src.logical_name(n)) is not None
+    }
     sources = {layer: (family.expert_source(layer, by_target), family.expert_shape(layer)[0]) for layer in layers}
     method = o.resolved_method() if o.resolved_method() in ("rtn", "clip") else "clip"
     chosen = plan_widths(
@@ -446,9 +496,51 @@ def _resident_bits(
     return bits, group
 
 
-def _quantized_weight(src: SourceCheckpoint, side: str) -> bool:
-    weight = side.rsplit(".", 1)[0] + ".weight"
-    return weight in src.where and src.info(weight).dtype == "U32"
+def _groups(names: list[str]) -> str:
+    """Source names summarized by their first two components (``vision_tower.encoder.*``, ``mtp.layers.*``)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = ".".join(n.split(".")[:2]) + ".*"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items()))
+
+
+def _packed_groups(src: SourceCheckpoint, es: ExpertSource) -> tuple[int, int] | None:
+    """(gate/up group size, down group size) when every expert tensor of the layer is compressed-tensors INT4,
+    gate and up at one group size and down at one; else None (read as floats)."""
+    if es.reader is not None or es.layout == "fused" or not src.packed:
+        return None
+    by_proj: dict[str, set[int]] = {}
+    for key, name in es.names.items():
+        names = [name.format(e=e) for e in range(es.num_experts)] if es.layout == "per_expert" else [name]
+        if any(n not in src.packed for n in names):
+            return None
+        by_proj.setdefault("down" if key == "down_proj" else "gate_up", set()).update(
+            src.packed[n].group for n in names
+        )
+    gu, gd = by_proj.get("gate_up", set()), by_proj.get("down", set())
+    return (gu.pop(), gd.pop()) if len(gu) == 1 and len(gd) == 1 else None
+
+
+def _packed_float_dtype(src: SourceCheckpoint) -> str | None:
+    """float32 for asymmetric compressed-tensors sources: their biases -(z + 8) * s are exact in float32 only."""
+    if any(not w.symmetric for w in src.packed.values()):
+        log.info(
+            "asymmetric INT4 source: scales, biases and float tensors stored as float32 (exact); --dtype overrides"
+        )
+        return "float32"
+    return None
+
+
+def _check_packed_dtype(src: SourceCheckpoint, dtype: str) -> None:
+    """Warn where a chosen --dtype cannot hold a compressed-tensors source's scales or biases exactly."""
+    if not src.packed or dtype == "float32":
+        return
+    scale_types = {w.scale_dtype for w in src.packed.values()}
+    if scale_types != {ST_DTYPE[dtype]}:
+        log.warning("--dtype %s: the source's %s INT4 scales are rounded to it", dtype, "/".join(sorted(scale_types)))
+    if any(not w.symmetric for w in src.packed.values()):
+        log.warning("--dtype %s: the asymmetric INT4 biases -(z + 8) * s are rounded to it (exact in float32)", dtype)
 
 
 def _check_expert_shapes(src: SourceCheckpoint, es: ExpertSource, i: int, h: int, layer: int) -> None:

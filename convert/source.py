@@ -11,6 +11,13 @@ mlx-lm's own conversions (e.g. mlx-community 4-bit folders) are sources too: con
 ``X.weight`` (uint32 codes) with ``X.scales`` and ``X.biases``. :meth:`SourceCheckpoint.quantized`
 names such tensors' bits and group size; float reads dequantize them (for requantizing), and
 :meth:`SourceCheckpoint.read_quantized_rows` hands out the stored arrays (for repacking unchanged).
+
+compressed-tensors ``pack-quantized`` INT4 checkpoints (Kimi K2 Thinking, Kimi K2.5; see :mod:`.compressed`) store
+``X.weight_packed`` + ``X.weight_scale`` (+ ``X.weight_shape``, ``X.weight_zero_point``) for a quantized ``X.weight``:
+:attr:`SourceCheckpoint.packed` indexes them, :meth:`~SourceCheckpoint.logical_name` maps ``X.weight_packed`` to
+``X.weight``, float reads dequantize them exactly, and :meth:`~SourceCheckpoint.packed_rows` hands out MLX's affine
+arrays for the same values (for passing them through). Any other ``quantization_config`` than those moestream reads
+stops :meth:`SourceCheckpoint.open` with one line naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import xxhash
 from moestream.layouts import SafetensorsReader, TensorInfo
 from moestream.layouts.errors import MoestreamError, OptionError
 from moestream.quant.dtypes import decode_to_f32, dequantize_fp8_blocks
+
+from . import compressed
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,8 @@ class SourceCheckpoint:
     config: dict
     readers: dict[str, SafetensorsReader] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)  # tensor name -> shard file name
+    quantization: str | None = None  # the source's quantization_config kind (compressed.source_quantization)
+    packed: dict[str, compressed.PackedWeight] = field(default_factory=dict)  # X.weight_packed -> its tensors
 
     @classmethod
     def open(cls, folder: Path) -> "SourceCheckpoint":
@@ -127,7 +138,11 @@ class SourceCheckpoint:
             config = json.loads(cfg_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConvertError(f"{cfg_path}: not valid JSON ({e})") from None
-        src = cls(folder, config)
+        try:
+            kind = compressed.source_quantization(config)
+        except compressed.SchemeError as e:
+            raise ConvertError(f"{cfg_path}: {e}") from None
+        src = cls(folder, config, quantization=kind)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -154,7 +169,26 @@ class SourceCheckpoint:
             for t, f in src.where.items():
                 if t not in weight_map:
                     raise ConvertError(f"{folder / f}: tensor {t} is not listed in {index.name}")
+        src._index_packed(cfg_path)
         return src
+
+    def _index_packed(self, cfg_path: Path) -> None:
+        """Index the compressed-tensors INT4 weights (a ``weight_packed`` under another config is refused)."""
+        first = next((t for t in self.where if t.endswith(".weight_packed")), None)
+        if first is None:
+            return
+        if self.quantization != compressed.METHOD:
+            raise ConvertError(
+                f"{self.file_of(first)}: tensor {first} is compressed-tensors packed, but {cfg_path.name} has no "
+                f"compressed-tensors quantization_config"
+            )
+        scheme = compressed.parse_scheme(compressed.quantization_config(self.config))
+        headers = {t: (self.info(t).dtype, tuple(self.info(t).shape)) for t in self.where}
+        try:
+            self.packed = compressed.index_packed(headers, scheme)
+        except compressed.SchemeError as e:
+            name, problem = e.args
+            raise ConvertError(f"{self.file_of(name)}: tensor {name}: {problem}") from None
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -167,8 +201,42 @@ class SourceCheckpoint:
     def file_of(self, name: str) -> Path:
         return self.folder / self.where[name]
 
+    def logical_name(self, name: str) -> str | None:
+        """The name a tensor stands for: ``X.weight`` for a compressed-tensors ``X.weight_packed``, None for the
+        tensors read along with another (fp8 block scales, mlx-lm's ``.scales``/``.biases``, a packed weight's
+        scale, shape and zero points), else ``name`` itself."""
+        if name in self.packed:
+            return name[: -len("_packed")]
+        if name.endswith("weight_scale_inv"):
+            return None
+        base = name.rsplit(".", 1)[0]
+        if name.endswith((".scales", ".biases")) and self.where.get(f"{base}.weight") is not None:
+            if self.info(f"{base}.weight").dtype == "U32":
+                return None
+        if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
+            if name.rsplit("_", 1)[0] + "_packed" in self.packed:
+                return None
+        return name
+
+    def side_tensors(self, name: str) -> list[str]:
+        """The tensors read together with ``name`` (its scales, biases, shape, zero points)."""
+        if name in self.packed:
+            return self.packed[name].sides
+        base = name[: -len("weight")]
+        out = [name + "_scale_inv"] if name + "_scale_inv" in self.where else []
+        if self.info(name).dtype == "U32":
+            out += [n for n in (base + "scales", base + "biases") if n in self.where]
+        return out
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes of ``name`` and its side tensors in the checkpoint."""
+        return self.info(name).nbytes + sum(self.info(n).nbytes for n in self.side_tensors(name))
+
     def quantized(self, name: str) -> tuple[int, int] | None:
-        """(bits, group size) of an mlx-lm-quantized ``X.weight`` (uint32 + ``X.scales``/``X.biases``)."""
+        """(bits, group size) of an mlx-lm-quantized ``X.weight`` (uint32 + ``X.scales``/``X.biases``) or of a
+        compressed-tensors ``X.weight_packed`` (4 bits)."""
+        if name in self.packed:
+            return 4, self.packed[name].group
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base is None or self.info(name).dtype != "U32" or f"{base}.scales" not in self.where:
             return None
@@ -191,6 +259,8 @@ class SourceCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's logical shape (for a quantized weight: columns before packing)."""
+        if name in self.packed:
+            return self.packed[name].shape
         shape = self.info(name).shape
         q = self.quantized(name)
         return shape if q is None else (*shape[:-1], shape[-1] * 32 // q[0])
@@ -202,6 +272,38 @@ class SourceCheckpoint:
             part: self.readers[self.where[n]].read_rows(n, start, stop)
             for part, n in (("weight", name), ("scales", f"{base}.scales"), ("biases", f"{base}.biases"))
         }
+
+    def _packed_raw(self, name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rows of a compressed-tensors weight as stored: its words, scales, zero-point words (or None)."""
+        pw = self.packed[name]
+        if start == 0 and stop == pw.shape[-2] and pw.shape_tensor is not None and len(pw.shape) == 2:
+            st = self.info(pw.shape_tensor)
+            got = self.readers[self.where[pw.shape_tensor]].read(pw.shape_tensor).reshape(-1).tolist()
+            if st.dtype not in ("I32", "I64") or tuple(got) != tuple(pw.shape):
+                raise ConvertError(
+                    f"{self.file_of(pw.shape_tensor)}: tensor {pw.shape_tensor} says {got}, but {name} and "
+                    f"{pw.scale} hold {list(pw.shape)}"
+                )
+        words = self.readers[self.where[name]].read_rows(name, start, stop)
+        scale = self.readers[self.where[pw.scale]].read_rows(pw.scale, start, stop)
+        zp = None
+        if pw.zero_point is not None:
+            r0, r1 = start, stop
+            if len(pw.shape) == 2:  # packed eight rows to a word: slices start on a word
+                if start % 8 or (stop % 8 and stop != pw.shape[0]):
+                    raise ConvertError(
+                        f"{self.file_of(name)}: {name}: row slice {start}:{stop} splits packed zero points"
+                    )
+                r0, r1 = start // 8, -(-stop // 8)
+            zp = self.readers[self.where[pw.zero_point]].read_rows(pw.zero_point, r0, r1)
+        return words, scale, zp
+
+    def packed_rows(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows of a compressed-tensors weight as MLX's affine arrays (:func:`.compressed.mlx_parts`): ``weight``
+        uint32 (the source's words), ``scales`` and ``biases`` float32 (exact), ``raw_scales`` as stored."""
+        words, raw, zp = self._packed_raw(name, start, stop)
+        w, sc, bi = compressed.mlx_parts(words, decode_to_f32(raw, self.packed[name].scale_dtype, raw.shape), zp)
+        return {"weight": w, "scales": sc, "biases": bi, "raw_scales": raw}
 
     def _dequantize_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         import mlx.core as mx
@@ -235,6 +337,10 @@ class SourceCheckpoint:
     def read_rows_f32(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of tensor ``name`` as float32 (fp8 dequantized with its block scales)."""
         info = self.info(name)
+        if name in self.packed:
+            pw = self.packed[name]
+            words, raw, zp = self._packed_raw(name, start, stop)
+            return compressed.dequantize(words, decode_to_f32(raw, pw.scale_dtype, raw.shape), zp, pw.shape[-1])
         if info.dtype == "U32" and self.quantized(name):
             return self._dequantize_rows(name, start, stop)
         if info.dtype not in FLOAT_DTYPES:

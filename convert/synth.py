@@ -118,6 +118,7 @@ def reduced_config(config: dict, layers: int, experts: int | None = None) -> dic
         layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(layers)],
     )
     tc.pop("mtp_num_hidden_layers", None)
+    tc.pop("quantization_config", None)  # Kimi K2.5 also keeps it in text_config; synth packs are its own
     config.pop("quantization_config", None)
     config.pop("vision_config", None)
     return config

@@ -56,7 +56,16 @@ def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> 
 
 
 def repacked(src: SourceCheckpoint, name: str, start: int, stop: int, dtype: str) -> dict[str, np.ndarray]:
-    """Rows of an mlx-quantized weight as stored (codes unchanged; scales/biases in ``dtype``)."""
+    """Rows of an mlx-quantized or compressed-tensors INT4 weight in MLX's layout: codes unchanged, scales and
+    biases in ``dtype`` (the source's scale bytes themselves when it is their type)."""
+    if name in src.packed:
+        pw, parts = src.packed[name], src.packed_rows(name, start, stop)
+        same = ST_DTYPE[dtype] == pw.scale_dtype
+        return {
+            "weight": parts["weight"],
+            "scales": parts["raw_scales"] if same else store_float(parts["scales"], dtype),
+            "biases": store_float(parts["biases"], dtype),
+        }
     base = name[: -len(".weight")]
     parts = src.read_quantized_rows(name, start, stop)
     return {
@@ -83,7 +92,7 @@ def expert_block(
             arrays = codes[proj]
             stats[proj] = passthrough_stats(w, w, "float32")
         elif x.repack:  # already in this layout: the source's codes, no requantization (no added error)
-            arrays = {k: v[0] for k, v in repacked(src, x.source.names[proj], e, e + 1, dtype).items()}
+            arrays = _source_arrays(src, x, e, proj, dtype)
             stats[proj] = passthrough_stats(w, w, "float32")
         elif x.bits >= 16:
             arrays = {"weight": store_float(w, dtype)}
@@ -98,6 +107,15 @@ def expert_block(
             c = comps[f"{proj}.{part}"]
             block[c.offset : c.offset + c.nbytes] = arr.reshape(-1).view(np.uint8)
     return block, stats
+
+
+def _source_arrays(src: SourceCheckpoint, x: ExpertLayerPlan, e: int, proj: str, dtype: str) -> dict[str, np.ndarray]:
+    """Expert ``e``'s stored arrays of one projection (stacked: its rows of the 3-D tensors; per expert: its own)."""
+    name = x.source.names[proj]
+    if x.source.layout == "per_expert":
+        name = name.format(e=e)
+        return repacked(src, name, 0, src.info(name).shape[0], dtype)
+    return {k: v[0] for k, v in repacked(src, name, e, e + 1, dtype).items()}
 
 
 def _quantize(w: np.ndarray, bits: int, group: int, dtype: str, method: str, cal: Calibration | None, what):
@@ -202,6 +220,8 @@ def _chunks(src, family, t: ResidentPlan, hf_layout):
     step = max(1, CHUNK_PARAMS // per_row)
     if info.dtype == "F8_E4M3":
         step = max(128, step // 128 * 128)  # fp8 block scales cover 128 rows
+    elif t.source in src.packed and len(info.shape) == 2:
+        step = max(8, step // 8 * 8)  # asymmetric INT4 zero points are packed eight rows to a word
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         x = src.read_rows_f32(t.source, r0, r1) if info.shape else src.read_f32(t.source).reshape(1)
