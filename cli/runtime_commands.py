@@ -411,3 +411,41 @@ def serve(
     )
     click.echo(f"serving {pack} at {server.url}/v1 (OpenAI API); Ctrl-C stops", err=True)
     server.serve_forever()
+
+
+@cli.command()
+@click.option(
+    "--pack",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Measure this pack's decode instead of a small synthetic one.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where scratch files go (about 2 GB at most, removed afterwards) [default: a temporary folder].",
+)
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report to this file (markdown, or JSON with --json).",
+)
+@click.option("--quick", is_flag=True, help="Smaller probes (seconds, less accurate).")
+@one_line_errors
+def doctor(pack, workdir, as_json, output, quick):
+    """What this machine is and does: platform, kernels and their self-check, disk and memory speed, a
+    small cold and warm decode, and what known models would run at. Paste the report into an issue."""
+    from moestream.runtime.doctor import doctor as run
+    from moestream.runtime.doctor import format_doctor
+
+    click.echo("doctor: measuring (a few minutes at most) ...", err=True)
+    r = run(pack=pack, workdir=workdir, quick=quick)
+    text = json.dumps(r, indent=1) if as_json else format_doctor(r)
+    click.echo(text)
+    if output is not None:
+        output.write_text(text)
+        click.echo(f"report written to {output}", err=True)

@@ -109,15 +109,18 @@ def resident_bytes_per_token(m: Manifest) -> int:
     return total
 
 
-def decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0, rt=None) -> dict:
-    """Prefill a random prompt, then greedy-decode; per-token times and bytes."""
+def decode_run(
+    model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0, rt=None, profile=None
+) -> dict:
+    """Prefill a random prompt, then greedy-decode; per-token times and bytes. ``profile``: a
+    :class:`~moestream.runtime.model.profile.Profile` (active) that times each decoded token."""
     from contextlib import nullcontext
 
     with rt.prefill_logits_last() if rt is not None else nullcontext():
-        return _decode_run(model, store, prompt_tokens, gen_tokens, vocab, seed)
+        return _decode_run(model, store, prompt_tokens, gen_tokens, vocab, seed, profile)
 
 
-def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0) -> dict:
+def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, seed: int = 0, profile=None) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     rng = np.random.default_rng(seed)
@@ -142,9 +145,13 @@ def _decode_run(model, store, prompt_tokens: int, gen_tokens: int, vocab: int, s
     times = []
     for _ in range(gen_tokens):
         t0 = time.perf_counter()
+        if profile is not None:
+            profile.start_token()
         logits = model(tok, cache=cache)
         tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
         mx.eval(tok)
+        if profile is not None:
+            profile.stop_token()
         times.append(time.perf_counter() - t0)
     b2 = store.stats.bytes_read if store else 0
     total = sum(times)
@@ -179,13 +186,17 @@ def bench(
     gen_tokens: int = 128,
     repeat: int = 1,
     baselines: bool = True,
+    profile: bool = False,
     **changes,
 ) -> dict:
     """Run the benchmark; returns every figure (the CLI prints them).
 
     ``options`` (and ``changes`` to it, as in :func:`~moestream.runtime.load`) say how the pack runs;
     the baselines take its kernels and K (``verify`` applies to this run; the resident baseline checks
-    its blocks before timing)."""
+    its blocks before timing). ``profile``: after the timed runs, one more run of as many decoded
+    tokens with :mod:`~moestream.runtime.model.profile` active: ``out["profile"]`` has milliseconds
+    per token per kind of work, their sum, and the timed runs' mean token time to compare it with
+    (the profile's own cost is what separates them)."""
     from moestream.runtime.model.runtime import load
 
     opts = (options or RuntimeOptions()).replace(**changes)
@@ -202,6 +213,9 @@ def bench(
         "k": k,
         "threads": nthreads,
         "synthetic": m.synthetic,
+        "layers": len(m.moe_layers()),
+        "experts": m.num_experts,  # per MoE layer; a synthetic pack may hold fewer than its model
+        "model_experts": int(m.source.get("model_experts", m.num_experts)) if m.synthetic else m.num_experts,
         "verify": verify,
         "repeat": repeat,
         "numba_threads": numba.get_num_threads(),
@@ -221,6 +235,8 @@ def bench(
             rt.store.prefill_stream.prefault()  # allocate: a user's second prompt finds it so too
         decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
+        if profile:
+            out["profile"] = _profile_run(rt, prompt_tokens, gen_tokens, vocab, runs)
     finally:
         rt.close()
     mem1, raw1 = (
@@ -259,6 +275,39 @@ def bench(
     if baselines:
         out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
     return out
+
+
+def _profile_run(rt, prompt_tokens: int, gen_tokens: int, vocab: int, runs: list[dict]) -> dict:
+    """One decode run with the profile active; its kinds against the timed runs' mean token time."""
+    from moestream.runtime.model.profile import KINDS, profiling
+
+    with profiling() as prof:
+        r = decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=0, rt=rt, profile=prof)
+    ms = prof.ms_per_token()
+    token_ms = float(np.mean([1e3 / x["decode_tps"] for x in runs]))
+    total = sum(ms.values())
+    return {
+        "ms_per_token": {k: ms[k] for k in KINDS},
+        "sum_ms": total,
+        "token_ms": token_ms,  # the timed runs' mean, without the profile
+        "profiled_token_ms": 1e3 / r["decode_tps"],
+        "sum_vs_token": total / token_ms,
+        "layers": len(rt.pack.manifest.moe_layers()),
+    }
+
+
+def format_profile(p: dict) -> str:
+    """The profile as a table: ms per token per kind, share, and per MoE layer."""
+    from moestream.runtime.model.profile import LABELS
+
+    lines = [f"profile of a decoded token ({p['layers']} MoE layers): ms per token, share, ms per layer"]
+    for k, v in p["ms_per_token"].items():
+        lines.append(f"  {LABELS[k]:<32} {v:8.2f}  {v / p['sum_ms']:6.1%}  {v / max(1, p['layers']):6.3f}")
+    lines.append(
+        f"  {'sum':<32} {p['sum_ms']:8.2f}  against {p['token_ms']:.2f} ms a token unprofiled "
+        f"({p['sum_vs_token']:.2f}x)"
+    )
+    return "\n".join(lines)
 
 
 def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out) -> dict:
@@ -336,8 +385,11 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
 
 
 def format_bench(r: dict) -> str:
+    experts = r.get("experts")
+    of = f" of the model's {r['model_experts']}" if experts and r.get("model_experts", experts) != experts else ""
+    shape = f"{r['layers']} MoE layers x {experts} experts{of}, " if experts else ""
     lines = [
-        f"pack {r['pack']} ({'synthetic, ' if r['synthetic'] else ''}K={r['k']}, cache {r['cache']}, "
+        f"pack {r['pack']} ({'synthetic, ' if r['synthetic'] else ''}{shape}K={r['k']}, cache {r['cache']}, "
         f"{'' if r.get('verify', True) else 'checksums off, '}{'O_DIRECT reads, ' if r.get('direct_io') else ''}"
         f"{r['threads']} reader threads, {r['numba_threads']} compute threads)",
         f"prompt: {r['prompt_tokens']} tokens at {r['prompt_tps']:.2f} tok/s (time to first token {r['ttft_s']:.2f} s)",
@@ -376,4 +428,6 @@ def format_bench(r: dict) -> str:
             f"{r['prompt_tps'] / b['prompt_tps']:.2f}x its prefill"
         )
     lines.append(f"prefill / decode speed: {r['prompt_tps'] / r['decode_tps']:.1f}x")
+    if r.get("profile"):
+        lines.append(format_profile(r["profile"]))
     return "\n".join(lines)

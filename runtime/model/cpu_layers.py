@@ -18,6 +18,7 @@ from moestream.runtime.cpu.attention import sdpa
 from moestream.runtime.cpu.delta import _depthwise, gated_delta_update
 from moestream.runtime.model.hidden import Hidden
 from moestream.runtime.model.patches import patched, rebind
+from moestream.runtime.model.profile import evaluated, region, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,18 @@ class CpuQuantizedLinear(nn.Module):
         for a in (self._w.module, self._s.module, self._b.module):
             back_with_huge_pages(a)  # views of MLX's memory: the kernels stream it once a token
 
+    def numpy(self, xs: np.ndarray) -> np.ndarray:
+        """The product for numpy rows ``xs [T, in]`` (float32) -> ``[T, out]``: the decode fast path's
+        entry (no MLX array on either side; the shared product is not consulted)."""
+        from moestream.runtime.cpu.kernels import qmm
+
+        lin = self.inner
+        with region("products"):
+            y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
+        if self._bias.module is not None:
+            y += self._bias.module
+        return y
+
     def __call__(self, x: mx.array) -> mx.array:
         from moestream.runtime.cpu.kernels import qmm
 
@@ -64,10 +77,11 @@ class CpuQuantizedLinear(nn.Module):
         if self.last_only and x.ndim >= 2 and x.shape[-2] > 1:
             x = x[..., -1:, :]
         shape = x.shape
-        xs = np.array(x.astype(mx.float32)).reshape(-1, shape[-1])
+        xs = to_numpy(x).reshape(-1, shape[-1])
         if self.recorder is not None:
             self.recorder(xs)
-        y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
+        with region("products"):
+            y = qmm(xs, self._w.module, self._s.module, self._b.module, lin.bits, lin.group_size, int8=self.int8)
         if self._bias.module is not None:
             y += self._bias.module
         return mx.array(y.reshape(*shape[:-1], y.shape[-1]))
@@ -133,9 +147,10 @@ class CpuDepthwiseConv1d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self.inner.weight  # [C, K, 1]
-        xs = np.array(x.astype(mx.float32))
-        y = np.empty((xs.shape[0], xs.shape[1] - w.shape[1] + 1, xs.shape[2]), np.float32)
-        _depthwise(xs, np.array(w.astype(mx.float32))[..., 0], y)
+        xs = to_numpy(x)
+        with region("gated_delta"):
+            y = np.empty((xs.shape[0], xs.shape[1] - w.shape[1] + 1, xs.shape[2]), np.float32)
+            _depthwise(xs, np.array(w.astype(mx.float32))[..., 0], y)
         return mx.array(y).astype(x.dtype)
 
 
@@ -151,6 +166,20 @@ def _is_depthwise(m) -> bool:
     )
 
 
+def _gated_delta(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kw):
+    """:func:`gated_delta_update`, its time marked for profiling (its inputs' MLX work apart)."""
+    evaluated(q, k, v, a, b, *(x for x in (state, mask) if x is not None))
+    with region("gated_delta"):
+        return gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask, **kw)
+
+
+def _sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    """:func:`sdpa`, its time marked for profiling (its inputs' MLX work apart)."""
+    evaluated(queries, keys, values, *(x for x in (mask,) if isinstance(x, mx.array)))
+    with region("attention"):
+        return sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+
 def use_cpu_delta(model) -> int:
     """Switch ``model``'s gated-delta layers to the CPU recurrence (and their depthwise convolution to
     :class:`CpuDepthwiseConv1d`). Returns how many layers were switched."""
@@ -159,7 +188,7 @@ def use_cpu_delta(model) -> int:
         code = getattr(getattr(type(m), "__call__", None), "__code__", None)
         if patched(m) or code is None or "gated_delta_update" not in code.co_names:
             continue
-        m.__class__ = rebind(type(m), "gated_delta_update", gated_delta_update)
+        m.__class__ = rebind(type(m), "gated_delta_update", _gated_delta)
         if _is_depthwise(getattr(m, "conv1d", None)):
             m.conv1d = CpuDepthwiseConv1d(m.conv1d)
         n += 1
@@ -180,6 +209,6 @@ def use_cpu_attention(model) -> int:
             or call.__globals__.get("scaled_dot_product_attention") is not base.scaled_dot_product_attention
         ):
             continue
-        m.__class__ = rebind(type(m), "scaled_dot_product_attention", sdpa)
+        m.__class__ = rebind(type(m), "scaled_dot_product_attention", _sdpa)
         n += 1
     return n

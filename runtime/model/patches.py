@@ -6,7 +6,9 @@ mlx-lm's layer code stays as it is; only the instance's class changes, so other 
 - :func:`rebind`: ``__call__`` is the class's own code with one global function it calls swapped
   (the CPU gated-delta recurrence, attention through BLAS);
 - :func:`hook_call`: ``__call__`` first calls the instance's hook with the layer's input, then the
-  class's own code (prefill's guess of the experts at a layer's entry).
+  class's own code (prefill's guess of the experts at a layer's entry);
+- :func:`divert_call`: ``__call__`` first offers the call to the instance's fast path, and runs the
+  class's own code when that declines (the CPU decode path of :mod:`.cpu_decode`).
 
 Each subclass is made once per (class, change) and reused. The one other change, :func:`swapped`,
 replaces module attributes for the length of a ``with`` block (the server parses its options with
@@ -53,6 +55,20 @@ def hook_call(instance, attr: str, hook: Callable, prefix: str = "Hooked") -> No
 
         instance.__class__ = _subclass(cls, ("hook", attr), f"{prefix}{cls.__name__}", __call__)
     setattr(instance, attr, hook)
+
+
+def divert_call(instance, attr: str, fast: Callable, prefix: str = "Fast") -> None:
+    """Make ``instance`` try ``fast(x, *args, **kwargs)`` first: its result when it gives one, else
+    (None: a case it does not take) its class's own ``__call__``. ``fast`` is kept as ``instance.<attr>``."""
+    cls = type(instance)
+    if getattr(cls, "_moestream_patch", None) != ("divert", attr):
+
+        def __call__(self, x, *args, **kwargs):
+            out = getattr(self, attr)(x, *args, **kwargs)
+            return out if out is not None else cls.__call__(self, x, *args, **kwargs)
+
+        instance.__class__ = _subclass(cls, ("divert", attr), f"{prefix}{cls.__name__}", __call__)
+    setattr(instance, attr, fast)
 
 
 def patched(m) -> bool:

@@ -30,6 +30,7 @@ from moestream.runtime.model.blocks import (
     set_switch,
 )
 from moestream.runtime.model.build import build_model, cast_floats
+from moestream.runtime.model.cpu_decode import use_cpu_decode
 from moestream.runtime.model.cpu_layers import cpu_linear_paths, use_cpu_attention, use_cpu_delta, use_cpu_kernels
 from moestream.runtime.model.entry_guess import EntryGuess, guess_at_entry
 from moestream.runtime.model.metal_check import check_metal_layers
@@ -201,6 +202,7 @@ def load(
                 mx.clear_cache()  # the arrays the concatenations replaced go back to the system
             use_cpu_delta(model)
             use_cpu_attention(model)
+            use_cpu_decode(model)
         if store.prefill_stream is not None:
             guesses = {}
             for i, mlp in blocks.items():

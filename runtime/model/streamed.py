@@ -20,6 +20,7 @@ from mlx_lm.models.switch_layers import SwiGLU
 from moestream.layouts import ExpertLayer
 from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
 from moestream.runtime.model.hidden import Hidden
+from moestream.runtime.model.profile import region
 from moestream.runtime.model.switch_glu import PROJS, has_bias, switch_glu
 from moestream.runtime.store.expert_store import ExpertStore, block_key
 
@@ -88,6 +89,11 @@ class StreamedSwitchGLU(nn.Module):
         self.read_ahead = 0
         self._next_prefill = Hidden(None)  # the next MoE layer's EntryGuess (prefill ring)
 
+    @property
+    def numpy_decode(self) -> bool:
+        """Whether :meth:`decode_numpy` can take this layer's tokens (the numba kernels compute it)."""
+        return self._cpu
+
     def read_ahead_for(self, layer: int, block: nn.Module, count: int) -> None:
         """On one-token calls, guess ``count`` experts of the next MoE ``layer`` by applying its router
         to this layer's input (the residual stream changes little between layers) and start reading
@@ -106,14 +112,15 @@ class StreamedSwitchGLU(nn.Module):
         self._shared.module = shared
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        inds = np.array(indices)  # the router's choice: a sync point, as in any streaming design
+        with region("routing"):
+            inds = np.array(indices)  # the router's choice: a sync point, as in any streaming design
         if self.trace is not None:
             self.trace.record(self._layer, inds)
         experts = np.unique(inds)
         out = None
         shared = self._shared.module
         # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
-        overlap = [lambda: mx.eval(shared.start(x))] if shared is not None else []
+        overlap = [lambda: _other(lambda: mx.eval(shared.start(x)))] if shared is not None else []
         if self.read_ahead and self._next.module is not None and x.size == x.shape[-1]:
             overlap.insert(0, lambda: self._guess_next(x))
         if self._next_prefill.module is not None and x.size > x.shape[-1]:
@@ -202,19 +209,34 @@ class StreamedSwitchGLU(nn.Module):
             out = out[mx.array(np.argsort(np.array(order)))]
         return out.reshape(*inds.shape, x.shape[-1])
 
+    def decode_numpy(self, xs: np.ndarray, inds: np.ndarray, overlap: list) -> np.ndarray:
+        """One token from numpy to numpy (the CPU decode fast path, :mod:`.cpu_decode`): ``xs [1, H]``
+        float32, ``inds [k]`` the routed experts -> ``[k, H]``, each expert's output. ``overlap``: work
+        for while the reads are in flight (the shared expert), as in :meth:`__call__`."""
+        inds = inds.reshape(1, -1)
+        if self.trace is not None:
+            self.trace.record(self._layer, inds)
+        if self.read_ahead and self._next.module is not None:
+            overlap.insert(0, lambda: self._guess_next(mx.array(xs)))
+        return self._cpu_numpy(xs, inds, np.unique(inds), overlap)[0]
+
     def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
         """The same computation with the numba kernels, reading the slabs through numpy views."""
-        h = x.shape[-1]
-        xs = np.array(x.astype(mx.float32)).reshape(-1, h)
+        xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+        return mx.array(self._cpu_numpy(xs, inds, experts, overlap).reshape(*inds.shape, x.shape[-1]))
+
+    def _cpu_numpy(self, xs: np.ndarray, inds: np.ndarray, experts: np.ndarray, overlap: list) -> np.ndarray:
+        h = xs.shape[-1]
         flat = inds.reshape(xs.shape[0], -1)
         out = np.zeros((*flat.shape, h), np.float32)
-        for slab, part, slots in self._store.fetch(self._layer, experts, overlap, many=xs.shape[0] > 1):
+        for slab, part, slots in _marked(self._store.fetch(self._layer, experts, overlap, many=xs.shape[0] > 1)):
             glu = self._glus.module[slab.key]
             a = slab.numpy
             if self.recorder is None and self._mode == "affine" and not self._bias:
                 # decode: the group's experts in 3 launches; prefill: the same, each expert's tokens
                 # a segment of the group's rows
-                (self._cpu_decode if xs.shape[0] == 1 else self._cpu_prefill)(xs, flat, part, slots, a, glu, out)
+                with region("products"):
+                    (self._cpu_decode if xs.shape[0] == 1 else self._cpu_prefill)(xs, flat, part, slots, a, glu, out)
                 continue
             for e, slot in zip(part.tolist(), slots.tolist()):
                 t, j = np.nonzero(flat == e)
@@ -225,7 +247,7 @@ class StreamedSwitchGLU(nn.Module):
                 if self.recorder is not None:
                     self.recorder(e, xe, mid)
                 out[t, j] = self._cpu_linear(glu, a, "down_proj", slot, mid)
-        return mx.array(out.reshape(*inds.shape, h))
+        return out
 
     def _cpu_decode(
         self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu, out: np.ndarray
@@ -305,6 +327,23 @@ class StreamedSwitchGLU(nn.Module):
         if type(act) is SwigluOAI:
             return swiglu_oai(gate, up, act._alpha, act._limit)
         return np.array(act(mx.array(up), mx.array(gate)).astype(mx.float32))
+
+
+def _other(fn):
+    """Call ``fn`` with its time charged to ``other`` (overlap work runs inside the store's fetch)."""
+    with region("other"):
+        return fn()
+
+
+def _marked(groups):
+    """The store's fetch generator, the time spent inside it charged to ``store``."""
+    it = iter(groups)
+    while True:
+        with region("store"):
+            group = next(it, None)
+        if group is None:
+            return
+        yield group
 
 
 def router_of(block: nn.Module) -> nn.Module | None:
