@@ -424,6 +424,49 @@ def test_synth_pack_has_real_shapes_and_runs(tmp_path):
     assert r.exit_code == 1 and "known: qwen3.5-122b-a10b, qwen3.5-35b-a3b, qwen3.5-397b-a17b" in r.output
 
 
+def test_synth_experts_keeps_shapes_with_fewer_experts(tmp_path):
+    """synth --experts N: every MoE layer holds N experts of the model's own shapes (real depth at a
+    size a small disk holds); the manifest records N and the model's count, inspect and bench print them."""
+    from moestream.layouts import expert_block_layout, open_pack
+    from moestream.runtime.bench import bench, format_bench
+
+    like = tmp_path / "like.json"
+    like.write_text(
+        json.dumps(
+            tiny_config(
+                hidden_size=256,
+                num_experts=16,
+                num_experts_per_tok=4,
+                moe_intermediate_size=128,
+                num_hidden_layers=4,
+                vocab_size=512,
+            )
+        )
+    )
+    out = tmp_path / "s"
+    r = CliRunner().invoke(
+        cli, ["synth", "--like", str(like), "-o", str(out), "--layers", "4", "--experts", "6", "--alignment", "4096"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "4 MoE layers x 6 experts (of the model's 16)" in r.output
+    with open_pack(out) as p:
+        p.verify()
+        m = p.manifest
+    assert m.num_experts == 6 and all(x.num_experts == 6 for x in m.experts) and len(m.experts) == 4
+    assert m.source["experts"] == 6 and m.source["model_experts"] == 16 and m.top_k == 4
+    assert m.experts[0].block_bytes == expert_block_layout(256, 128, 4, 64, 64, "bfloat16")[1]  # the model's shape
+    assert m.resident_tensors["language_model.model.layers.0.mlp.gate.weight"].shape == [6, 256]  # the router too
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "4 layers x 6 (of the model's 16), top-4" in r.output, r.output
+    res = bench(out, prompt_tokens=4, gen_tokens=2, cache="none", baselines=False)
+    assert res["experts"] == 6 and res["model_experts"] == 16 and res["layers"] == 4
+    assert "4 MoE layers x 6 experts of the model's 16" in format_bench(res)
+    assert res["bytes_per_token"] == 4 * 4 * m.experts[0].stride  # K=4 of 6, every layer, cold
+    for n, why in ((3, "from the model's top-k (4) to its own count (16)"), (17, "to its own count (16)")):
+        r = CliRunner().invoke(cli, ["synth", "--like", str(like), "-o", str(tmp_path / f"x{n}"), "--experts", str(n)])
+        assert r.exit_code == 1 and why in r.output, r.output
+
+
 def test_bench_reports_roofline_and_baselines(pack):
     from moestream.runtime.bench import bench, format_bench
 
