@@ -46,6 +46,14 @@ def passthrough_stats(w: np.ndarray, stored: np.ndarray, dtype: str) -> ErrorSta
     )
 
 
+def exact_stats(w: np.ndarray) -> ErrorStats:
+    """Stats of weights stored exactly as they are (codes passed through): sums of ``w`` and ``w**2``, no error.
+    The same figures as ``passthrough_stats(w, w, "float32")`` in a fraction of its time (no float64 copies):
+    a 1T-parameter model passes 23,000 experts through."""
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    return ErrorStats(count=flat.size, sum_w=float(flat.sum(dtype=np.float64)), sum_w2=float(np.dot(flat, flat)))
+
+
 def stored_as(src: SourceCheckpoint, name: str, raw: np.ndarray, dtype: str) -> np.ndarray:
     """A stored float array (raw storage of tensor ``name``) as ``dtype``'s storage: unchanged when
     the dtypes agree, else decoded and re-encoded."""
@@ -90,10 +98,10 @@ def expert_block(
         w = np.ascontiguousarray(w)
         if codes is not None:  # MXFP4 source: its bytes, no requantization (w is their dequantization)
             arrays = codes[proj]
-            stats[proj] = passthrough_stats(w, w, "float32")
+            stats[proj] = exact_stats(w)
         elif x.repack:  # already in this layout: the source's codes, no requantization (no added error)
             arrays = _source_arrays(src, x, e, proj, dtype)
-            stats[proj] = passthrough_stats(w, w, "float32")
+            stats[proj] = exact_stats(w)
         elif x.bits >= 16:
             arrays = {"weight": store_float(w, dtype)}
             stats[proj] = passthrough_stats(w, arrays["weight"], dtype)
