@@ -142,6 +142,8 @@ class SourceCheckpoint:
             kind = compressed.source_quantization(config)
         except compressed.SchemeError as e:
             raise ConvertError(f"{cfg_path}: {e}") from None
+        if kind == compressed.METHOD and compressed.quantization_config(config).get("kv_cache_scheme"):
+            log.info("%s: kv_cache_scheme not applied: the runtime keeps the KV cache in float", cfg_path)
         src = cls(folder, config, quantization=kind)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -213,8 +215,8 @@ class SourceCheckpoint:
         if name.endswith((".scales", ".biases")) and self.where.get(f"{base}.weight") is not None:
             if self.info(f"{base}.weight").dtype == "U32":
                 return None
-        if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
-            if name.rsplit("_", 1)[0] + "_packed" in self.packed:
+        for side in (".weight_scale", ".weight_shape", ".weight_zero_point"):
+            if name.endswith(side) and name[: -len(side)] + ".weight_packed" in self.packed:
                 return None
         return name
 

@@ -292,3 +292,34 @@ def test_real_config_dry_run(tmp_path):
     assert s["bytes_per_token"] == 60 * 8 * K25_EXPERT_BLOCK
     assert s["expert_files_bytes"] == 60 * (16384 + 384 * K25_EXPERT_BLOCK)
     print(f"\nKimi K2.5 plan: {s}")
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (
+            lambda t, n: t.pop(n + "weight_scale"),
+            "has no language_model.model.layers.1.mlp.experts.3.up_proj.weight_scale",
+        ),
+        (lambda t, n: t.update({n + "weight_shape": torch.tensor([64, 32])}), "weight_shape says [64, 32]"),
+        (lambda t, n: t.update({n + "weight_scale": t[n + "weight_scale"][:32]}), "does not fit"),
+        (
+            lambda t, n: t.update({n + "weight_scale": t[n + "weight_scale"][:, :1]}),
+            "group size 64, config_groups give [32]",
+        ),
+    ],
+)
+def test_malformed_packed_tensor_is_one_line(k25, change, words, tmp_path):
+    from checkpoints import load_tensors
+    from safetensors.torch import save_file
+
+    out = tmp_path / "bad"
+    shutil.copytree(k25[0], out)
+    t = load_tensors(out)
+    change(t, "language_model.model.layers.1.mlp.experts.3.up_proj.")
+    save_file({k: v.contiguous() for k, v in t.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConvertError) as e:
+        convert(str(out), tmp_path / "p", alignment=4096)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and "model.safetensors" in msg, msg
+    assert not (tmp_path / "p" / "manifest.json").exists()
