@@ -28,13 +28,13 @@ from moestream.runtime.store import system
 
 log = logging.getLogger(__name__)
 
-KNOWN = [  # (row label, known config name)
-    ("Qwen3.5-397B-A17B", "qwen3.5-397b-a17b"),
-    ("Qwen3.5-122B-A10B", "qwen3.5-122b-a10b"),
-    ("Qwen3.5-35B-A3B", "qwen3.5-35b-a3b"),
-    ("Qwen3-30B-A3B", "qwen3-30b-a3b"),
-    ("DeepSeek-V3", "deepseek-v3"),
-    ("Kimi K2 (K2.5's text model)", "kimi-k2.5"),
+KNOWN = [  # (row label, known config name, group size of 4-bit experts as converted; 2-bit: 64)
+    ("Qwen3.5-397B-A17B", "qwen3.5-397b-a17b", 64),
+    ("Qwen3.5-122B-A10B", "qwen3.5-122b-a10b", 64),
+    ("Qwen3.5-35B-A3B", "qwen3.5-35b-a3b", 64),
+    ("Qwen3-30B-A3B", "qwen3-30b-a3b", 64),
+    ("DeepSeek-V3", "deepseek-v3", 64),
+    ("Kimi K2 (K2.5's text model)", "kimi-k2.5", 32),  # its INT4 release passes through at group 32
 ]
 
 
@@ -222,10 +222,10 @@ def known_models(disk_gbps: float, mem_gbps: float) -> list[dict]:
     from moestream.convert.sizes import model_sizes
 
     rows = []
-    for label, name in KNOWN:
+    for label, name, group in KNOWN:
         for bits in (4, 2):
             try:
-                s = model_sizes(name, bits)
+                s = model_sizes(name, bits, group_size=group if bits == 4 else 64)
             except Exception as e:  # a family this build cannot plan (logged, row marked)
                 log.info("%s: %s", name, e)
                 rows.append({"model": label, "bits": bits, "error": str(e).splitlines()[0]})
