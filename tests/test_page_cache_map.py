@@ -142,3 +142,45 @@ def test_bench_with_os_map_and_no_verify(pack):
     assert "cache os-map" in res.output and "checksums off" in res.output
     if _cached(pack):
         assert "computed in place (os-map)" in res.output
+
+
+def test_blocks_found_cached_are_trusted_until_a_major_fault(pack, monkeypatch):
+    """A block found wholly in the page cache is not asked about again (a ``mincore`` a block cost
+    more than the layer's routing) until the process takes a major page fault, or the store drops the
+    page cache itself; either makes every block checked again."""
+    import types
+
+    from moestream.runtime.store import expert_store
+    from moestream.runtime.store.slabs import MappedLayer
+
+    _run(pack, list(range(1, 12)), cache="os")  # the experts into the page cache
+    if not _cached(pack):
+        pytest.skip("this filesystem does not keep the expert files in the page cache")
+    asked = []
+    real = MappedLayer.resident
+    monkeypatch.setattr(MappedLayer, "resident", lambda self, local: asked.append(len(local)) or real(self, local))
+    faults = [0]
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_majflt=faults[0]))
+    monkeypatch.setattr(expert_store, "resource", fake)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    rt = load(pack, tokenizer=False, cache="os-map")
+    try:
+
+        def tokens_run():
+            cache = make_prompt_cache(rt.model)
+            for t in tokens:
+                mx.eval(rt.model(mx.array([[t]]), cache=cache))
+
+        tokens_run()
+        first = sum(asked)
+        assert first > 0 and rt.store.stats.reads == 0
+        tokens_run()  # the same experts again: all trusted
+        assert sum(asked) == first and rt.store.stats.reads == 0
+        faults[0] += 1  # a major fault somewhere in the process: everything is checked again
+        tokens_run()
+        assert sum(asked) == 2 * first
+        rt.store.drop_page_cache()  # pages unmapped and dropped: checked, found missing, read
+        tokens_run()
+        assert rt.store.stats.reads > 0
+    finally:
+        rt.close()

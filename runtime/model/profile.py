@@ -110,7 +110,7 @@ def to_numpy(x: mx.array) -> np.ndarray:
     if ACTIVE is not None:
         with _REGIONS["mlx_eval"]:
             mx.eval(x)
-    return np.array(x.astype(mx.float32))
+    return np.array(x if x.dtype == mx.float32 else x.astype(mx.float32))  # no graph node when float32
 
 
 def evaluated(*xs) -> None:
