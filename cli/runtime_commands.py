@@ -1,4 +1,4 @@
-"""The ``moestream`` commands that run packs: generate, chat, calibrate, eval, bench and serve.
+"""The ``moestream`` commands that run packs: generate, chat, calibrate, eval, eval-tools, bench and serve.
 
 Registered on the click group of :mod:`moestream.app`; they share the runtime flags of
 :mod:`moestream.runtime_options` (one ``options`` argument).
@@ -284,6 +284,54 @@ def eval_cmd(
                 f"{r.get('kl_mean', float('nan')):>8.4f} {r.get('kl_p99', float('nan')):>7.3f} "
                 f"{r.get('top1_agreement', float('nan')):>6.1%}"
             )
+
+
+@cli.command(name="eval-tools")
+@click.argument("pack", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--cases",
+    "cases_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSON lines: {"id", "tools", "messages", "expected": [{"name", "arguments"}]} ([] expects no call).',
+)
+@click.option("--think/--no-think", default=False, show_default=True, help="Qwen3.5's thinking in the template.")
+@click.option("-m", "--max-tokens", type=int, default=256, show_default=True, help="Tokens per reply.")
+@click.option("--url", default=None, help="An OpenAI-compatible server to run the cases against instead of PACK.")
+@click.option("--model", default=None, help="The model name sent to --url (default: the first it lists).")
+@click.option("--api-key", envvar="OPENAI_API_KEY", default=None, help="Bearer key for --url [env OPENAI_API_KEY].")
+@click.option("--json", "as_json", is_flag=True, help="The summary and every case's scores as JSON.")
+@runtime_options
+@one_line_errors
+def eval_tools_cmd(pack, cases_file, think, max_tokens, url, model, api_key, as_json, options):
+    """Tool-call validity of PACK (or of the server at --url) on a cases file: markup that parses, right
+    function, right arguments (typed by the tool's schema), no call when none is expected."""
+    from moestream.layouts.errors import OptionError
+    from moestream.runtime.eval_tools import eval_tools, format_summary, load_cases
+
+    if (pack is None) == (url is None):
+        raise OptionError("url", url, "give either PACK or --url (a server to run the cases against)")
+    if max_tokens < 1:
+        raise OptionError("max_tokens", max_tokens, "must be at least 1")
+    cases = load_cases(cases_file)
+    if url is not None:
+        res = eval_tools(
+            cases,
+            url=url,
+            model=model,
+            think=think,
+            max_tokens=max_tokens,
+            experts_per_token=options.experts_per_token,
+            api_key=api_key,
+        )
+    else:
+        from moestream.runtime import load
+
+        with load(pack, options) as rt:
+            res = eval_tools(
+                cases, rt=rt, think=think, max_tokens=max_tokens, experts_per_token=options.experts_per_token
+            )
+    click.echo(json.dumps(res, indent=1) if as_json else format_summary(res))
 
 
 @cli.command()

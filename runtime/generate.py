@@ -47,16 +47,23 @@ class Chunk:
 
 
 def build_prompt(
-    rt: Runtime, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False, think: bool = True
+    rt: Runtime,
+    prompt: str | None = None,
+    messages: list[dict] | None = None,
+    raw: bool = False,
+    think: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Token ids: the chat template applied to ``messages`` (or one user ``prompt``), or raw text."""
+    """Token ids: the chat template applied to ``messages`` (or one user ``prompt``) and ``tools``
+    (OpenAI tool objects), or raw text."""
     tok = rt.tokenizer
     if raw:
         return tok.encode(prompt or "")
     messages = messages or [{"role": "user", "content": prompt or ""}]
     if getattr(tok, "chat_template", None) is None:
         return tok.encode("\n".join(m["content"] for m in messages))
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, enable_thinking=think)
+    kwargs = {"tools": tools} if tools else {}
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, enable_thinking=think, **kwargs)
 
 
 def peak_rss() -> int:
@@ -89,6 +96,7 @@ def generate(
     stop: tuple[str, ...] = (),
     raw: bool = False,
     think: bool = True,
+    tools: list[dict] | None = None,
 ) -> Iterator[Chunk]:
     """Stream generated text; the last chunk carries the final statistics.
 
@@ -99,12 +107,13 @@ def generate(
         stop: strings that end generation (not included in the output).
         raw: no chat template.
         think: thinking on (Qwen3.5's default) or off.
+        tools: OpenAI tool objects the chat template shows the model.
     """
     from mlx_lm.sample_utils import make_sampler
 
     if seed is not None:
         mx.random.seed(seed)
-    ids = build_prompt(rt, prompt, messages, raw, think)
+    ids = build_prompt(rt, prompt, messages, raw, think, tools)
     sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k)
     st = rt.store.stats
     start_bytes, h0, m0 = st.bytes_read, st.hits, st.misses
