@@ -110,6 +110,36 @@ def test_int8_experts_match_each_experts_matrix(bits):
         np.testing.assert_allclose(got[j], want[0], rtol=0, atol=3e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_expert_pairs_match_each_stack_alone(bits):
+    """qmm_experts_pair: one token through two stacks (gate and up) in one launch, its row quantized
+    once, equal to each stack's own qmm_experts call (slabs and strided, mapped-like views)."""
+    from moestream.runtime.cpu.kernels import qmm_experts_pair
+
+    _need(bits, 64)
+    rng = np.random.default_rng(70 + bits)
+    S, n, k = 5, 48, 512
+    stacks = []
+    for _ in range(2):
+        q = [_quantized(rng, (n, k), bits, 64) for _ in range(S)]
+        stacks.append(tuple(np.stack([e[i] for e in q]) for i in range(3)))
+    slots = np.array([4, 0, 2])
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    first, second = qmm_experts_pair(x, stacks[0], stacks[1], slots, bits, 64, int8=True)
+    xr = np.repeat(x, len(slots), axis=0)
+    for got, st in ((first, stacks[0]), (second, stacks[1])):
+        want = qmm_experts(xr, *st, slots, bits, 64, int8=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    pad = lambda a: np.concatenate([a, np.zeros((S, 3, *a.shape[2:]), a.dtype)], axis=1)[:, :n]
+    strided = qmm_experts_pair(x, tuple(map(pad, stacks[0])), tuple(map(pad, stacks[1])), slots, bits, 64, int8=True)
+    for got, want in zip(strided, (first, second)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    floats = qmm_experts_pair(x, stacks[0], stacks[1], slots, bits, 64, int8=False)  # two float launches
+    for got, st in zip(floats, stacks):
+        want = qmm_experts(xr, *st, slots, bits, 64, int8=False)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("vnni", [False, True])
 def test_8bit_sign_trick_and_vnni_paths(vnni, monkeypatch):
     """8-bit codes go through ``vpdpbusd`` where the CPU has VNNI and the sign trick elsewhere: both

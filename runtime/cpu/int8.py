@@ -223,7 +223,63 @@ def _make_kernels(dot1, dot2, dot4):
                 if t < last:
                     dot1(w, wo, xq, dx, xg, eg, s, b, so, bo, groups, t, o, n, N)
 
-    return matvec, experts, grouped
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def experts_pair(w1, s1, b1, w2, s2, b2, xq, dx, xg, eg, groups, slots, out1, out2):
+        # One activation row (row 0) times matrix slots[j] of two stacks (a decode token's gate and
+        # up projections): both in one launch, the row quantized once.
+        J, N = out1.shape
+        o1, o2 = out1.reshape(-1), out2.reshape(-1)
+        nch = max(1, min(N, 64 // max(J, 1)))
+        for c in prange(2 * J * nch):
+            which, r = c // (J * nch), c % (J * nch)
+            j, ch = r // nch, r % nch
+            e = slots[j]
+            if which == 0:
+                w0, wr = w1.strides[0], w1.strides[1]
+                sa, sr = s1.strides[0] // s1.itemsize, s1.strides[1] // s1.itemsize
+                ba, br = b1.strides[0] // b1.itemsize, b1.strides[1] // b1.itemsize
+                for n in range(ch * N // nch, (ch + 1) * N // nch):
+                    dot1(
+                        w1,
+                        e * w0 + n * wr,
+                        xq,
+                        dx,
+                        xg,
+                        eg,
+                        s1,
+                        b1,
+                        e * sa + n * sr,
+                        e * ba + n * br,
+                        groups,
+                        0,
+                        o1,
+                        j * N + n,
+                        N,
+                    )
+            else:
+                w0, wr = w2.strides[0], w2.strides[1]
+                sa, sr = s2.strides[0] // s2.itemsize, s2.strides[1] // s2.itemsize
+                ba, br = b2.strides[0] // b2.itemsize, b2.strides[1] // b2.itemsize
+                for n in range(ch * N // nch, (ch + 1) * N // nch):
+                    dot1(
+                        w2,
+                        e * w0 + n * wr,
+                        xq,
+                        dx,
+                        xg,
+                        eg,
+                        s2,
+                        b2,
+                        e * sa + n * sr,
+                        e * ba + n * br,
+                        groups,
+                        0,
+                        o2,
+                        j * N + n,
+                        N,
+                    )
+
+    return matvec, experts, grouped, experts_pair
 
 
 @functools.cache
@@ -296,6 +352,36 @@ def qmm_experts_int8(
         out,
     )
     return out
+
+
+def qmm_experts_pair_int8(
+    x: np.ndarray, first: tuple, second: tuple, slots: np.ndarray, bits: int, group_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One token ``x [1, in]`` times ``dequantize(w[slots[j]]).T`` for two stacks (``first`` and
+    ``second``: (w, scales, biases) of one layout, e.g. the experts' gate and up projections): the
+    row quantized once, both products in one launch. Returns ([J, out], [J, out])."""
+    kern = _plan(bits, group_size, x.shape[1])
+    xq, dx, xg, eg = quantize_activations(x[:1], bits, group_size)
+    J, N = len(slots), first[0].shape[1]
+    out1, out2 = np.empty((J, N), np.float32), np.empty((J, N), np.float32)
+    (w1, s1, b1), (w2, s2, b2) = first, second
+    kern[3](
+        _rows(w1),
+        _rows(s1),
+        _rows(b1),
+        _rows(w2),
+        _rows(s2),
+        _rows(b2),
+        xq,
+        dx,
+        xg,
+        eg,
+        s1.shape[-1],
+        np.ascontiguousarray(slots, dtype=np.int64),
+        out1,
+        out2,
+    )
+    return out1, out2
 
 
 def qmm_grouped_int8(

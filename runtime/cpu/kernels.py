@@ -336,6 +336,23 @@ def qmm_experts(
     return out
 
 
+def qmm_experts_pair(
+    x: np.ndarray, first: tuple, second: tuple, slots: np.ndarray, bits: int, group_size: int, int8: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One token's ``x [1, in]`` through two stacks of one layout, ``first`` and ``second`` ((w, scales,
+    biases) each, as :func:`qmm_experts` takes them): ``([J, out], [J, out])`` for the matrices
+    ``slots``. With int8 activations one launch quantizes the row once for both (a decode token's
+    expert gate and up projections); otherwise two :func:`qmm_experts` calls."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _use_int8(int8, 1, bits, group_size):
+        return cpu_int8.qmm_experts_pair_int8(x, first, second, slots, bits, group_size)
+    xr = np.repeat(x[:1], len(slots), axis=0)
+    return (
+        qmm_experts(xr, *first, slots, bits, group_size, int8=False),
+        qmm_experts(xr, *second, slots, bits, group_size, int8=False),
+    )
+
+
 def qmm_grouped(
     x: np.ndarray,
     w: np.ndarray,

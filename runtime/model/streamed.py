@@ -255,24 +255,19 @@ class StreamedSwitchGLU(nn.Module):
         """One token: every expert of the group through :func:`qmm_experts`, gate, up and down each one
         parallel launch (per-expert launches cost about a third of a decode layer's expert time where
         measured)."""
-        from moestream.runtime.cpu.kernels import qmm_experts
+        from moestream.runtime.cpu.kernels import qmm_experts, qmm_experts_pair
 
         pos = {e: j for j, e in enumerate(flat[0].tolist())}
         cols = np.array([pos[e] for e in part.tolist()])
-        x = np.repeat(xs, len(part), axis=0)
-        args = {
-            p: (
-                a[f"{p}.weight"],
-                a[f"{p}.scales"],
-                a[f"{p}.biases"],
-                slots,
-                getattr(glu, p).bits,
-                getattr(glu, p).group_size,
-            )
-            for p in PROJS
-        }
-        mid = self._cpu_activation(qmm_experts(x, *args["gate_proj"]), qmm_experts(x, *args["up_proj"]))
-        out[0, cols] = qmm_experts(mid, *args["down_proj"])
+        w = {p: (a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"]) for p in PROJS}
+        g, d = glu.gate_proj, glu.down_proj
+        if (glu.up_proj.bits, glu.up_proj.group_size) == (g.bits, g.group_size):
+            gate, up = qmm_experts_pair(xs, w["gate_proj"], w["up_proj"], slots, g.bits, g.group_size)
+        else:
+            x = np.repeat(xs, len(part), axis=0)
+            gate = qmm_experts(x, *w["gate_proj"], slots, g.bits, g.group_size)
+            up = qmm_experts(x, *w["up_proj"], slots, glu.up_proj.bits, glu.up_proj.group_size)
+        out[0, cols] = qmm_experts(self._cpu_activation(gate, up), *w["down_proj"], slots, d.bits, d.group_size)
 
     def _cpu_prefill(
         self, xs: np.ndarray, flat: np.ndarray, part: np.ndarray, slots: np.ndarray, a: dict, glu, out: np.ndarray
