@@ -347,6 +347,13 @@ def eval_tools_cmd(pack, cases_file, think, max_tokens, url, model, api_key, as_
 )
 @click.option("--no-baselines", is_flag=True, help="Skip the fully resident and mlx-lm baselines.")
 @click.option(
+    "--baselines",
+    "which",
+    default="naive,resident,mlx-lm",
+    show_default=True,
+    help="Which baselines to run: naive (mmap page faults), resident (every expert in RAM), mlx-lm.",
+)
+@click.option(
     "--read-ahead",
     type=int,
     default=0,
@@ -361,18 +368,23 @@ def eval_tools_cmd(pack, cases_file, think, max_tokens, url, model, api_key, as_
 @click.option("--json", "as_json", is_flag=True)
 @runtime_options
 @one_line_errors
-def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, read_ahead, profile, as_json, options):
+def bench(pack, prompt_tokens, gen_tokens, repeat, no_baselines, which, read_ahead, profile, as_json, options):
     """Prefill and decode speed, against the disk and memory limits measured in the same run."""
+    from moestream.layouts import PackError
+    from moestream.runtime.bench import BASELINES, format_bench
     from moestream.runtime.bench import bench as run
-    from moestream.runtime.bench import format_bench
 
+    names = tuple(n.strip().replace("-", "_") for n in which.split(",") if n.strip())
+    bad = sorted(set(names) - set(BASELINES))
+    if bad:
+        raise PackError(f"--baselines {which}: expected some of naive, resident, mlx-lm (not {', '.join(bad)})")
     r = run(
         pack,
         options.replace(read_ahead=read_ahead),
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
         repeat=repeat,
-        baselines=not no_baselines,
+        baselines=() if no_baselines else names,
         profile=profile,
     )
     click.echo(json.dumps(r, indent=1) if as_json else format_bench(r))

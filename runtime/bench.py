@@ -185,7 +185,7 @@ def bench(
     prompt_tokens: int = 512,
     gen_tokens: int = 128,
     repeat: int = 1,
-    baselines: bool = True,
+    baselines: bool | tuple[str, ...] = True,
     profile: bool = False,
     **changes,
 ) -> dict:
@@ -193,7 +193,8 @@ def bench(
 
     ``options`` (and ``changes`` to it, as in :func:`~moestream.runtime.load`) say how the pack runs;
     the baselines take its kernels and K (``verify`` applies to this run; the resident baseline checks
-    its blocks before timing). ``profile``: after the timed runs, one more run of as many decoded
+    its blocks before timing; ``baselines``: True for all of :data:`BASELINES`, or some of them by
+    name). ``profile``: after the timed runs, one more run of as many decoded
     tokens with :mod:`~moestream.runtime.model.profile` active: ``out["profile"]`` has milliseconds
     per token per kind of work, their sum, and the timed runs' mean token time to compare it with
     (the profile's own cost is what separates them)."""
@@ -272,8 +273,12 @@ def bench(
         else out["warm_roofline_tps"]
     )
     out["cold_roofline_fraction"] = out["decode_tps"] * (t_io + t_mem)
-    if baselines:
-        out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
+    which = BASELINES if baselines is True else tuple(baselines or ())
+    unknown = set(which) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"baselines {sorted(unknown)}: expected some of {', '.join(BASELINES)}")
+    if which:
+        out["baselines"] = _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out, which)
     return out
 
 
@@ -310,25 +315,53 @@ def format_profile(p: dict) -> str:
     return "\n".join(lines)
 
 
-def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out) -> dict:
+BASELINES = ("naive", "resident", "mlx_lm")  # naive mmap streaming, every expert in RAM, mlx-lm's own kernels
+
+
+def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out, which=BASELINES) -> dict:
     from moestream.runtime.model.build import load_resident_model
-    from moestream.runtime.model.runtime import load
 
     base = {}
-    if out.get("cpu_kernels"):
+    if out.get("cpu_kernels") and "naive" in which:
         # Cold runs compare with mmap whose pages are dropped after use (a model beyond RAM); others
         # with plain mmap, where the page cache keeps what it can.
         policy = "mmap-none" if out["cache"] == "none" else "mmap"
         base[f"naive_{policy.replace('-', '_')}"] = _mmap_baseline(
             pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, policy
         )
+    if not {"resident", "mlx_lm"} & set(which):
+        return base
     all_experts = sum(x.file_size for x in m.experts)
     ram = system.ram_bytes()
     if all_experts > ram // 3:
         log.warning("experts (%d bytes) do not fit comfortably in RAM: resident baselines skipped", all_experts)
         return base
     gc.collect()
-    # Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first.
+    if "resident" in which:
+        base["resident"] = _resident_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out)
+        gc.collect()
+    if "mlx_lm" not in which:
+        return base
+    # mlx-lm's own model and kernels on the same weights (all in RAM).
+    model, p = load_resident_model(pack, dtype="float32")
+    p.close()
+    if experts_per_token:
+        from moestream.runtime.model.blocks import moe_blocks, set_experts_per_token
+
+        for mlp in moe_blocks(model).values():
+            set_experts_per_token(mlp, experts_per_token)
+    decode_run(model, None, 16, 2, vocab, seed=7)
+    base["mlx_lm"] = decode_run(model, None, prompt_tokens, max(8, gen_tokens // 4), vocab, seed=0)
+    del model
+    gc.collect()
+    return base
+
+
+def _resident_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out) -> dict:
+    """Our own runtime with every expert in RAM (an LRU cache that holds them all), warmed up first."""
+    from moestream.runtime.model.runtime import load
+
+    all_experts = sum(x.file_size for x in m.experts)
     rt = load(
         pack,
         cache=f"lru:{all_experts + (1 << 20)}",
@@ -350,21 +383,7 @@ def _baselines(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, out
         )
     finally:
         rt.close()
-    base["resident"] = r
-    gc.collect()
-    # mlx-lm's own model and kernels on the same weights (all in RAM).
-    model, p = load_resident_model(pack, dtype="float32")
-    p.close()
-    if experts_per_token:
-        from moestream.runtime.model.blocks import moe_blocks, set_experts_per_token
-
-        for mlp in moe_blocks(model).values():
-            set_experts_per_token(mlp, experts_per_token)
-    decode_run(model, None, 16, 2, vocab, seed=7)
-    base["mlx_lm"] = decode_run(model, None, prompt_tokens, max(8, gen_tokens // 4), vocab, seed=0)
-    del model
-    gc.collect()
-    return base
+    return r
 
 
 def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab, policy: str = "mmap") -> dict:
