@@ -188,7 +188,7 @@ def test_convert_with_calibration(tiny, tmp_path):
     )
     assert r.exit_code == 1 and r.output.startswith("error: --calibration") and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "gptq"])
-    assert r.exit_code == 1 and r.output.startswith("error: --method gptq needs --calibration")
+    assert r.exit_code == 1 and r.output.startswith("error: --method gptq: needs calibration statistics")
     bad = tmp_path / "bad.st"
     bad.write_bytes(b"not a file")
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "y"), "--calibration", str(bad)])
