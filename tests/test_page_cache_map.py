@@ -179,6 +179,10 @@ def test_blocks_found_cached_are_trusted_until_a_major_fault(pack, monkeypatch):
         faults[0] += 1  # a major fault somewhere in the process: everything is checked again
         tokens_run()
         assert sum(asked) == 2 * first
+        from moestream.runtime.store import system
+
+        if not system.can_drop_cache():
+            return  # the macOS lane: a file's pages cannot be dropped there (checked up to here)
         rt.store.drop_page_cache()  # pages unmapped and dropped: checked, found missing, read
         tokens_run()
         assert rt.store.stats.reads > 0
