@@ -140,6 +140,43 @@ def test_int8_expert_pairs_match_each_stack_alone(bits):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (4, 128), (2, 64), (3, 64)])
+def test_residual_int8_rounds_as_its_model_says(bits, group):
+    """int8="residual" (routers): each row is quantized, then what its rounding left is quantized and
+    multiplied too, with its exact sums zeroed. The error is (W - M)(r - rhat) for the residual r:
+    bounded by half its int8 step, ~1/127 of the one-pass error."""
+    _need(bits, group)
+    rng = np.random.default_rng(80 + bits)
+    n, k = 96, 1024
+    wq, s, b, deq, sf, bf = _quantized(rng, (n, k), bits, group)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = qmm(x, wq, s, b, bits, group, int8="residual")
+    xg = x.astype(np.float64).reshape(3, k // group, group)
+    d1 = np.abs(xg).max(-1, keepdims=True) / 127
+    r = xg - np.rint(xg / d1) * d1
+    d2 = (np.abs(r).max(-1, keepdims=True) / 127).reshape(3, -1)
+    mid = np.repeat(bf + (2**bits - 1) / 2 * sf, group, axis=1)
+    bound = (np.repeat(d2, group, axis=1) / 2) @ np.abs(deq - mid).T
+    exact = x.astype(np.float64) @ deq.T
+    err = np.abs(got - exact)
+    assert np.all(err <= 1.01 * bound + 1e-5 * np.abs(exact).max()), (err / np.maximum(bound, 1e-12)).max()
+    one_pass = np.abs(qmm(x, wq, s, b, bits, group, int8=True) - exact).max()
+    assert err.max() < one_pass / 20
+
+
+def test_routers_take_the_residual_products():
+    import mlx.nn as nn
+
+    from moestream.runtime.model.cpu_layers import ROUTERS, CpuQuantizedLinear, use_cpu_kernels
+
+    m = nn.Module()
+    m.gate = nn.QuantizedLinear(256, 16, bias=False, group_size=64, bits=8)
+    m.up_proj = nn.QuantizedLinear(256, 64, bias=False, group_size=64, bits=4)
+    use_cpu_kernels(m)
+    assert isinstance(m.gate, CpuQuantizedLinear) and "gate" in ROUTERS
+    assert m.gate.int8 == "residual" and m.up_proj.int8 is None
+
+
 @pytest.mark.parametrize("vnni", [False, True])
 def test_8bit_sign_trick_and_vnni_paths(vnni, monkeypatch):
     """8-bit codes go through ``vpdpbusd`` where the CPU has VNNI and the sign trick elsewhere: both

@@ -139,6 +139,42 @@ def _quantize_rows(x, group, vbytes, fields, centre, offset, xq, dx, xg, eg):
             eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g]) + offset * dx[j, g] * qs[g]
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _residual_rows(x, group, vbytes, fields, centre, offset, xq, dx, xg, eg):
+    # Rows 2j and 2j + 1 of the outputs: x[j] quantized, then what that rounding left of it, r = x -
+    # dx * xq, quantized too, its exact sums zeroed: the kernel then gives (W - M) r for that row
+    # (M: each group's middle code), and the two rows add up to W x but for (W - M)(r - rhat).
+    J, K = x.shape
+    per_unit = vbytes * fields
+    r = np.empty((1, K), np.float32)
+    for j in range(J):
+        a, b = 2 * j, 2 * j + 1
+        _quantize_rows(
+            x[j : j + 1],
+            group,
+            vbytes,
+            fields,
+            centre,
+            offset,
+            xq[a : a + 1],
+            dx[a : a + 1],
+            xg[a : a + 1],
+            eg[a : a + 1],
+        )
+        for u in range(K // per_unit):
+            base = u * per_unit
+            for t in range(vbytes):
+                for f in range(fields):
+                    i = base + t * fields + f
+                    r[0, i] = x[j, i] - np.float32(xq[a, base + f * vbytes + t]) * dx[a, i // group]
+        _quantize_rows(
+            r, group, vbytes, fields, centre, offset, xq[b : b + 1], dx[b : b + 1], xg[b : b + 1], eg[b : b + 1]
+        )
+        for g in range(K // group):
+            eg[b, g] -= centre * xg[b, g]
+            xg[b, g] = 0.0
+
+
 def quantize_activations(x: np.ndarray, bits: int, group: int, vnni: bool | None = None) -> tuple[np.ndarray, ...]:
     """``x [J, K]`` float32 -> (int8 codes [J, K] in unit layout, then per group [J, K/group]: scales,
     exact sums, centring terms for the 8-bit path ``vnni``, as in :func:`code_offset`)."""
@@ -329,6 +365,35 @@ def qmv_int8(
         out[...] = dst
         return out
     return dst
+
+
+def qmv_int8_residual(
+    x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
+) -> np.ndarray:
+    """:func:`qmv_int8` with each row's int8 rounding quantized again and multiplied too (two rows of
+    activations against each weight row, read once): the activations' error drops from ~1/254 of a
+    group's largest value to ~1/65000. For routers, where a product's rounding could swap two
+    near-tied experts; a quarter of the float kernel's time on a 397B router (512 x 4096, 8 bits)."""
+    kern = _plan(bits, group_size, x.shape[1])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    T, K = x.shape
+    xq = np.empty((2 * T, K), np.int8)
+    dx, xg, eg = (np.empty((2 * T, K // group_size), np.float32) for _ in range(3))
+    _residual_rows(
+        x,
+        group_size,
+        unit_bytes(bits, group_size, K),
+        _fields(bits),
+        ((1 << bits) - 1) / 2,
+        code_offset(bits),
+        xq,
+        dx,
+        xg,
+        eg,
+    )
+    out = np.empty((2 * T, w.shape[0]), np.float32)
+    kern[0](_rows(w), xq, dx, xg, eg, _rows(scales), _rows(biases), scales.shape[-1], out)
+    return out[0::2] + out[1::2]
 
 
 def qmm_experts_int8(

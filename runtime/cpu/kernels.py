@@ -112,8 +112,7 @@ def _finish(acc, s, b, xg, wpg, lut):
     return y
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _qmm_pow2(xk, xg, w, s, b, bits, group, out, lut):
+def _qmm_pow2_body(xk, xg, w, s, b, bits, group, out, lut):
     T, per, W = xk.shape
     N = w.shape[0]
     wpg = group // per
@@ -129,6 +128,13 @@ def _qmm_pow2(xk, xg, w, s, b, bits, group, out, lut):
                 else:
                     _row8(w[n], xk[t], acc)
                 out[t, n] = _finish(acc, s[n], b[n], xg[t], wpg, lut)
+
+
+_qmm_pow2 = njit(parallel=True, fastmath=True, cache=True, nogil=True)(_qmm_pow2_body)
+# A router's few rows (64-512 x the hidden size, 8 bits: 0.1-2 MB) take a few microseconds, about
+# what waking the OpenMP workers for a parallel region costs: below SERIAL_BYTES one thread does it.
+_qmm_pow2_serial = njit(fastmath=True, cache=True, nogil=True)(_qmm_pow2_body)
+SERIAL_BYTES = 256 << 10
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -227,7 +233,7 @@ def qmm(
     bits: int,
     group_size: int,
     out: np.ndarray | None = None,
-    int8: bool | None = None,
+    int8: bool | str | None = None,
 ) -> np.ndarray:
     """``x [T, in] @ dequantize(w).T -> [T, out]`` in float32.
 
@@ -237,11 +243,21 @@ def qmm(
         scales, biases: [out, in / group_size], float32, float16 or bf16 as raw uint16.
         bits: 2, 3, 4 or 8. group_size: 32, 64 or 128.
         out: optional [T, out] float32 result buffer.
-        int8: int8 activations for small batches where the width allows (None: ``INT8_ACTIVATIONS``).
+        int8: int8 activations for small batches where the width allows (None: ``INT8_ACTIVATIONS``);
+            ``"residual"``: the same with each row's rounding multiplied too
+            (:func:`cpu_int8.qmv_int8_residual`, for routers), float32 where int8 is off.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
     N = w.shape[0]
+    if int8 == "residual":  # any width: its error is far below int8's (8 bits included)
+        if _use_int8(INT8_ACTIVATIONS, T, bits, group_size):
+            y = cpu_int8.qmv_int8_residual(x, w, scales, biases, bits, group_size)
+            if out is None:
+                return y
+            out[...] = y
+            return out
+        int8 = False
     if _use_int8(int8, T, bits, group_size):
         return cpu_int8.qmv_int8(x, w, scales, biases, bits, group_size, out)
     out = np.empty((T, N), np.float32) if out is None else out
@@ -255,7 +271,8 @@ def qmm(
     else:
         per = 32 // bits
         xk = np.ascontiguousarray(x.reshape(T, K // per, per).transpose(0, 2, 1))
-        _qmm_pow2(xk, xg, w.view(np.int32), scales, biases, bits, group_size, out, _BF16)
+        kern = _qmm_pow2_serial if T * w.nbytes < SERIAL_BYTES else _qmm_pow2
+        kern(xk, xg, w.view(np.int32), scales, biases, bits, group_size, out, _BF16)
     return out
 
 

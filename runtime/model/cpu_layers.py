@@ -34,7 +34,7 @@ class CpuQuantizedLinear(nn.Module):
         # For the output head: during prefill only the last position's logits are used, and unlike
         # MLX's lazy graph this eager kernel would compute them all (see Runtime.prefill_logits_last).
         self.last_only = False
-        self.int8 = None  # int8 activations where the width allows (routers: False, see use_cpu_kernels)
+        self.int8 = None  # int8 activations where the width allows (routers: "residual", see use_cpu_kernels)
         self.recorder = None  # calibration: called with this linear's inputs [tokens, in]
         self.shared = None  # (SharedInput, first row, end row): one product with its siblings (shared_input.py)
 
@@ -126,8 +126,11 @@ def use_cpu_kernels(model: nn.Module) -> int:
     found = _cpu_linears(model)
     for _, m, key, child in found:
         lin = CpuQuantizedLinear(child)
-        if key in ROUTERS:  # int8 rounding of a router's input could flip near-tied experts
-            lin.int8 = False
+        if key in ROUTERS:
+            # int8 rounding of a router's input (~1/254 of a group's largest value) could swap
+            # near-tied experts: the rounding is quantized and multiplied too (~1/65000, below what
+            # int8 products upstream already move the router's input by); float32 without int8.
+            lin.int8 = "residual"
         setattr(m, key, lin)
     log.info(
         "CPU linears: %.2f GB moved onto huge pages in %.2f s",
