@@ -67,7 +67,25 @@ def _call(fn, a, kw, fields):
     from moestream.runtime.options import RuntimeOptions
 
     fields["prefill_buffer"] = _size(fields["prefill_buffer"], "prefill_buffer")
-    return fn(*a, options=RuntimeOptions(**fields), **kw)
+    options = RuntimeOptions(**fields)
+    if _follower():  # under mlx.launch: ranks > 0 compute experts for rank 0, whatever the command
+        from moestream.runtime.model.runtime import follow
+
+        return follow()
+    return fn(*a, options=options, **kw)
+
+
+def _follower() -> bool:
+    """Whether this process is a rank > 0 of an ``mlx.launch`` group (joining it first)."""
+    import os
+
+    if "MLX_RANK" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return False
+    from moestream.runtime.model import expert_parallel
+
+    expert_parallel.set_reporter(lambda line: click.echo(f"error: {line}", err=True))
+    group = expert_parallel.world()
+    return group is not None and group.rank != 0
 
 
 def runtime_options(fn):

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from moestream.layouts import Manifest
+from moestream.runtime import bench_parallel
 from moestream.runtime.generate import peak_rss
 from moestream.runtime.options import RuntimeOptions
 from moestream.runtime.store import system
@@ -235,7 +236,9 @@ def bench(
         if rt.store.prefill_stream is not None:
             rt.store.prefill_stream.prefault()  # allocate: a user's second prompt finds it so too
         decode_run(rt.model, rt.store, 16, 4, vocab, seed=99, rt=rt)  # warm-up: compile, allocate
+        par = bench_parallel.start(rt)  # under mlx.launch: every rank's reads (bench_parallel.py)
         runs = [decode_run(rt.model, rt.store, prompt_tokens, gen_tokens, vocab, seed=r, rt=rt) for r in range(repeat)]
+        par = bench_parallel.finish(rt, par, pack, reads, nthreads, direct)
         if profile:
             out["profile"] = _profile_run(rt, prompt_tokens, gen_tokens, vocab, runs)
     finally:
@@ -273,6 +276,7 @@ def bench(
         else out["warm_roofline_tps"]
     )
     out["cold_roofline_fraction"] = out["decode_tps"] * (t_io + t_mem)
+    bench_parallel.roofline(out, par)
     which = BASELINES if baselines is True else tuple(baselines or ())
     unknown = set(which) - set(BASELINES)
     if unknown:
@@ -368,6 +372,7 @@ def _resident_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vo
         experts_per_token=experts_per_token,
         tokenizer=False,
         kernels=out["kernels"],
+        expert_parallel=False,  # the baselines are one process
     )
     try:
         rt.store.prefetch_all()
@@ -395,7 +400,7 @@ def _mmap_baseline(pack, m, prompt_tokens, gen_tokens, experts_per_token, vocab,
     from moestream.runtime.model.runtime import load
 
     gc.collect()
-    rt = load(pack, cache=policy, experts_per_token=experts_per_token, tokenizer=False)
+    rt = load(pack, cache=policy, experts_per_token=experts_per_token, tokenizer=False, expert_parallel=False)
     try:
         rt.store.drop_page_cache()
         return decode_run(rt.model, rt.store, prompt_tokens, max(8, gen_tokens // 2), vocab, seed=0, rt=rt)
@@ -446,6 +451,7 @@ def format_bench(r: dict) -> str:
             f"this run is {r['decode_tps'] / b['decode_tps']:.2f}x its decode, "
             f"{r['prompt_tps'] / b['prompt_tps']:.2f}x its prefill"
         )
+    lines += bench_parallel.format_lines(r)
     lines.append(f"prefill / decode speed: {r['prompt_tps'] / r['decode_tps']:.1f}x")
     if r.get("profile"):
         lines.append(format_profile(r["profile"]))

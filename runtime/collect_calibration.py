@@ -28,10 +28,13 @@ def calibrate(
     fit, else pooled per MoE layer; the resident linears' only if they fit what remains.
     """
     from moestream.runtime.cpu import kernels as cpu_kernels
+    from moestream.runtime.model import expert_parallel
     from moestream.runtime.model.blocks import get_switch, moe_blocks
     from moestream.runtime.model.cpu_layers import CpuQuantizedLinear
     from moestream.runtime.model.runtime import load
 
+    if expert_parallel.launched():  # each rank would record its share of the experts only
+        raise PackError("calibrate runs in one process: start it without mlx.launch")
     rt = load(pack, kernels="numba")
     int8, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, False  # statistics from exact products
     try:

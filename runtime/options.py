@@ -43,6 +43,8 @@ class RuntimeOptions:
             groups); None: max(2 x top-k, 32), at most the expert count.
         dtype: float type of compute (``float32``, ``bfloat16``, ``float16``); None: float32 where
             MLX runs on the CPU, the pack's own on a GPU.
+        expert_parallel: under ``mlx.launch`` with several ranks, split each layer's routed experts
+            between them (docs/distributed.md); False: this process runs the pack alone.
     """
 
     cache: str = "os"
@@ -54,6 +56,7 @@ class RuntimeOptions:
     read_ahead: int = 0
     max_slots: int | None = None
     dtype: str | None = None
+    expert_parallel: bool = True
 
     def __post_init__(self) -> None:
         cache_policy(self.cache)

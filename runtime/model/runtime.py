@@ -7,6 +7,9 @@ layer's ``switch_mlp`` with a :class:`~moestream.runtime.model.streamed.Streamed
 to float32: MLX's CPU kernels are fastest, or only work, in float32.
 
 How it runs (cache policy, kernels, K, ...) is one :class:`~moestream.runtime.options.RuntimeOptions`.
+Under ``mlx.launch`` with several ranks, each layer's experts are split between them
+(:mod:`~moestream.runtime.model.expert_parallel`): rank 0's :func:`load` returns the runtime, the
+others serve it inside :func:`load` and exit with it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import mlx.nn as nn
 
 from moestream.layouts import Pack, PackError, open_pack
 from moestream.runtime.cpu.threads import prefer_passive_wait
+from moestream.runtime.model import expert_parallel
 from moestream.runtime.model.blocks import (
     SHARED_EXPERT_ATTRS,
     get_switch,
@@ -53,8 +57,12 @@ class Runtime:
     store: ExpertStore
     cpu_kernels: bool = False  # experts and quantized linears computed by moestream's numba kernels
     options: RuntimeOptions = field(default_factory=RuntimeOptions)  # what it was loaded with
+    parallel: expert_parallel.Share | None = None  # under mlx.launch: this rank's share of the experts
+    switches: dict = field(default_factory=dict)  # MoE layer -> its streamed experts module
 
     def close(self) -> None:
+        if self.parallel is not None and self.parallel.group.rank == 0:
+            self.parallel.close()  # the other ranks close theirs
         self.store.close()
         self.pack.close()
 
@@ -119,6 +127,27 @@ def load(
         ...     for r in generate(rt, "Hello"): print(r.text, end="")
     """
     opts = (options or RuntimeOptions()).replace(**changes) if changes else (options or RuntimeOptions())
+    group = expert_parallel.world() if opts.expert_parallel else None
+    if group is None:
+        return _load(path, opts, tokenizer, trace)
+    if group.rank != 0:
+        follow()
+        raise SystemExit(0)
+    return expert_parallel.drive_load(group, path, opts, lambda share: _load(path, opts, tokenizer, trace, share))
+
+
+def follow() -> None:
+    """On a rank other than 0 of an ``mlx.launch`` group: open what rank 0 opens, compute this rank's
+    share of each MoE layer it sends, until rank 0 exits (:func:`~.expert_parallel.follow`)."""
+    group = expert_parallel.world()
+    if group is None or group.rank == 0:
+        raise expert_parallel.DistributedError("follow(): this process is not a rank > 0 of an mlx.launch group")
+    expert_parallel.follow(group, lambda path, opts, share: _load(path, opts, False, False, share))
+
+
+def _load(path, opts: RuntimeOptions, tokenizer: bool, trace: bool, share=None) -> Runtime:
+    """:func:`load` in this process; ``share(store, hidden, experts, layers)`` makes this rank's
+    :class:`~.expert_parallel.Share` of an expert-parallel runtime."""
     cache, experts_per_token, dtype, kernels = opts.cache, opts.experts_per_token, opts.dtype, opts.kernels
     use_metal = check_kernels(kernels)
     pack = open_pack(path)
@@ -191,10 +220,13 @@ def load(
             for attr in SHARED_EXPERT_ATTRS:
                 if isinstance(getattr(mlp, attr, None), nn.Module):
                     setattr(mlp, attr, EarlySharedExpert(getattr(mlp, attr)))
-                    get_switch(mlp).overlap_with(getattr(mlp, attr))
+                    if share is None or expert_parallel.world().rank == 0:  # other ranks compute experts only
+                        get_switch(mlp).overlap_with(getattr(mlp, attr))
         layers = sorted(blocks)
         for a, b in zip(layers, layers[1:]):
-            if opts.read_ahead and store.policy in ("os", "os-map", "none"):
+            # Expert parallel: a guess of the next layer's experts cannot know which rank's share they
+            # will be, so every rank would read them all; no read-ahead or prefill guesses.
+            if opts.read_ahead and store.policy in ("os", "os-map", "none") and share is None:
                 get_switch(blocks[a]).read_ahead_for(b, blocks[b], opts.read_ahead)
         if cpu_kernels:
             use_cpu_kernels(model)
@@ -203,7 +235,7 @@ def load(
             use_cpu_delta(model)
             use_cpu_attention(model)
             use_cpu_decode(model)
-        if store.prefill_stream is not None:
+        if store.prefill_stream is not None and share is None:
             guesses = {}
             for i, mlp in blocks.items():
                 layer = model.layers[i]
@@ -221,8 +253,15 @@ def load(
             check_metal_layers([get_switch(b) for b in blocks.values()], cdt, strict=kernels == "metal")
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
+        switches = {i: get_switch(mlp) for i, mlp in blocks.items()}
+        parallel = None
+        if share is not None:
+            hidden = pack.manifest.expert_tiers(layers[0])[0].component("down_proj.weight").shape[0]
+            parallel = share(store, hidden, pack.manifest.num_experts, layers)
+            for sw in switches.values():
+                expert_parallel.attach(sw, parallel)
         tok = load_tokenizer(pack.root) if tokenizer else None
-        return Runtime(model, tok, pack, store, cpu_kernels, opts)
+        return Runtime(model, tok, pack, store, cpu_kernels, opts, parallel, switches)
     except BaseException:
         if store is not None:
             store.close()

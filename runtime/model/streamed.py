@@ -84,6 +84,7 @@ class StreamedSwitchGLU(nn.Module):
         self._dtype = compute_dtype
         self.recorder = None  # calibration: called with (expert, its inputs, its SwiGLU intermediate)
         self.trace = None  # a RoutingTrace: records the router's choices
+        self.parallel = None  # expert parallel (expert_parallel.py): this rank computes a share of the experts
         self._metal = metal_kernels and self._quantized and all(self._metal_shapes(x) for x in tiers)
         self._next = Hidden(None)  # (layer, MoE block) of the next MoE layer, for read-ahead
         self.read_ahead = 0
@@ -117,6 +118,8 @@ class StreamedSwitchGLU(nn.Module):
         if self.trace is not None:
             self.trace.record(self._layer, inds)
         experts = np.unique(inds)
+        if self.parallel is not None:
+            experts = self.parallel.share(self._layer, x, inds, experts)
         out = None
         shared = self._shared.module
         # Called once the reads are issued (the CPU kernels compute eagerly, so not before).
@@ -131,7 +134,7 @@ class StreamedSwitchGLU(nn.Module):
             return self._metal_call(x, inds, experts, overlap)
         for slab, part, slots in self._store.fetch(self._layer, experts, overlap):
             glu = self._glus.module[slab.key]
-            lookup = np.zeros(int(experts.max()) + 1, np.int32)
+            lookup = np.zeros(int(inds.max()) + 1, np.int32)  # inds: also other ranks' experts
             lookup[part] = slots
             mine = np.isin(inds, part)
             local = mx.array(np.where(mine, lookup[inds], 0).astype(np.uint32))
@@ -204,6 +207,11 @@ class StreamedSwitchGLU(nn.Module):
             slab.pending.append(y)
             pieces.append(y)
             order += pos
+        if len(order) < len(flat):  # expert parallel: the slots of other ranks' experts stay zero
+            rows = np.full(len(flat), len(order))
+            rows[order] = np.arange(len(order))
+            pieces.append(mx.zeros((1, xs.shape[-1]), pieces[0].dtype if pieces else x.dtype))
+            return mx.concatenate(pieces, axis=0)[mx.array(rows)].reshape(*inds.shape, x.shape[-1])
         out = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
         if order != list(range(len(flat))):
             out = out[mx.array(np.argsort(np.array(order)))]
@@ -218,7 +226,10 @@ class StreamedSwitchGLU(nn.Module):
             self.trace.record(self._layer, inds)
         if self.read_ahead and self._next.module is not None:
             overlap.insert(0, lambda: self._guess_next(mx.array(xs)))
-        return self._cpu_numpy(xs, inds, np.unique(inds), overlap)[0]
+        experts = np.unique(inds)
+        if self.parallel is not None:
+            experts = self.parallel.share(self._layer, xs, inds, experts)
+        return self._cpu_numpy(xs, inds, experts, overlap)[0]
 
     def _cpu_call(self, x: mx.array, inds: np.ndarray, experts: np.ndarray, overlap: list) -> mx.array:
         """The same computation with the numba kernels, reading the slabs through numpy views."""

@@ -27,6 +27,7 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
+from moestream.runtime.model import expert_parallel
 from moestream.runtime.model.blocks import get_experts_per_token, moe_blocks, output_head, set_experts_per_token
 from moestream.runtime.model.patches import swapped
 from moestream.runtime.model.runtime import Runtime, load
@@ -262,10 +263,14 @@ def build_server(
     from moestream.runtime.serve.http import StreamingAPIHandler
 
     cli_args = _mlx_cli_args(["--model", str(pack), "--host", host, "--port", str(port), *(mlx_args or [])])
-    provider = StreamingModelProvider(cli_args, (options or RuntimeOptions()).replace(**changes))
     prompt_cache = LRUPromptCache(cli_args.prompt_cache_size, cli_args.prompt_cache_bytes or 1 << 63)
     stats = ServerStats(max_concurrency=max_concurrency)
-    generator = StreamingResponseGenerator(provider, prompt_cache, stats)
+    # Under mlx.launch the group is moestream's (rank 0 serves, the others compute experts, see
+    # expert_parallel.py): mlx-lm's server must not run its own distributed protocol over it.
+    group = expert_parallel.world()
+    with swapped(mx.distributed, init=expert_parallel.solo_group) if group is not None else contextlib.nullcontext():
+        provider = StreamingModelProvider(cli_args, (options or RuntimeOptions()).replace(**changes))
+        generator = StreamingResponseGenerator(provider, prompt_cache, stats)
     deadline = time.time() + load_timeout
     while provider.model is None:  # mlx-lm loads in its generation thread; serve only once loaded
         if not generator.generation_available() or time.time() > deadline:

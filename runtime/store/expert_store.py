@@ -281,6 +281,9 @@ class ExpertStore:
         its experts sit in the given slots of its slab. Before asking for the next group the caller
         appends the lazy outputs that read the slab to ``slab.pending``.
         """
+        if not len(experts):  # nothing to read (a rank's empty share of a layer, expert parallel)
+            run_overlap(overlap or [])
+            return
         if self.policy == "lru":
             yield from self._lru.fetch(
                 layer, self._by_tier(layer, experts), overlap if overlap is not None else [], self._read_all
