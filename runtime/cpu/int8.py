@@ -126,15 +126,24 @@ def _quantize_rows(x, group, vbytes, fields, centre, offset, xq, dx, xg, eg):
             qs[g] = 0.0
             dx[j, g] = d
             xg[j, g] = s
+        xr, out = x[j], xq[j]
+        # A unit's codes in runs within one group each (a unit holds one group or several whole
+        # ones): one scale a run, the run's codes summed once and stored contiguously (an index
+        # and a group lookup per code ran at a third of the speed).
+        run = min(vbytes, group // fields)
         for u in range(K // per_unit):
             base = u * per_unit
-            for t in range(vbytes):
-                for f in range(fields):
-                    i = base + t * fields + f
-                    g = i // group
-                    q = np.rint(x[j, i] * inv[g])
-                    qs[g] += q
-                    xq[j, base + f * vbytes + t] = np.int8(q)
+            for f in range(fields):
+                o = base + f * vbytes
+                for t0 in range(0, vbytes, run):
+                    g = (base + t0 * fields) // group
+                    sc = inv[g]
+                    acc = np.float32(0.0)
+                    for t in range(t0, t0 + run):
+                        q = np.rint(xr[base + t * fields + f] * sc)
+                        acc += q
+                        out[o + t] = np.int8(q)
+                    qs[g] += acc
         for g in range(G):
             eg[j, g] = centre * (xg[j, g] - dx[j, g] * qs[g]) + offset * dx[j, g] * qs[g]
 
