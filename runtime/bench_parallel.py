@@ -31,7 +31,15 @@ def finish(rt, before: dict | None, pack: Path, reads: int, threads: int, direct
     m = rt.pack.manifest
     args = [(Path(pack), m, reads, threads, 2 + r, direct) for r in range(now["ranks"])]
     probes = [b / 1e9 for b in rt.parallel.group.every_rank("moestream.runtime.bench", "read_bandwidth", args)]
-    return {"ranks": now["ranks"], "hosts": now["hosts"], "bytes_per_token": per_rank, "read_gbps_at_once": probes}
+    # each rank's peak RSS: the other ranks hold slabs, not the resident weights
+    rss = rt.parallel.group.every_rank("moestream.runtime.generate", "peak_rss", [()] * now["ranks"])
+    return {
+        "ranks": now["ranks"],
+        "hosts": now["hosts"],
+        "bytes_per_token": per_rank,
+        "read_gbps_at_once": probes,
+        "peak_rss_bytes": rss,
+    }
 
 
 def roofline(out: dict, par: dict | None) -> None:
@@ -64,12 +72,13 @@ def format_lines(r: dict) -> list[str]:
         return []
     by_rank = ", ".join(f"{i} ({h}) {b / 1e6:.2f} MB" for i, (h, b) in enumerate(zip(p["hosts"], p["bytes_per_token"])))
     disks = ", ".join(f"{g:.2f}" for g in p["read_gbps_at_once"])
+    rss = ", ".join(f"{b / 2**20:.0f}" for b in p.get("peak_rss_bytes", []))
     return [
         f"expert parallel over {p['ranks']} ranks: experts read per decoded token by rank {by_rank}; all ranks "
         f"{p['all_bytes_per_token'] / 1e6:.2f} MB per token, {p['all_read_gbps']:.2f} GB/s together "
         "(the decode line above counts rank 0's reads only)",
         f"cold read with every rank reading at once: {disks} GB/s (rank 0, 1, ...); "
-        f"{float(np.sum(p['read_gbps_at_once'])):.2f} GB/s together",
+        f"{float(np.sum(p['read_gbps_at_once'])):.2f} GB/s together; peak RSS by rank {rss} MiB",
         f"roofline over {p['ranks']} disks: the slowest rank reads {p['share_per_layer']:.0%} of a layer's experts, "
         f"t_io {p['n_disk_t_io_ms']:.1f} ms -> {p['n_disk_roofline_tps']:.2f} tok/s with {p['ranks']} disks as fast "
         f"as rank 0's alone; {p['measured_disks_roofline_tps']:.2f} tok/s with the disks as measured at once; "

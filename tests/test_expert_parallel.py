@@ -247,6 +247,7 @@ def test_two_ranks_match_one_process_then_a_stopped_rank_is_named(packs, referen
     assert p["bytes_per_token"] == [2 * stride * r["layers"]] * 2 and r["bytes_per_token"] == p["bytes_per_token"][0]
     assert p["share_per_layer"] == 0.5 and p["n_disk_roofline_tps"] > r["cold_roofline_tps"]
     assert len(p["read_gbps_at_once"]) == 2 and all(g > 0 for g in p["read_gbps_at_once"])
+    assert len(p["peak_rss_bytes"]) == 2 and min(p["peak_rss_bytes"]) > 0
     from moestream.runtime.bench import format_bench
 
     assert "expert parallel over 2 ranks" in format_bench(r) and "roofline over 2 disks" in format_bench(r)

@@ -96,6 +96,19 @@ class Runtime:
             head.last_only = False
 
 
+def _with_share(rt: Runtime, blocks: dict, share) -> Runtime:
+    """``rt`` with its MoE layers' experts modules, each computing this rank's share when ``share``
+    makes one (expert parallel)."""
+    rt.switches = {i: get_switch(mlp) for i, mlp in blocks.items()}
+    if share is not None:
+        layers = sorted(blocks)
+        hidden = rt.pack.manifest.expert_tiers(layers[0])[0].component("down_proj.weight").shape[0]
+        rt.parallel = share(rt.store, hidden, rt.pack.manifest.num_experts, layers)
+        for sw in rt.switches.values():
+            expert_parallel.attach(sw, rt.parallel)
+    return rt
+
+
 def check_kernels(kernels: str) -> bool:
     """Whether the Metal expert kernels will run for a ``kernels`` choice (``metal`` where there is no
     Metal device is an :class:`~moestream.runtime.options.OptionError`)."""
@@ -201,6 +214,12 @@ def _load(path, opts: RuntimeOptions, tokenizer: bool, trace: bool, share=None) 
             )
             if experts_per_token:
                 set_experts_per_token(mlp, experts_per_token)
+        if share is not None and expert_parallel.world().rank != 0:
+            # another rank of an expert-parallel runtime computes routed experts only: no resident
+            # weight is read (the model's own parameters stay unevaluated, taking no memory)
+            if use_metal:
+                check_metal_layers([get_switch(b) for b in blocks.values()], cdt, strict=kernels == "metal")
+            return _with_share(Runtime(model, None, pack, store, cpu_kernels, opts), blocks, share)
         weights = []
         for f in pack.manifest.resident_files:
             weights += [(k, v) for k, v in mx.load(str(pack.root / f.file)).items() if not k.startswith("mtp.")]
@@ -220,8 +239,7 @@ def _load(path, opts: RuntimeOptions, tokenizer: bool, trace: bool, share=None) 
             for attr in SHARED_EXPERT_ATTRS:
                 if isinstance(getattr(mlp, attr, None), nn.Module):
                     setattr(mlp, attr, EarlySharedExpert(getattr(mlp, attr)))
-                    if share is None or expert_parallel.world().rank == 0:  # other ranks compute experts only
-                        get_switch(mlp).overlap_with(getattr(mlp, attr))
+                    get_switch(mlp).overlap_with(getattr(mlp, attr))
         layers = sorted(blocks)
         for a, b in zip(layers, layers[1:]):
             # Expert parallel: a guess of the next layer's experts cannot know which rank's share they
@@ -253,15 +271,8 @@ def _load(path, opts: RuntimeOptions, tokenizer: bool, trace: bool, share=None) 
             check_metal_layers([get_switch(b) for b in blocks.values()], cdt, strict=kernels == "metal")
         log.info("expert kernels: %s", "metal" if use_metal else "numba (CPU)" if cpu_kernels else "mlx")
         model.eval()
-        switches = {i: get_switch(mlp) for i, mlp in blocks.items()}
-        parallel = None
-        if share is not None:
-            hidden = pack.manifest.expert_tiers(layers[0])[0].component("down_proj.weight").shape[0]
-            parallel = share(store, hidden, pack.manifest.num_experts, layers)
-            for sw in switches.values():
-                expert_parallel.attach(sw, parallel)
         tok = load_tokenizer(pack.root) if tokenizer else None
-        return Runtime(model, tok, pack, store, cpu_kernels, opts, parallel, switches)
+        return _with_share(Runtime(model, tok, pack, store, cpu_kernels, opts), blocks, share)
     except BaseException:
         if store is not None:
             store.close()
