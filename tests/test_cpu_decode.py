@@ -9,7 +9,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-from tiny_packs import tiny_pack
 
 from moestream.runtime.cpu import decode_ops as ops
 from moestream.runtime.cpu import kernels as cpu_kernels
@@ -65,6 +64,27 @@ def test_delta_gates_match_mlx_lm():
     _close(beta, mx.sigmoid(mx.array(b)))
 
 
+@pytest.mark.parametrize("gk", [1, 32])
+def test_recurrence_step_is_the_sequence_kernel_at_one_token(gk):
+    """The one-token recurrence (state rows read once, written once) against the sequence kernel."""
+    from moestream.runtime.cpu.delta import _recurrence, recurrence_step
+
+    rng = np.random.default_rng(gk)
+    hk, hv, dk, dv = 2, 6, 32, 24
+    q, k = (rng.standard_normal((hk, dk)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((hv, dv)).astype(np.float32)
+    g = rng.uniform(0.5, 1, (hv, gk)).astype(np.float32)
+    beta = rng.uniform(0, 1, hv).astype(np.float32)
+    s0 = rng.standard_normal((hv, dv, dk)).astype(np.float32)
+    want_s, want_y = np.empty((1, *s0.shape), np.float32), np.empty((1, 1, hv, dv), np.float32)
+    _recurrence(q[None, None], k[None, None], v[None, None], g[None, None], beta[None, None], s0[None], want_s,
+                np.ones((1, 1), np.bool_), want_y)  # fmt: skip
+    got_s, got_y = np.empty_like(s0), np.empty((hv, dv), np.float32)
+    recurrence_step(q, k, v, g, beta, s0, got_s, got_y)
+    _close(got_s, want_s[0])
+    _close(got_y, want_y[0, 0])
+
+
 @pytest.mark.parametrize("offset", [0, 1, 37, 1000, 70000])
 def test_rope_matches_mlx(offset):
     rng = np.random.default_rng(offset)
@@ -102,11 +122,16 @@ CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    from moestream.convert.tiny import tiny_config
+@pytest.fixture(scope="module", params=[4, None], ids=["q4-residents", "default-residents"])
+def pack(tmp_path_factory, request):
+    """Quantized residents (numba products, shared products) and the converter's default ones."""
+    from moestream.convert import convert
+    from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 
-    return tiny_pack(tmp_path_factory, "decode", tiny_config(**CONFIG), seed=11)
+    d = tmp_path_factory.mktemp("decode")
+    src = write_tiny_checkpoint(d / "src", tiny_config(**CONFIG), seed=11)
+    convert(str(src), d / "p4", bits=4, resident_bits=request.param, alignment=4096)
+    return d / "p4"
 
 
 def _decode(rt, on: bool, prompt: int = 250, steps: int = 12, cache=None):

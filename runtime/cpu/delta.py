@@ -58,6 +58,37 @@ def _recurrence(q, k, v, g, beta, state_in, state, mask, y):
                 y[b, t, h, i] = acc
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def recurrence_step(q, k, v, g, beta, state_in, state, y):
+    """One token of :func:`_recurrence` (decode): q, k [Hk, Dk]; v [Hv, Dv]; g [Hv, Gk]; beta [Hv];
+    state_in -> state [Hv, Dv, Dk]; y [Hv, Dv]. Each state row is read once from ``state_in``,
+    decayed, corrected and read out in L1, and written once to ``state`` (the sequence kernel copies
+    a head's state first, then updates it in place: twice the traffic for one step)."""
+    Hk, Dk = q.shape
+    Hv, Dv = v.shape
+    rep = Hv // Hk
+    vec = g.shape[1] > 1
+    for h in prange(Hv):
+        hk = h // rep
+        kt, qt, gt = k[hk], q[hk], g[h]
+        bt = beta[h]
+        si, so = state_in[h], state[h]
+        row = np.empty(Dk, np.float32)
+        for i in range(Dv):
+            acc = np.float32(0.0)
+            for j in range(Dk):
+                s = si[i, j] * (gt[j] if vec else gt[0])
+                row[j] = s
+                acc += s * kt[j]
+            d = (v[h, i] - acc) * bt
+            acc = np.float32(0.0)
+            for j in range(Dk):
+                s = row[j] + kt[j] * d
+                so[i, j] = s
+                acc += s * qt[j]
+            y[h, i] = acc
+
+
 def recurrence(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array, mask: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from moestream.runtime.cpu import decode_ops as ops
-from moestream.runtime.cpu.delta import _recurrence
+from moestream.runtime.cpu.delta import recurrence_step
 from moestream.runtime.cpu.kernels import silu_mul
 from moestream.runtime.model.cpu_layers import CpuDepthwiseConv1d, CpuQuantizedLinear
 from moestream.runtime.model.patches import divert_call
@@ -53,13 +53,17 @@ def _view(a: mx.array) -> np.ndarray:
     return np.asarray(memoryview(a))
 
 
-def _products(lins: list[CpuQuantizedLinear], xs: np.ndarray) -> list[np.ndarray]:
+def _products(lins: list, xs: np.ndarray) -> list[np.ndarray]:
     """Each linear's output for ``xs [1, in]``: members of one shared product (``shared_input``)
-    computed by one call of their concatenated matrix, sliced."""
+    computed by one call of their concatenated matrix, sliced; unquantized linears (a router kept
+    in float) through BLAS."""
     out: list = [None] * len(lins)
     done: dict[int, np.ndarray] = {}
     for i, lin in enumerate(lins):
-        if lin.shared is not None:
+        if not isinstance(lin, CpuQuantizedLinear):
+            with region("products"):
+                out[i] = xs @ _view(lin.weight).T
+        elif lin.shared is not None:
             group, r0, r1 = lin.shared.module
             if id(group) not in done:
                 done[id(group)] = group.fused.numpy(xs)
@@ -70,7 +74,10 @@ def _products(lins: list[CpuQuantizedLinear], xs: np.ndarray) -> list[np.ndarray
 
 
 def _is_cpu_linear(m) -> bool:
-    return isinstance(m, CpuQuantizedLinear) and "bias" not in m.inner
+    """A linear this path computes: a CPU quantized one, or an unquantized float32 one, without bias."""
+    if isinstance(m, CpuQuantizedLinear):
+        return "bias" not in m.inner
+    return type(m) is nn.Linear and "bias" not in m and m.weight.dtype == mx.float32
 
 
 def _norm(m) -> bool:
@@ -94,7 +101,7 @@ class _Mlp:
         g, u = _products([self.gate, self.up], xs)
         with region("products"):
             mid = silu_mul(np.ascontiguousarray(g), u)
-        return self.down.numpy(mid)
+        return _products([self.down], mid)[0]
 
 
 class _Moe:
@@ -230,23 +237,22 @@ class _GatedDelta:
             ops.delta_gates(np.ascontiguousarray(a), np.ascontiguousarray(b), self.a_log, self.dt_bias, beta, g)
             state = cache[1]
             new = mx.zeros(state.shape, mx.float32)
-            y = np.empty((1, 1, nv, dv), np.float32)
-            _recurrence(
-                q.reshape(1, 1, nk, dk),
-                k.reshape(1, 1, nk, dk),
-                v.reshape(1, 1, nv, dv),
-                g.reshape(1, 1, nv, 1),
-                beta.reshape(1, 1, nv),
-                _view(state if state.dtype == mx.float32 else state.astype(mx.float32)),
-                _view(new),
-                np.ones((1, 1), np.bool_),
+            y = np.empty((nv, dv), np.float32)
+            recurrence_step(
+                q,
+                k,
+                np.ascontiguousarray(v),
+                g.reshape(nv, 1),
+                beta,
+                _view(state if state.dtype == mx.float32 else state.astype(mx.float32))[0],
+                _view(new)[0],
                 y,
             )
             cache[0] = mx.array(new_conv[None])
             cache[1] = new
             cache.advance(1)
-            out = ops.gated_rms_norm(y[0, 0], z, self.norm_w, m.norm.eps, np.empty((nv, dv), np.float32))
-        return m.out_proj.numpy(out.reshape(1, -1))
+            out = ops.gated_rms_norm(y, z, self.norm_w, m.norm.eps, np.empty((nv, dv), np.float32))
+        return _products([m.out_proj], out.reshape(1, -1))[0]
 
 
 class _Attention:
@@ -308,7 +314,7 @@ class _Attention:
             o = (s @ V).reshape(-1)  # [Hq * D]
             gate = qg[:, d:].reshape(-1)
             o *= np.float32(1.0) / (np.float32(1.0) + np.exp(-gate))
-        return m.o_proj.numpy(o[None])
+        return _products([m.o_proj], o[None])[0]
 
 
 class DecodeLayer:
@@ -342,7 +348,7 @@ class DecodeLayer:
             return None
         if not (self.mixer.ready(cache) and (not isinstance(self.mlp, _Moe) or self.mlp.ready())):
             return None
-        if any(lin.recorder is not None for lin in self._linears):
+        if any(getattr(lin, "recorder", None) is not None for lin in self._linears):
             return None
         lay = self.layer
         if self._norms is None:
