@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from conftest import TRAINED_TINY
 
 from moestream.convert.tiny import tiny_config
 from moestream.runtime import load
-from moestream.runtime.model.expert_parallel import Share
+from moestream.runtime.model.expert_parallel import Share, attach
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="MLX built without distributed")
 
@@ -128,12 +129,36 @@ def test_shares_cover_the_routed_experts_once_and_evenly(n):
     assert took == [2, 1, 1] if n == 3 else True
 
 
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("g++") is None, reason="the Metal emulator needs g++")
+def test_rank_shares_add_up_on_the_metal_path_emulated(pack, tmp_path, monkeypatch):
+    """One token through the fused Metal kernels (emulated on the CPU): the ranks' shares, the other
+    slots zero (a rank of 5 takes no expert of a token's 4), add up to the layer's output."""
+    from metal_emu import Emulator
+
+    from moestream import metal
+    from moestream.metal import kernels as K
+
+    monkeypatch.setattr(metal, "available", lambda: True)
+    monkeypatch.setattr(K, "launch", Emulator(tmp_path).launch)
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.standard_normal((1, 1, HIDDEN)).astype(np.float32))
+    inds = mx.array(rng.choice(EXPERTS, 4, replace=False).reshape(1, 1, 4).astype(np.uint32))
+    with load(pack, tokenizer=False, kernels="metal") as rt:
+        sw = rt.switches[1]
+        assert sw._metal
+        want = np.array(sw(x, inds))
+        for n in (2, 3, 5):
+            got = 0
+            for r in range(n):
+                attach(sw, _share(r, n, rt.store))
+                got = got + np.array(sw(x, inds))
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("kernels", ["numba", "mlx"])
 def test_rank_shares_of_a_layer_add_up_to_one_process(pack, kernels, float_kernels):
     """Each rank's outputs (its experts' slots, zeros elsewhere) summed = the layer's output alone:
     MLX's path and the numba kernels' (prefill through __call__, one token through decode_numpy)."""
-    from moestream.runtime.model.expert_parallel import attach
-
     rng = np.random.default_rng(3)
     h = HIDDEN
     x = mx.array(rng.standard_normal((1, 5, h)).astype(np.float32))
@@ -167,8 +192,9 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
-def _launch(n: int, argv: list[str], tmp: Path, env: dict | None = None) -> list[subprocess.Popen]:
-    """Start ``argv`` as ranks 0..n-1 of a ring on loopback, as mlx.launch does (hostfile, MLX_RANK)."""
+def _launch(n: int, argv: list[str], tmp: Path, env: dict | None = None, cwds=None) -> list[subprocess.Popen]:
+    """Start ``argv`` as ranks 0..n-1 of a ring on loopback, as mlx.launch does (hostfile, MLX_RANK);
+    ``cwds``: each rank's working directory (a relative pack path then names another copy a rank)."""
     hostfile = tmp / f"hosts{n}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _ports(n)]))
     base = {**os.environ, **ENV, **(env or {}), "MLX_HOSTFILE": str(hostfile)}
@@ -179,7 +205,7 @@ def _launch(n: int, argv: list[str], tmp: Path, env: dict | None = None) -> list
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=tmp,
+            cwd=cwds[r] if cwds else tmp,
         )
         for r in range(n)
     ]
@@ -189,7 +215,7 @@ def _finish(procs, timeout: float) -> list[tuple[int, str]]:
     out = []
     for p in procs:
         try:
-            _, err = p.communicate(timeout=timeout)
+            p.out, err = p.communicate(timeout=timeout)  # stdout kept on the process
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -349,3 +375,40 @@ def test_a_rank_that_never_starts_is_named(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and time.time() - t < 30
     assert f"rank 1 (127.0.0.1:{b}) did not join within 3 s" in run.stderr, run.stderr
+
+
+FAILING = """
+import sys
+from moestream.runtime import load
+import mlx.core as mx
+for pack in ("a", "b"):
+    try:
+        with load(pack) as rt:
+            rt.model(mx.array([[1, 2, 3]]))
+        print("no error", flush=True)
+    except Exception as e:
+        print(type(e).__name__, e, flush=True)
+"""
+
+
+def test_a_rank_that_cannot_read_its_pack_is_named_by_rank_0(pack, tmp_path):
+    """Rank 1's own disk: no pack ``a``, a corrupt pack ``b`` (every expert block): rank 0 stops each
+    time with rank 1's error, naming it, and both ranks end cleanly."""
+    good, bad = tmp_path / "r0", tmp_path / "r1"
+    for d in (good, bad):
+        d.mkdir()
+    shutil.copytree(pack, good / "a")
+    shutil.copytree(pack, good / "b")
+    shutil.copytree(pack, bad / "b")
+    for f in (bad / "b" / "experts").iterdir():
+        data = bytearray(f.read_bytes())
+        data[-(len(data) // 2) :] = bytes(len(data) // 2)  # zero the second half: blocks of every layer
+        f.write_bytes(bytes(data))
+    procs = _launch(2, [sys.executable, "-c", FAILING], tmp_path, cwds=[good, bad])
+    (rc0, err0), (rc1, err1) = _finish(procs, timeout=240)
+    out = procs[0].out
+    assert rc0 == 0 and rc1 == 0, (err0[-800:], err1[-800:])
+    lines = [line for line in out.splitlines() if line.startswith("DistributedError")]
+    assert len(lines) == 2, out
+    assert "rank 1 (" in lines[0] and "a" in lines[0], lines[0]
+    assert "rank 1 (" in lines[1] and "checksum mismatch" in lines[1] and "(layer " in lines[1], lines[1]
