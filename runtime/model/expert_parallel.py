@@ -262,7 +262,8 @@ class Group:
     def _lost(self, what: str) -> str:
         peers = self._closed_peers() or ([1 - self.rank] if self.size == 2 else [])
         who = " and ".join(self.name(r) for r in peers) if peers else "a rank of the group"
-        return f"{self.name(self.rank)}: lost {who} (connection broken: its process ended or its host became unreachable) during {what}; stopping"
+        why = "connection broken: its process ended or its host became unreachable"
+        return f"{self.name(self.rank)}: lost {who} ({why}) during {what}; stopping"
 
     def _late(self, what: str, seconds: float) -> str:
         return (
