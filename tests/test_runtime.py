@@ -613,6 +613,24 @@ def test_openmp_wait_policy_not_set_by_import(pack, user):
     assert out.stdout.split() == [user or "-", user or "PASSIVE", "False", str(user is None)]
 
 
+def test_wait_policy_by_core_count():
+    """Passive waiting where the reader threads have no core to spare; a bounded spin from 5 cores on."""
+    from moestream.runtime.cpu.threads import wait_policy
+
+    assert wait_policy(2) == wait_policy(4) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert wait_policy(16) == {"GOMP_SPINCOUNT": "300000"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import os; from moestream.runtime.cpu.threads import prefer_passive_wait; took = prefer_passive_wait(16); "
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'), took)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["-", "300000", "False"], out.stderr[-2000:]
+    env["GOMP_SPINCOUNT"] = "1000"  # the user's own: kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["-", "1000", "False"], out.stderr[-2000:]
+
+
 def test_the_cli_sets_openmp_wait_policy_before_libgomp_loads():
     """The CLI module sets the policy before its commands' imports (mlx-lm, transformers) load libgomp."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
