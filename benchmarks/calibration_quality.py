@@ -80,7 +80,7 @@ def main() -> None:
     wd.mkdir(parents=True, exist_ok=True)
     text = (FIXTURE / "eval.txt").read_text()
     if not (wd / "p8").exists():
-        convert(str(FIXTURE), wd / "p8", bits=8)
+        convert(str(FIXTURE), wd / "p8", bits=8, resident_bits=8)
     if not (wd / "cal.st").exists():
         calibrate(wd / "p8", text[200_000:], max_tokens=8192).save(wd / "cal.st")
     if not (wd / "held.st").exists():

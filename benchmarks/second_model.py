@@ -108,7 +108,7 @@ def main() -> None:
         train(model, args.steps)
     _, cal_text, eval_text = texts()
     if not (wd / "p8" / "manifest.json").exists():
-        convert(str(model), wd / "p8", bits=8, force=True)
+        convert(str(model), wd / "p8", bits=8, resident_bits=8, force=True)
     if not (wd / "cal.st").exists():
         calibrate(wd / "p8", cal_text, max_tokens=8192).save(wd / "cal.st")
     rows = []

@@ -37,7 +37,8 @@ def run_demo(
     """
     from moestream.convert import convert
     from moestream.layouts import open_pack
-    from moestream.runtime import evaluate, load
+    from moestream.runtime import load
+    from moestream.runtime.evaluate import evaluate  # the function: a loaded submodule shadows the lazy name
 
     workdir, source = Path(workdir), Path(source)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,8 @@ def demo_generate(
     Returns:
         (completion text, :class:`~moestream.runtime.GenerationStats`).
     """
-    from moestream.runtime import generate, load
+    from moestream.runtime import load
+    from moestream.runtime.generate import generate  # the function: a loaded submodule shadows the lazy name
 
     rt = load(pack, cache="none")
     parts = []

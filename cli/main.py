@@ -28,13 +28,19 @@ from moestream.app import human as _human
     "--method",
     type=click.Choice(["rtn", "clip", "gptq"]),
     default=None,
-    help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search). Default: rtn at 4 bits, clip otherwise.",
+    help="rtn (MLX's round-to-nearest) or clip (MSE-optimal range search; the default).",
+)
+@click.option(
+    "--down-bits",
+    type=click.Choice(["2", "3", "4", "8"]),
+    default=None,
+    help="Bits of the experts' down_proj (default per --bits: 3 at 2, 4 at 3, 8 at 4; docs/recipes-and-quality.md).",
 )
 @click.option(
     "--resident-bits",
     type=click.Choice(["2", "3", "4", "8", "16"]),
     default=None,
-    help="Bits of non-expert weights (default: as --bits; router always >= 8).",
+    help="Bits of every non-expert weight (default per --bits: some kinds 8, the rest 16; router always >= 8).",
 )
 @click.option(
     "--dtype",
@@ -53,8 +59,9 @@ from moestream.app import human as _human
     "--calibration",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="Statistics from `moestream calibrate`: GPTQ (default) or, with --method clip, a clip search "
-    "weighting each column by its input's mean square; tiered recipes take routing counts from it.",
+    help="Statistics from `moestream calibrate`: with --method gptq, GPTQ; with --method clip, a clip search "
+    "weighting each column by its input's mean square; without --method, as measured best per --bits "
+    "(GPTQ at 3 bits, else unused for the codes); tiered recipes take routing counts from it.",
 )
 @click.option(
     "--recipe",
@@ -71,6 +78,7 @@ def convert(
     bits,
     group_size,
     method,
+    down_bits,
     resident_bits,
     dtype,
     alignment,
@@ -93,6 +101,7 @@ def convert(
         bits=int(bits),
         group_size=int(group_size),
         method=method,
+        down_bits=int(down_bits) if down_bits else None,
         resident_bits=int(resident_bits) if resident_bits else None,
     )
     if recipe:
@@ -121,10 +130,12 @@ def convert(
             else "per-expert widths" + f" ({s['method']})"
             if s["tiers"]
             else f"{s['bits']}-bit g{s['group_size']} ({s['method']})"
+            + (f", down_proj {s['down_bits']}-bit" if s["down_bits"] != s["bits"] else "")
         )
+        kinds = ", ".join(f"{k} {b}" for k, b in (s.get("resident_kinds") or {}).items())
         click.echo(
             f"plan: {s['model_type']}, {s['moe_layers']} MoE layers x {s['num_experts']} experts, "
-            f"{experts}, residents {s['resident_bits']}-bit"
+            f"{experts}, residents {s['resident_bits']}-bit" + (f" ({kinds})" if kinds else "")
         )
         click.echo(
             f"  expert block {_human(s['expert_block_bytes'])}, stride {_human(s['expert_stride'])} "

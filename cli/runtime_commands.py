@@ -52,8 +52,8 @@ def _print_stats(s) -> None:
 @one_line_errors
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think, raw, stats, trace_routing, options):
     """Generate from PACK, streaming routed experts from disk."""
-    from moestream.runtime import generate as run
     from moestream.runtime import load
+    from moestream.runtime.generate import generate as run
 
     rt = load(pack, options)
     trace = rt.trace_routing() if trace_routing else None
@@ -92,8 +92,8 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
 @one_line_errors
 def chat(pack, max_tokens, temp, top_p, no_think, hide_think, options):
     """Multi-turn chat in the terminal (/clear forgets the conversation, /exit leaves)."""
-    from moestream.runtime import generate as run
     from moestream.runtime import load
+    from moestream.runtime.generate import generate as run
 
     rt = load(pack, options)
     history: list[dict] = []
@@ -193,7 +193,8 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 
         tmp = work or output.parent / f".{output.name}.pack8"
         click.echo(f"{pack} is not a pack: converting it to an 8-bit pack at {tmp} first", err=True)
-        convert(pack, tmp, bits=8, force=work is None and tmp.exists(), progress=sys.stderr.isatty())
+        # residents quantized too: their products are the ones that record statistics
+        convert(pack, tmp, bits=8, resident_bits=8, force=work is None and tmp.exists(), progress=sys.stderr.isatty())
         try:
             cal = run(tmp, text, max_tokens=max_tokens, window=window, matrix_bytes=budget)
         finally:
@@ -225,6 +226,11 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 )
 @click.option("--max-tokens", type=int, default=2048, show_default=True)
 @click.option("--window", type=int, default=512, show_default=True)
+@click.option(
+    "--decode",
+    is_flag=True,
+    help="Feed each window one token at a time, as generation computes (small-batch kernels; slower).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.option(
     "--sweep-k",
@@ -241,12 +247,12 @@ def calibrate(pack, text_file, output, max_tokens, window, skip_chars, matrix_by
 @runtime_options
 @one_line_errors
 def eval_cmd(
-    pack, text_file, reference, reference_backend, max_tokens, window, as_json, sweep_k, trace_routing, options
+    pack, text_file, reference, reference_backend, max_tokens, window, decode, as_json, sweep_k, trace_routing, options
 ):
     """Perplexity of PACK on a text; with --reference, KL(reference || pack) and top-1 agreement."""
     from moestream.layouts import Manifest, PackError
-    from moestream.runtime import evaluate, load
-    from moestream.runtime.evaluate import format_eval
+    from moestream.runtime import load
+    from moestream.runtime.evaluate import evaluate, format_eval
 
     try:
         ks = [int(k) for k in sweep_k.split(",")] if sweep_k else [options.experts_per_token]
@@ -265,6 +271,7 @@ def eval_cmd(
                 max_tokens=max_tokens,
                 window=window,
                 reference_backend=reference_backend,
+                decode=decode,
             )
         finally:
             rt.close()

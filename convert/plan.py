@@ -9,13 +9,14 @@ this plan.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from moestream.layouts import Component, expert_block_layout, round_up
 from moestream.layouts.expert_file import HEADER
 
+from .defaults import default_for
 from .family import ExpertSource, MlxLmFamily
 from .source import FLOAT_DTYPES, ConvertError, ConvertOptionError, SourceCheckpoint
 
@@ -32,8 +33,8 @@ class Options:
 
     bits: int = 4
     group_size: int = 64
-    method: str | None = None  # None: clip at 2, 3 and 8 bits; rtn (MLX's own bytes, fastest) at 4
-    resident_bits: int | None = None  # None: as the experts
+    method: str | None = None  # None: the default for --bits (convert/defaults.py)
+    resident_bits: int | None = None  # None: the default for --bits, or with a recipe, as the experts
     dtype: str | None = None  # float type of scales/biases/unquantized tensors; None: the source's
     alignment: int = 16384
     keep_mtp: bool = False
@@ -47,8 +48,27 @@ class Options:
     weighted: bool = True  # with calibration and clip: weight the clip search by input statistics
     recipe: str | None = None  # the recipe's name or file, as recorded in the manifest
 
+    def with_defaults(self) -> Options:
+        """These options with convert/defaults.py's choices for ``bits`` wherever neither a flag nor a recipe
+        set them: the residents' widths (unless ``resident_bits`` or ``resident_kinds`` is given),
+        down_proj's (unless given, or widths come per layer or expert) and, with calibration and no
+        method, how the quantizers use it. A recipe is taken as it is."""
+        if self.recipe is not None:
+            return self
+        d = default_for(self.bits)
+        out = replace(self)
+        if self.calibration and self.weighted and self.method is None:
+            if d.calibrated is None:
+                out.weighted = False  # measured no better: the statistics choose tiers only
+            else:
+                out.method = d.calibrated
+        if self.resident_bits is None and self.resident_kinds is None:
+            out.resident_bits, out.resident_kinds = d.resident_bits, dict(d.resident_kinds) or None
+        if self.down_bits is None and d.down_bits and not self.tier_widths and not self.layer_widths:
+            out.down_bits = d.down_bits
+        return out
+
     def resolved_method(self) -> str:
-        # At 8 bits clip cuts the trained fixture's mean KL from 0.0068 to 0.0039 (benchmarks/RESULTS.md).
         if self.method == "gptq" and not self.calibration:
             raise ConvertOptionError("method", "gptq", "needs calibration statistics (from `moestream calibrate`)")
         if self.calibration and self.weighted:
@@ -56,8 +76,8 @@ class Options:
                 raise ConvertError(
                     "--calibration weights the clip search and GPTQ; it cannot be used with --method rtn"
                 )
-            return self.method or "gptq"
-        return self.method or ("clip" if self.bits in (2, 3, 8) else "rtn")
+            return self.method or default_for(self.bits).calibrated or default_for(self.bits).method
+        return self.method or default_for(self.bits).method
 
 
 @dataclass
@@ -156,6 +176,7 @@ class ConversionPlan:
             "expert_mode": self.experts[0].mode if self.experts else "affine",
             "method": "passthrough" if packed else o.resolved_method(),
             "resident_bits": o.resident_bits or o.bits,
+            "resident_kinds": o.resident_kinds,
             "recipe": o.recipe,
             "down_bits": 4 if packed else o.down_bits or o.bits,
             "tiers": _tier_counts(self.experts),
@@ -216,7 +237,7 @@ def resident_file_for(target: str) -> str:
 
 def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> ConversionPlan:
     """Assign every source tensor; raise :class:`ConvertError` naming any leftover or missing one."""
-    o = options
+    o = options.with_defaults()
     if o.bits not in (2, 3, 4, 8, 16):
         raise ConvertOptionError("bits", o.bits, "supported are 2, 3, 4, 8 and 16 (unquantized)")
     if o.group_size not in (32, 64, 128):

@@ -26,14 +26,17 @@ def log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def load_reference(path: str | Path, backend: str = "mlx"):
-    """A callable ``ids [1, T] -> logits`` for an HF checkpoint folder or a pack.
+def load_reference(path, backend: str = "mlx"):
+    """A callable ``ids [1, T] -> logits`` for an HF checkpoint folder or a pack (a callable is
+    returned as it is).
 
     Args:
         backend: for an HF folder, ``mlx`` (mlx-lm, float32) or ``transformers`` (torch, float32).
     """
     from mlx.utils import tree_map
 
+    if callable(path):  # already a reference (a benchmark's cached one)
+        return path
     path = Path(path)
     if backend == "transformers" and not (path / "manifest.json").exists():
         return _transformers_reference(path)
@@ -82,8 +85,13 @@ def evaluate(
     max_tokens: int | None = 2048,
     window: int = 512,
     reference_backend: str = "mlx",
+    decode: bool = False,
 ) -> dict:
     """Perplexity (and KL vs ``reference``) of ``rt`` (from :func:`moestream.runtime.load`) on ``text``.
+
+    Args:
+        decode: run the pack one token at a time with its caches, as generation computes (the CPU's
+            small-batch kernels, int8 activations included), instead of a window per forward pass.
 
     Returns:
         a dict: tokens, windows, ppl, and with a reference ref_ppl, kl_mean, kl_median, kl_p99,
@@ -102,7 +110,7 @@ def evaluate(
     for w in wins:
         x = mx.array(w)[None]
         target = mx.array(w[1:])[:, None]
-        lp = log_softmax(rt.model(x)[0, :-1])
+        lp = _decode_log_probs(rt.model, x) if decode else log_softmax(rt.model(x)[0, :-1])
         nll -= mx.take_along_axis(lp, target, axis=-1).sum().item()
         n += len(w) - 1
         if ref is not None:
@@ -111,6 +119,7 @@ def evaluate(
             kls.append(np.array((mx.exp(lr) * (lr - lp)).sum(-1)))
             agree.append(np.array(lr.argmax(-1) == lp.argmax(-1)))
     out = {"tokens": n + len(wins), "windows": len(wins), "window": window, "ppl": float(np.exp(nll / n))}
+    out["mode"] = "decode" if decode else "windows"
     if trace is not None and trace.layers:
         from moestream.runtime.analysis.routing import routed_bytes_per_token
 
@@ -138,6 +147,18 @@ def evaluate(
     return out
 
 
+def _decode_log_probs(model, x: mx.array) -> mx.array:
+    """Log-probabilities of positions 0..T-2 with the window fed one token at a time through a fresh cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    rows = []
+    for t in range(x.shape[1] - 1):
+        rows.append(log_softmax(model(x[:, t : t + 1], cache=cache)[0, -1]))
+        mx.eval(rows[-1])
+    return mx.stack(rows)
+
+
 def _routing_trace(rt):
     """The streamed runtime's routing trace (the one already recording, or a new one); None for
     other models."""
@@ -151,7 +172,8 @@ def _routing_trace(rt):
 
 
 def format_eval(res: dict) -> str:
-    s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']})"
+    how = ", fed token by token" if res.get("mode") == "decode" else ""
+    s = f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} windows of {res['window']}{how})"
     if "expert_bytes_per_token" in res:
         s += (
             f"\nexperts: {res['expert_bits_per_weight']:.3f} bits per weight stored, "

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from moestream.convert import convert
+from moestream.convert.defaults import default_for
 from moestream.convert.tiny import tiny_config, write_tiny_checkpoint
 from moestream.main import cli
 from moestream.quant import quantize
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory):
         shared_expert_intermediate_size=64,
     )
     src = write_tiny_checkpoint(d / "src", cfg)
-    convert(str(src), d / "p8", bits=8)
+    convert(str(src), d / "p8", bits=8, resident_bits=8)  # quantized residents record statistics too
     return d, src
 
 
@@ -172,17 +173,23 @@ def test_convert_with_calibration(tiny, tmp_path):
     d, src = tiny
     if not (d / "cal.st").exists():
         calibrate(d / "p8", "hello world " * 40, max_tokens=100, window=50).save(d / "cal.st")
+    cal = ["--calibration", str(d / "cal.st")]
     r = CliRunner().invoke(
-        cli, ["convert", str(src), "-o", str(tmp_path / "p2c"), "--bits", "2", "--calibration", str(d / "cal.st")]
+        cli, ["convert", str(src), "-o", str(tmp_path / "p2g"), "--bits", "2", "--method", "gptq", *cal]
     )
     assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "p2c" / "report.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "p2g" / "report.json").read_text())["rows"]
     assert {x["method"] for x in rows if x["kind"].startswith("experts")} == {"gptq+calibration"}
     plain = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2"), "--bits", "2"])
     assert plain.exit_code == 0
-    a = (tmp_path / "p2c" / "experts" / "layer-000.bin").read_bytes()
+    a = (tmp_path / "p2g" / "experts" / "layer-000.bin").read_bytes()
     b = (tmp_path / "p2" / "experts" / "layer-000.bin").read_bytes()
     assert a != b  # the statistics changed the codes
+    # --calibration with no --method: as convert/defaults.py measured best (at 2 bits: not used for the codes)
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "p2c"), "--bits", "2", *cal])
+    assert r.exit_code == 0, r.output
+    c = (tmp_path / "p2c" / "experts" / "layer-000.bin").read_bytes()
+    assert (c == b) == (default_for(2).calibrated is None)
     r = CliRunner().invoke(
         cli, ["convert", str(src), "-o", str(tmp_path / "x"), "--method", "rtn", "--calibration", str(d / "cal.st")]
     )

@@ -29,7 +29,7 @@ def packs(trained_tiny, tmp_path_factory):
 def test_report_side_by_side(packs, tmp_path):
     code, out = run("report", packs / "p2", packs / "p4", "--plot", tmp_path / "err.png")
     assert code == 0, out
-    assert "p2 (2-bit clip)" in out and "p4 (4-bit rtn)" in out
+    assert "p2 (2-bit clip)" in out and "p4 (4-bit clip)" in out  # clip at every width by default
     rows = [
         line.split()
         for line in out.splitlines()

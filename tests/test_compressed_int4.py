@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from moestream.convert import ConvertError, convert, plan_conversion
+from moestream.convert.defaults import default_for
 from moestream.layouts import Manifest, open_pack
 from moestream.runtime import evaluate, load
 from moestream.runtime.model.build import load_resident_model
@@ -150,7 +151,8 @@ def test_vision_tower_dropped_and_config_cleaned(k25, caplog, tmp_path):
     assert "quantization_config" not in cfg["text_config"]
     assert "quantization_config" not in Manifest.load(d / "p4").config
     s = plan.summary()
-    assert (s["bits"], s["group_size"], s["method"], s["resident_bits"]) == (4, 32, "passthrough", 4)
+    assert (s["bits"], s["group_size"], s["method"], s["down_bits"]) == (4, 32, "passthrough", 4)
+    assert s["resident_bits"] == default_for(4).resident_bits  # --bits sets the residents, as convert's defaults
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -160,7 +162,7 @@ def test_low_bits_requantize_the_dequantized_values(k25, bits, tmp_path):
     from moestream.quant import quantize_with_error
 
     src, ref, d = k25
-    m = convert(str(src), tmp_path / "p", bits=bits, alignment=4096)
+    m = convert(str(src), tmp_path / "p", bits=bits, down_bits=bits, alignment=4096)  # uniform, as the source
     q = m.quantization["experts"]
     assert (q["bits"], q["group_size"], q["mode"], q["method"]) == (bits, 64, "affine", "clip")
     deq = ci.decompressed_tensors(src)

@@ -23,14 +23,20 @@ from numba.extending import overload
 
 from moestream.runtime.cpu import int8 as cpu_int8
 
-# Small batches (decode) of 2-, 3-, 4- and 8-bit weights multiply int8-quantized activations with
-# integer dot products (:mod:`moestream.runtime.cpu.int8`, several times the float kernels' speed; routers
-# excepted); MOESTREAM_INT8=0 keeps every product in float32.
+# Small batches (decode) of the widths in INT8_WIDTHS multiply int8-quantized activations with integer dot
+# products (:mod:`moestream.runtime.cpu.int8`, several times the float kernels' speed; routers excepted);
+# MOESTREAM_INT8=0 keeps every product in float32. The widths are chosen by measured error
+# (benchmarks/int8_by_width.py): at 8 bits int8 rounding is as large as the weights' own and visibly raises
+# decode KL, so there single matrices take the residual product (int8 twice, ~1/65000 of a group's largest
+# value) and expert stacks float32 activations, unless a caller asks for int8 (int8=True).
 INT8_ACTIVATIONS = os.environ.get("MOESTREAM_INT8", "1") != "0"
+INT8_WIDTHS = (2, 3, 4)
 
 
-def _use_int8(int8: bool | None, T: int, bits: int, group_size: int) -> bool:
-    return (INT8_ACTIVATIONS if int8 is None else int8) and T < BLAS_MIN_TOKENS and cpu_int8.supported(bits, group_size)
+def _use_int8(int8: bool | str | None, T: int, bits: int, group_size: int) -> bool:
+    if int8 is None:
+        int8 = INT8_ACTIVATIONS and bits in INT8_WIDTHS
+    return int8 and T < BLAS_MIN_TOKENS and cpu_int8.supported(bits, group_size)
 
 
 _BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)  # bf16 bits -> float32
@@ -250,6 +256,8 @@ def qmm(
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
     N = w.shape[0]
+    if int8 is None and INT8_ACTIVATIONS and bits not in INT8_WIDTHS:
+        int8 = "residual"  # int8's rounding would be visible at this width (INT8_WIDTHS); the residual's is not
     if int8 == "residual":  # any width: its error is far below int8's (8 bits included)
         if _use_int8(INT8_ACTIVATIONS, T, bits, group_size):
             y = cpu_int8.qmv_int8_residual(x, w, scales, biases, bits, group_size)
