@@ -47,6 +47,9 @@ class Options:
     resident_kinds: dict[str, int] | None = None  # resident bits by tensor kind (router, embedding, ...)
     weighted: bool = True  # with calibration and clip: weight the clip search by input statistics
     recipe: str | None = None  # the recipe's name or file, as recorded in the manifest
+    # Which of the fields above with_defaults filled (not a flag): a default never widens a tensor the source
+    # already holds quantized (its dequantized values carry no more than the source's own width).
+    defaulted: tuple[str, ...] = ()
 
     def with_defaults(self) -> Options:
         """These options with convert/defaults.py's choices for ``bits`` wherever neither a flag nor a recipe
@@ -62,10 +65,14 @@ class Options:
                 out.weighted = False  # measured no better: the statistics choose tiers only
             else:
                 out.method = d.calibrated
+        filled = set()
         if self.resident_bits is None and self.resident_kinds is None:
             out.resident_bits, out.resident_kinds = d.resident_bits, dict(d.resident_kinds) or None
+            filled.add("resident_bits")
         if self.down_bits is None and d.down_bits and not self.tier_widths and not self.layer_widths:
             out.down_bits = d.down_bits
+            filled.add("down_bits")
+        out.defaulted = tuple(sorted(filled))
         return out
 
     def resolved_method(self) -> str:
@@ -351,6 +358,9 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
             else [(ids, w.bits, w.bits, w.group_size) for w, ids in tiers]
         )
         for t, (ids, bits, dbits, group) in enumerate(groups):
+            dsrc = _source_width(src, es, "down_proj")
+            if "down_bits" in o.defaulted and dsrc is not None and dbits > max(bits, dsrc[0]):
+                dbits = max(bits, dsrc[0])  # the source's down_proj is already this narrow: no wider default
             gu, gd = (None, None) if bits >= 16 else (_group_for(h, group), _group_for(i, group))
             if bits < 16 and (gu is None or gd is None):
                 bad = "gate_proj/up_proj (hidden %d)" % h if gu is None else "down_proj (intermediate %d)" % i
@@ -420,6 +430,9 @@ def build_plan(src: SourceCheckpoint, family: MlxLmFamily, options: Options) -> 
                 f"{src.file_of(source)}: tensor {source} has shape {list(sshape)}, expected {list(shape)}"
             )
         bits, g = _resident_bits(family, target, shape, rbits, o.group_size, o.resident_kinds)
+        sq = None if derived else src.quantized(source)
+        if "resident_bits" in o.defaulted and sq is not None and bits > sq[0]:
+            bits, g = sq  # a default width above the source's own: kept as the source holds it (repacked)
         # 1-D tensors (norms, A_log, dt_bias) stay float32: tiny, and bf16 would round the norms'
         # (1 + w) coarsely (mlx-lm keeps A_log in float32 for the same reason).
         dtype = "float32" if len(shape) == 1 else float_dtype
@@ -524,6 +537,15 @@ def _groups(names: list[str]) -> str:
         key = ".".join(n.split(".")[:2]) + ".*"
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items()))
+
+
+def _source_width(src: SourceCheckpoint, es: ExpertSource, proj: str) -> tuple[int, int] | None:
+    """(bits, group) of a projection the source holds quantized (its first expert's), else None."""
+    name = es.names.get(proj)
+    if name is None or es.reader is not None or es.layout == "fused":
+        return None
+    name = name.format(e=0) if es.layout == "per_expert" else name
+    return src.quantized(name) if name in src.names else None
 
 
 def _packed_groups(src: SourceCheckpoint, es: ExpertSource) -> tuple[int, int] | None:

@@ -2,6 +2,7 @@
 state machine and Qwen3.5 tool parser), one in-process run on a tiny pack, and ``--url`` against
 ``moestream serve`` started in-process with a scripted model."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def test_no_call_cases_and_summary(tok, cases):
 def test_in_process_run_on_a_tiny_pack(pack, cases, monkeypatch):
     """The CLI on a pack: each case's prompt (with its tools) through the streamed model, the reply's
     text scripted after one real token and read as the server reads it."""
-    import moestream.runtime.generate as gen_mod
+    # the module itself: the name moestream.runtime.generate is also the package's lazy generate() function
+    gen_mod = importlib.import_module("moestream.runtime.generate")
 
     seen, real = [], gen_mod.generate
 

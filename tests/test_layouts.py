@@ -165,9 +165,10 @@ def test_reader_validates_before_use(tmp_path):
     )
     assert "lies past the end of the block" in broken(lambda d: d["experts"][0]["components"][-1].update(offset=10**6))
     # A short expert file: the error names the file, the layer and the first expert past the end.
-    f = pack / manifest["experts"][1]["file"]
+    x = manifest["experts"][1]
+    f = pack / x["file"]
     data = f.read_bytes()
-    f.write_bytes(data[:-5000])
+    f.write_bytes(data[: x.get("offset", 0) + 2 * x["stride"] + x["stride"] // 2])  # into expert 2
     with pytest.raises(PackError, match=r"layer-001\.bin \(layer 1\): .* expert 2 and later lie past the end"):
         open_pack(pack)
     f.write_bytes(data)

@@ -81,7 +81,7 @@ def test_repacked_pack_runs_as_mlx_lm_runs_the_source(q4, tmp_path, float_kernel
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (4, 32)])
 def test_other_settings_requantize_from_the_dequantized_source(q4, tmp_path, bits, group):
-    m = convert(str(q4), tmp_path / "p", bits=bits, group_size=group, method="rtn")
+    m = convert(str(q4), tmp_path / "p", bits=bits, group_size=group, method="rtn", down_bits=bits)  # uniform
     w = _source(q4)
     with open_pack(tmp_path / "p") as pack:
         for x in m.experts:

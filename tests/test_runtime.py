@@ -267,7 +267,7 @@ def test_eval_sweep_k_table(pack, tmp_path):
 
 
 def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
-    """8-bit pack: mean KL <= 0.005 and top-1 >= 98% vs transformers float32; 4-bit near the README's."""
+    """8-bit pack: mean KL <= 0.005 and top-1 >= 98% vs transformers float32; 4-bit near README's table."""
     pytest.importorskip("transformers")
     text = (trained_tiny / "eval.txt").read_text()
     res = {}
@@ -281,7 +281,8 @@ def test_trained_fixture_eval_acceptance(trained_tiny, tmp_path):
         finally:
             rt.close()
     assert res[8]["kl_mean"] <= 0.005 and res[8]["top1_agreement"] >= 0.98, res
-    assert 0.1 < res[4]["kl_mean"] < 0.3 and abs(res[8]["ref_ppl"] - 6.87) < 0.05, res  # fixture README
+    # --bits 4's defaults (clip, 8-bit down_proj, some residents at 8): README's quality table gives 0.019
+    assert 0.01 < res[4]["kl_mean"] < 0.03 and abs(res[8]["ref_ppl"] - 6.87) < 0.05, res  # ppl: fixture README
     assert abs(res[8]["ref_ppl"] - res[4]["ref_ppl"]) < 1e-6
     assert res[4]["kl_mean"] > res[8]["kl_mean"]
     (tmp_path / "res.json").write_text(json.dumps(res))

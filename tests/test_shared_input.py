@@ -27,6 +27,7 @@ def runtime(tmp_path_factory):
             shared_expert_intermediate_size=64,
         ),
         seed=5,
+        resident_bits=4,  # every resident quantized (the default keeps some bf16, which take BLAS instead)
     )
     rt = load(pack, kernels="numba")
     yield rt
