@@ -148,6 +148,22 @@ class _Moe:
         return scores @ ys + g * shared[0][0]
 
 
+class _CopyWatch:
+    """Kept on a gated-delta cache: copying the cache (``copy.copy``, ``copy.deepcopy``, as mlx-lm's
+    prompt cache does) marks the original's watch, and the copy gets a fresh one."""
+
+    def __init__(self):
+        self.copied = False
+
+    def __copy__(self):
+        self.copied = True
+        return _CopyWatch()
+
+    def __deepcopy__(self, memo):
+        self.copied = True
+        return _CopyWatch()
+
+
 class _GatedDelta:
     """Qwen3.5's (``in_proj_qkv``/``z``/``b``/``a``) or Qwen3-Next's (``in_proj_qkvz``/``ba``, heads
     interleaved) gated-delta layer, one token."""
@@ -159,6 +175,26 @@ class _GatedDelta:
             [m.in_proj_qkvz, m.in_proj_ba] if self.next else [m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a]
         )
         self._bound = False
+        self._out = None  # the state this layer wrote last (see _state_out)
+        self._spare = None  # the one it replaced, also written by this layer
+
+    def _state_out(self, cache, state: mx.array) -> mx.array:
+        """The array this token's state is written into. A fresh zeroed one for every layer and token
+        costs more than the recurrence itself, so two are used in turn. MLX arrays are immutable to
+        everyone else and share buffers freely (a copied cache shares them), so a buffer is reused
+        only when it is provably this layer's alone: the cache was not copied since this layer last
+        wrote to it (its :class:`_CopyWatch`), it still holds, as the very object, the state this
+        layer wrote last, and the buffer to reuse is the one that state replaced."""
+        watch = getattr(cache, "_moestream_watch", None)
+        ours = state is self._out and watch is not None and not watch.copied
+        out = self._spare if ours and self._spare is not None and self._spare.shape == state.shape else None
+        if out is None:
+            out = mx.zeros(state.shape, mx.float32)
+        if not ours:
+            cache._moestream_watch = _CopyWatch()
+        self._spare = state if ours else None
+        self._out = out
+        return out
 
     @staticmethod
     def takes(m) -> bool:
@@ -236,7 +272,7 @@ class _GatedDelta:
             g = np.empty(nv, np.float32)
             ops.delta_gates(np.ascontiguousarray(a), np.ascontiguousarray(b), self.a_log, self.dt_bias, beta, g)
             state = cache[1]
-            new = mx.zeros(state.shape, mx.float32)
+            new = self._state_out(cache, state)
             y = np.empty((nv, dv), np.float32)
             recurrence_step(
                 q,
