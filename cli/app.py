@@ -9,8 +9,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from moestream.runtime.cpu.threads import prefer_passive_wait
 
@@ -38,6 +42,35 @@ def _interrupted(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+@contextmanager
+def ctrl_c_kept() -> Iterator[Callable[[], None]]:
+    """Ctrl-C that cannot be lost: the handler raises KeyboardInterrupt as Python's does and also
+    remembers it, and the returned ``check()``, called between tokens, raises it again. (A compiled
+    function interrupted mid-call can hand the KeyboardInterrupt on as another error, which code
+    between the kernels and this loop may not pass on.) A Ctrl-C the process was started to ignore
+    stays ignored."""
+    hit = []
+    installed = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+        signal.SIG_IGN,
+        None,
+    )
+
+    def handler(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    prev = signal.signal(signal.SIGINT, handler) if installed else None
+    try:
+        yield check
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, prev)
 
 
 def one_line_errors(fn):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from moestream.app import cli, one_line_errors
+from moestream.app import cli, ctrl_c_kept, one_line_errors
 from moestream.app import human as _human
 from moestream.runtime_options import runtime_options
 
@@ -58,22 +58,24 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, stop, no_think,
     rt = load(pack, options)
     trace = rt.trace_routing() if trace_routing else None
     try:
-        for chunk in run(
-            rt,
-            prompt,
-            max_tokens=max_tokens,
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=tuple(stop),
-            raw=raw,
-            think=not no_think,
-        ):
-            click.echo(chunk.text, nl=False)
-        click.echo("")
-        if stats:
-            _print_stats(chunk.stats)
+        with ctrl_c_kept() as check:
+            for chunk in run(
+                rt,
+                prompt,
+                max_tokens=max_tokens,
+                temp=temp,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                stop=tuple(stop),
+                raw=raw,
+                think=not no_think,
+            ):
+                click.echo(chunk.text, nl=False)
+                check()
+            click.echo("")
+            if stats:
+                _print_stats(chunk.stats)
     finally:
         rt.close()
     if trace is not None:
@@ -117,10 +119,14 @@ def chat(pack, max_tokens, temp, top_p, no_think, hide_think, options):
                 history, add_generation_prompt=True, tokenize=False, enable_thinking=not no_think
             )
             answer, thinking = [], rendered.rstrip().endswith("<think>")
-            for chunk in run(rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p, think=not no_think):
-                text = chunk.text
-                answer.append(text)
-                thinking = _echo_thinking(text, thinking, hide_think)
+            with ctrl_c_kept() as check:
+                for chunk in run(
+                    rt, messages=history, max_tokens=max_tokens, temp=temp, top_p=top_p, think=not no_think
+                ):
+                    text = chunk.text
+                    answer.append(text)
+                    thinking = _echo_thinking(text, thinking, hide_think)
+                    check()
             click.echo("")
             reply = "".join(answer)
             history.append({"role": "assistant", "content": reply.split("</think>")[-1].strip()})

@@ -70,3 +70,34 @@ def test_ctrl_c_inside_a_compiled_function_is_an_interrupt(tmp_path, monkeypatch
     monkeypatch.setattr(moestream.layouts, "open_pack", interrupted)
     r = _run("inspect", tmp_path)
     assert r.exit_code == 130 and r.output.strip() == "interrupted"
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_between_tokens():
+    """The generate and chat loops' Ctrl-C: kept when something between the kernels and the loop
+    lost the KeyboardInterrupt; ignored where the process was started to ignore it; the previous
+    handler back afterwards."""
+    import os
+    import signal
+    import time
+
+    from moestream.app import ctrl_c_kept
+
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_kept() as check:
+        check()  # nothing yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # lost, as a compiled call's caller may lose it
+        with pytest.raises(KeyboardInterrupt):
+            check()
+    assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_kept() as check:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            check()  # ignored, as the process was told
+    finally:
+        signal.signal(signal.SIGINT, before)
